@@ -1,0 +1,1 @@
+"""The engine: checkpoint I/O, the pass API and registry, recipes, the pipeline, packed formats, transformers glue."""

@@ -1,0 +1,131 @@
+"""Packed weight formats: one class per format, registered by name; only registered names load from a config.
+
+A module's entry in `config.json["quantization_config"]["modules"]` is a flat dict of format facts:
+`{"format": "gwint", "format_version": 1, "in_features": K, "out_features": N, ...format params}`.
+Each format class turns those facts into the packed tensors' names/shapes/dtypes, dequantizes them exactly,
+and runs the linear op (Triton on CUDA, torch reference elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+from .errors import CheckpointError
+
+QUANT_METHOD = "bitsmith"
+QUANT_CONFIG_VERSION = 1
+
+
+@dataclass
+class PackedTensor:
+    """What a packing pass leaves on a Linear: the format facts and the tensors stored under `{module}.{suffix}`."""
+
+    format: str
+    params: dict  # format facts, JSON-serialisable (bits, group_size, in_features, out_features, ...)
+    tensors: dict[str, torch.Tensor]
+
+    def module_entry(self) -> dict:
+        fmt = get_format(self.format)
+        return {"format": self.format, "format_version": fmt.version, **self.params}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class PackedFormat:
+    """Base class: subclasses set `name`, `version`, `loadable_versions` and implement the three methods."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    loadable_versions: ClassVar[tuple[int, ...]] = (1,)
+
+    def tensor_specs(self, params: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], params: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], params: dict,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bits_per_weight(self, params: dict, dtype: torch.dtype) -> float:
+        """Stored bits per logical weight, everything (scales, indexes) counted."""
+        total = 0
+        for shape, dt in self.tensor_specs(params, dtype).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n * torch.empty((), dtype=dt).element_size() * 8
+        return total / (params["in_features"] * params["out_features"])
+
+
+_FORMATS: dict[str, PackedFormat] = {}
+
+
+def register_format(cls: type[PackedFormat]) -> type[PackedFormat]:
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def get_format(name: str) -> PackedFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise CheckpointError(f"unknown packed format {name!r} (known: {', '.join(sorted(_FORMATS))})") from None
+
+
+def known_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def check_module_entry(module: str, entry: object) -> dict:
+    """Validate one quantization_config module entry from an untrusted config: whitelisted format and version."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
+        raise CheckpointError(f"quantization_config.modules[{module!r}]: expected an object with a 'format' name")
+    fmt = get_format(entry["format"])
+    version = entry.get("format_version", 1)
+    if version not in fmt.loadable_versions:
+        raise CheckpointError(
+            f"quantization_config.modules[{module!r}]: format {fmt.name!r} version {version!r} is not supported by"
+            f" this bitsmith (supported: {list(fmt.loadable_versions)}); upgrade bitsmith"
+        )
+    for key in ("in_features", "out_features"):
+        if not isinstance(entry.get(key), int) or entry[key] <= 0:
+            raise CheckpointError(f"quantization_config.modules[{module!r}]: missing or bad {key!r}")
+    return entry
+
+
+def format_params(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in ("format", "format_version")}
+
+
+@register_format
+class GroupwiseIntFormat(PackedFormat):
+    """Group-wise integer weights (FineQuant, int8 per-channel, ...); layout in `bitsmith.kernels.gwint`."""
+
+    name = "gwint"
+    version = 1
+    loadable_versions = (1,)
+
+    def tensor_specs(self, params, dtype):
+        from ..kernels import gwint
+
+        return gwint.tensor_specs(params["out_features"], params["in_features"], params["bits"],
+                                  params["group_size"], params.get("symmetric", True), dtype)
+
+    def dequantize(self, tensors, params):
+        from ..kernels import gwint
+
+        return gwint.dequantize(tensors["qweight"], tensors["scales"], tensors.get("zeros"), params["bits"],
+                                params["group_size"], params["in_features"])
+
+    def linear(self, x, tensors, params, bias):
+        from ..kernels import gwint
+
+        return gwint.linear(x, tensors["qweight"], tensors["scales"], tensors.get("zeros"), params["bits"],
+                            params["group_size"], params["in_features"], bias)

@@ -1,0 +1,280 @@
+"""Plan, then run: validate a whole recipe against a checkpoint before any weight is read, then stream it.
+
+Plan: for every pass in order, which modules it changes and which it skips (with the reason); errors for targets
+that match nothing, passes in an impossible order, shapes that contradict the config. Run: consecutive tensor
+passes fuse into one sweep; model passes materialize the model; checkpoint passes swap the source. The writer pulls
+one tensor at a time through that chain and writes it, so memory stays near the largest tensor for tensor passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .checkpoint import CheckpointReader
+from .errors import PlanError
+from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD, PackedTensor, check_module_entry
+from .inventory import Inventory, build_inventory, select
+from .passes import PassConfig, PassKind, handler_for
+from .recipe import Recipe
+from .sources import CheckpointSource, FusedStep, ModelSource, Source, SourceView, SweepSource, materialize
+from .writer import DEFAULT_SHARD_BYTES, CheckpointWriter
+
+log = logging.getLogger("bitsmith")
+
+
+@dataclass
+class PassPlan:
+    index: int
+    config: PassConfig
+    targets: dict[str, tuple[str, str]] = field(default_factory=dict)  # weight name -> (module, class)
+    skipped: dict[str, str] = field(default_factory=dict)  # module -> reason
+
+    @property
+    def label(self) -> str:
+        return f"passes[{self.index}] ({self.config.type})"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    passes: list[PassPlan]
+    inventory: Inventory
+    final_view: SourceView
+
+    def describe(self) -> str:
+        lines = [f"architecture: {self.inventory.architecture}; {len(self.inventory.modules)} modules with weights"]
+        lines += [f"note: {n}" for n in self.inventory.notes]
+        for p in self.passes:
+            kind = p.config.kind.value
+            if kind == "tensor":
+                lines.append(f"{p.label}: {kind} pass, {len(p.targets)} modules, {len(p.skipped)} skipped")
+            else:
+                lines.append(f"{p.label}: {kind} pass")
+            for mod, reason in p.skipped.items():
+                lines.append(f"    skipped {mod}: {reason}")
+        return "\n".join(lines)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides its config: the input checkpoint, the device, progress and logging."""
+
+    input_path: Path | None = None
+    device: str = "cpu"
+    progress: bool = True
+    plan: Plan | None = None
+    extra: dict = field(default_factory=dict)
+
+    def log(self, msg: str) -> None:
+        log.info(msg)
+
+
+def make_plan(recipe: Recipe, source: Source) -> Plan:
+    view = source.view.copy()
+    inventory = build_inventory(view.config, view.tensors, set(view.packed_modules))
+    first_inventory = inventory
+    plans: list[PassPlan] = []
+    packed_by: dict[str, str] = {}  # module -> label of the pass that packed it
+    for i, cfg in enumerate(recipe.passes):
+        handler = handler_for(cfg)
+        pp = PassPlan(i, cfg)
+        where = f"{recipe.source}: {pp.label}"
+        if cfg.kind is PassKind.CHECKPOINT:
+            if handler.plan is not None:
+                view = handler.plan(cfg, view)
+                inventory = build_inventory(view.config, view.tensors, set(view.packed_modules))
+        elif cfg.kind is PassKind.TENSOR:
+            chosen, skipped = select(inventory, cfg.targets, cfg.ignore, where)
+            if handler.plan is not None:
+                skipped.update(handler.plan(cfg, chosen))
+            already = [m.name for m in chosen if m.name in packed_by and m.name not in skipped]
+            if already and not getattr(cfg, "accepts_packed", False):
+                raise PlanError(
+                    f"{where}: {len(already)} modules were already packed by {packed_by[already[0]]}"
+                    f" (e.g. {', '.join(already[:4])}); put this pass before the packing pass, or ignore them"
+                )
+            for name in view.packed_modules:
+                skipped.setdefault(name, "already packed in the input checkpoint")
+            for m in chosen:
+                if m.name not in skipped:
+                    pp.targets[m.weight] = (m.name, m.class_name)
+                    if cfg.packs:
+                        packed_by[m.name] = pp.label
+            pp.skipped = skipped
+            if not pp.targets:
+                raise PlanError(f"{where}: every module its targets match is skipped:\n"
+                                + "\n".join(f"  {k}: {v}" for k, v in skipped.items()))
+        else:  # model pass
+            if packed_by or view.packed_modules:
+                first = next(iter(packed_by.values()), "the input checkpoint")
+                raise PlanError(f"{where}: a model pass cannot follow {first}, which packs weights;"
+                                " put model passes before packing passes")
+            if handler.plan is not None:
+                handler.plan(cfg, view, inventory)
+        plans.append(pp)
+    return Plan(recipe, plans, first_inventory, view)
+
+
+@dataclass
+class Summary:
+    output: Path
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    linear_bytes_before: int
+    linear_bytes_after: int
+    tensors: int
+    per_pass: list[dict]
+
+    def render(self) -> str:
+        lines = [f"wrote {self.output}"]
+        for p in self.per_pass:
+            extra = f", {p['skipped']} skipped" if p.get("skipped") else ""
+            lines.append(f"  passes[{p['index']}] {p['type']}: {p['changed']} tensors changed{extra}")
+        gb = 1e9
+        lines.append(f"  weights: {self.input_bytes / gb:.3f} GB -> {self.output_bytes / gb:.3f} GB;"
+                     f" packed layers {self.linear_bytes_before / gb:.3f} GB -> {self.linear_bytes_after / gb:.3f} GB")
+        lines.append(f"  {self.tensors} tensors in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> tuple[Source, list[FusedStep]]:
+    steps_all: list[FusedStep] = []
+    pending: list[FusedStep] = []
+
+    def flush(src: Source) -> Source:
+        nonlocal pending
+        if pending:
+            src = SweepSource(src, pending, ctx)
+            pending = []
+        return src
+
+    for pp in plan.passes:
+        handler = handler_for(pp.config)
+        if pp.config.kind is PassKind.TENSOR:
+            step = FusedStep(pp.config, handler, pp.targets, pp.index)
+            pending.append(step)
+            steps_all.append(step)
+        elif pp.config.kind is PassKind.CHECKPOINT:
+            source = handler.apply(pp.config, flush(source), ctx)
+        else:
+            model = materialize(flush(source), ctx.device)
+            handler.apply(pp.config, model, ctx)
+            source = ModelSource(model.to("cpu"), source)
+    return flush(source), steps_all
+
+
+def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: bool = False,
+        shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False, device: str = "cpu",
+        progress: bool = True, plan_only: bool = False) -> Summary | Plan:
+    """Compress `model` with `recipe` into `output`. Everything is validated before the first weight is read."""
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    reader = CheckpointReader(model, allow_pickle=allow_pickle)
+    source: Source = CheckpointSource(reader)
+    plan = make_plan(recipe, source)
+    if plan_only:
+        return plan
+    writer = CheckpointWriter(Path(output), shard_bytes, overwrite)  # checks the output before any work
+    ctx = PassContext(input_path=reader.path, device=device, progress=progress, plan=plan)
+    with writer:
+        final, steps = _build_source_chain(plan, source, ctx)
+        names = final.names()
+        shapes = final.view.tensors
+        total = sum(_nbytes(*shapes[n]) for n in names if n in shapes)
+        modules: dict[str, dict] = dict(final.view.packed_modules)
+        linear_before = linear_after = 0
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=not progress, leave=False)
+        for n_done, name in enumerate(names, 1):
+            state = final.read(name)
+            if state.packed is not None:
+                entry = _write_packed(writer, state.module, state.packed)
+                modules[state.module] = entry
+                linear_before += _nbytes(*shapes.get(name, (tuple(state.tensor.shape), state.tensor.dtype)))
+                linear_after += state.packed.nbytes
+            else:
+                writer.add_tensor(name, state.tensor)
+            bar.update(_nbytes(*shapes[name]) if name in shapes else 0)
+            bar.set_postfix(tensors=f"{n_done}/{len(names)}", refresh=False)
+            del state
+        bar.close()
+        writer.finish_shards()
+        config = dict(final.view.config)
+        if modules:
+            config["quantization_config"] = {"quant_method": QUANT_METHOD, "version": QUANT_CONFIG_VERSION,
+                                             "modules": dict(sorted(modules.items()))}
+        writer.write_json("config.json", config)
+        for rel, src in final.side_files().items():
+            if isinstance(src, Path):
+                writer.copy_file(src, rel)
+            else:
+                writer.write_text(rel, src.decode() if isinstance(src, bytes) else src)
+        writer.write_text("recipe.yaml", _recipe_record(recipe))
+        per_pass = []
+        for pp in plan.passes:
+            step = next((s for s in steps if s.index == pp.index), None)
+            per_pass.append({"index": pp.index, "type": pp.config.type, "kind": pp.config.kind.value,
+                             "changed": step.changed if step else None, "skipped": len(pp.skipped),
+                             "skipped_modules": pp.skipped})
+        summary = Summary(Path(output), 0.0, reader.total_bytes, writer.bytes_written, linear_before, linear_after,
+                          len(names), per_pass)
+        summary.seconds = round(time.time() - start, 3)
+        writer.write_json("bitsmith.json", {
+            "bitsmith_version": __version__,
+            "base_model": _public_model_name(model, reader.path),
+            "input_bytes": summary.input_bytes, "output_bytes": summary.output_bytes,
+            "linear_bytes_before": linear_before, "linear_bytes_after": linear_after,
+            "passes": [{k: v for k, v in p.items() if k != "skipped_modules"} for p in per_pass],
+        })
+        _write_card(writer.tmp)
+        writer.commit()
+    summary.seconds = round(time.time() - start, 3)
+    return summary
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _write_packed(writer: CheckpointWriter, module: str, packed: PackedTensor) -> dict:
+    entry = check_module_entry(module, packed.module_entry())
+    for suffix, t in packed.tensors.items():
+        writer.add_tensor(f"{module}.{suffix}", t)
+    return entry
+
+
+def _recipe_record(recipe: Recipe) -> str:
+    head = f"# applied by bitsmith {__version__}"
+    if recipe.overrides:
+        head += "; overrides: " + " ".join(recipe.overrides)
+    return head + "\n" + recipe.to_yaml()
+
+
+def _public_model_name(model: str | Path, resolved: Path) -> str:
+    """A name safe to publish: the Hub id as given, or the folder's basename (never a local path)."""
+    s = str(model)
+    if not Path(s).expanduser().exists():
+        return s
+    return resolved.name
+
+
+def _write_card(folder: Path) -> None:
+    try:
+        from .card import write_model_card
+    except ImportError:
+        return
+    write_model_card(folder)

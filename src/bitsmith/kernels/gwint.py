@@ -1,0 +1,97 @@
+"""Group-wise integer weights (format `gwint`, version 1): packing, exact dequantization, and the linear op.
+
+Layout, for a Linear with weight W [N, K] (N = out_features, K = in_features), `bits` b in 1..8, group size g
+(g = K means per output channel), G = ceil(K / g) groups along K (the last one may be partial):
+
+    qweight  int32 [ceil(K / P), N]   P = 32 // b codes per word, packed along K: code of W[n, k] sits in word
+                                      qweight[k // P, n] at bits [b * (k % P), b * (k % P) + b). Unused high bits
+                                      and padding codes past K are zero.
+    scales   fp16|bf16 [G, N]         one scale per (group, output channel), the model's dtype
+    zeros    uint8 [G, N]             only when asymmetric: the zero point, in code units
+
+Codes are unsigned, 0 .. 2^b - 1. Dequantization is exact: W[n, k] = (code - z) * scales[k // g, n], where z is
+zeros[k // g, n] when asymmetric and 2^(b-1) when symmetric (offset binary: signed q = code - 2^(b-1)).
+Layout is K-major so a tile of weights for a K-block is contiguous along N (coalesced loads in the kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FORMAT_NAME = "gwint"
+FORMAT_VERSION = 1
+
+
+def codes_per_word(bits: int) -> int:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    return 32 // bits
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def tensor_specs(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool,
+                 dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the packed tensors of one module (used to build modules on the meta device)."""
+    G = num_groups(in_features, group_size)
+    specs = {
+        "qweight": ((math.ceil(in_features / codes_per_word(bits)), out_features), torch.int32),
+        "scales": ((G, out_features), dtype),
+    }
+    if not symmetric:
+        specs["zeros"] = ((G, out_features), torch.uint8)
+    return specs
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: integer [N, K] in [0, 2^b) -> qweight int32 [ceil(K/P), N]."""
+    N, K = codes.shape
+    P = codes_per_word(bits)
+    Kp = math.ceil(K / P) * P
+    c = torch.zeros((N, Kp), dtype=torch.int64)
+    c[:, :K] = codes.to(torch.int64)
+    c = c.view(N, Kp // P, P)  # [N, words, P]
+    shifts = torch.arange(P, dtype=torch.int64) * bits
+    words = (c << shifts).sum(dim=-1)  # [N, words], < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32).t().contiguous()  # [words, N]
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """qweight int32 [ceil(K/P), N] -> codes uint8 [N, K]."""
+    P = codes_per_word(bits)
+    w = qweight.to(torch.int64) & 0xFFFFFFFF  # [words, N], unsigned view
+    shifts = torch.arange(P, dtype=torch.int64, device=qweight.device) * bits
+    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [words, N, P]
+    codes = codes.permute(1, 0, 2).reshape(qweight.shape[1], -1)[:, :in_features]  # [N, K]
+    return codes.to(torch.uint8)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
+               in_features: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Exact float weight [N, K] (computed in float32, returned in `dtype`, default the scales' dtype)."""
+    codes = unpack_codes(qweight, bits, in_features).to(torch.float32)  # [N, K]
+    group_of_k = torch.arange(in_features, device=qweight.device) // group_size  # [K]
+    s = scales.to(torch.float32).t()[:, group_of_k]  # [N, K]
+    if zeros is None:
+        z = float(1 << (bits - 1))
+    else:
+        z = zeros.to(torch.float32).t()[:, group_of_k]
+    return ((codes - z) * s).to(dtype or scales.dtype)
+
+
+def linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] through the exact dequantized weight (the torch reference path)."""
+    w = dequantize(qweight, scales, zeros, bits, group_size, in_features, dtype=x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+           group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op packed modules call: Triton kernels on CUDA, the torch reference elsewhere."""
+    return linear_reference(x, qweight, scales, zeros, bits, group_size, in_features, bias)

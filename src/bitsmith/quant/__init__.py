@@ -1,0 +1,3 @@
+"""Quantizing passes: FineQuant group-wise int, bipolar-INT, BCQ."""
+
+from . import finequant  # noqa: F401  (registers the pass)

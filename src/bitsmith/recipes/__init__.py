@@ -1,0 +1,1 @@
+"""Bundled recipes (YAML), addressable by name: `bitsmith recipes list`."""

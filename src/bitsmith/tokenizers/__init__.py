@@ -1,0 +1,1 @@
+"""tokenizers passes."""
