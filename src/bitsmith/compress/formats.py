@@ -66,13 +66,38 @@ class PackedFormat:
 
 _FORMATS: dict[str, PackedFormat] = {}
 
+# Modules that define (and register) the other built-in formats, imported on first use. An explicit list: formats are
+# never discovered by walking packages, and a config can only name a format registered here.
+_BUILTIN_FORMAT_MODULES = (
+    "bitsmith.kernels.bitplane",  # bipolar-INT and BCQ
+    "bitsmith.kernels.bsr",  # block-sparse
+    "bitsmith.kernels.rf8",  # RF8 (DeepShape)
+)
+_builtins_loaded = False
+
 
 def register_format(cls: type[PackedFormat]) -> type[PackedFormat]:
     _FORMATS[cls.name] = cls()
     return cls
 
 
+def _load_builtin_formats() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    import importlib
+
+    for mod in _BUILTIN_FORMAT_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # the module exists but something it needs is missing: a real error
+                raise
+
+
 def get_format(name: str) -> PackedFormat:
+    _load_builtin_formats()
     try:
         return _FORMATS[name]
     except KeyError:
@@ -80,6 +105,7 @@ def get_format(name: str) -> PackedFormat:
 
 
 def known_formats() -> list[str]:
+    _load_builtin_formats()
     return sorted(_FORMATS)
 
 
