@@ -18,6 +18,7 @@ Only whitelisted format names load (the registry in `formats.py`); nothing in a 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -25,20 +26,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import BitsmithError, CheckpointError
 from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD, check_module_entry, format_params, get_format, known_formats
 
 _CONFIG_KEYS = ("quant_method", "version", "modules")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _MAX_LISTED = 10  # problems quoted in one error message; the rest are counted
-
-try:  # transformers is a dependency, but keep `import bitsmith` working (and this module importable) without it
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.utils.quantization_config import QuantizationConfigMixin
-except ImportError:  # pragma: no cover - exercised only in broken environments
-    HfQuantizer = object  # type: ignore[assignment,misc]
-    QuantizationConfigMixin = object  # type: ignore[assignment,misc]
-
 
 def _listing(problems: list[str]) -> str:
     shown = "\n  ".join(problems[:_MAX_LISTED])
@@ -102,8 +98,6 @@ class BitsmithConfig(QuantizationConfigMixin):
         self.modules = validate_modules(modules)
 
     def to_dict(self) -> dict[str, Any]:
-        import copy
-
         return {"quant_method": self.quant_method, "version": self.version, "modules": copy.deepcopy(self.modules)}
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -113,16 +107,15 @@ class BitsmithConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
 
-def _resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
-    """Find a config module name in `model`, allowing for the base-model prefix (`model.`) being present or not."""
-    modules = dict(model.named_modules())
+def _resolve_module(model: nn.Module, by_name: dict[str, nn.Module], name: str) -> tuple[str, nn.Module] | None:
+    """Find a config module name among `by_name` (model.named_modules()), with or without the base-model prefix."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [name]
     if prefix:
         candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
     for cand in candidates:
-        if cand in modules:
-            return cand, modules[cand]
+        if cand in by_name:
+            return cand, by_name[cand]
     return None
 
 
@@ -138,8 +131,9 @@ def swap_packed_modules(model: nn.Module, modules: dict[str, dict], device: torc
     from ..kernels.modules import PackedLinear
 
     problems, plan = [], []
+    by_name = dict(model.named_modules())
     for name, entry in modules.items():
-        found = _resolve_module(model, name)
+        found = _resolve_module(model, by_name, name)
         if found is None:
             problems.append(f"{name}: no such module in {type(model).__name__}")
             continue
@@ -283,7 +277,7 @@ def register() -> None:
         return
     try:
         from transformers.quantizers import auto
-    except ImportError as e:  # pragma: no cover
+    except ImportError as e:  # pragma: no cover - transformers is a dependency; only a broken install gets here
         raise BitsmithError(f"loading bitsmith checkpoints needs transformers>=4.56 ({e})") from None
     # Another copy of bitsmith (or a reload) may have registered already; the mappings refuse a second registration.
     config_map = getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", {})
@@ -295,15 +289,29 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _check_local_folder(path: str | os.PathLike) -> None:
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file():
+def _local_folder(path: str | os.PathLike) -> Path | None:
+    """The local folder `path` names, or None for a Hub repo id; a local-looking path that is missing is an error."""
+    p = Path(path).expanduser()
+    looks_local = not isinstance(path, str) or path.startswith(("/", "./", "../", "~", ".\\")) or p.exists()
+    if not looks_local:
+        return None
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: no such folder")
+    return p
+
+
+def _check_model_folder(path: str | os.PathLike, safetensors_only: bool) -> None:
+    p = _local_folder(path)
+    if p is None:
+        return
+    if not (p / "config.json").is_file():
         raise CheckpointError(f"{p}: no config.json, not a Hugging Face model folder")
-    if p.is_dir():
-        try:
-            json.loads((p / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{p / 'config.json'}: unreadable JSON ({e})") from None
+    try:
+        json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p / 'config.json'}: unreadable JSON ({e})") from None
+    if safetensors_only and not any(p.glob("*.safetensors")):
+        raise CheckpointError(f"{p}: no *.safetensors weights (pickled .bin weights are not loaded: they can run code)")
 
 
 def load(path: str | os.PathLike, device_map: str | dict | None = None, torch_dtype: torch.dtype | str | None = None,
@@ -317,8 +325,8 @@ def load(path: str | os.PathLike, device_map: str | dict | None = None, torch_dt
     register()
     from transformers import AutoModelForCausalLM
 
-    _check_local_folder(path)
     kwargs.setdefault("use_safetensors", True)
+    _check_model_folder(path, safetensors_only=bool(kwargs["use_safetensors"]))
     kwargs.setdefault("trust_remote_code", False)
     if torch_dtype is not None and kwargs.get("dtype") is not None:
         raise BitsmithError("pass torch_dtype or dtype, not both")
@@ -332,6 +340,8 @@ def load_tokenizer(path: str | os.PathLike, **kwargs: Any):
     """The tokenizer saved beside a model (`AutoTokenizer.from_pretrained`, no remote code unless asked for)."""
     from transformers import AutoTokenizer
 
-    _check_local_folder(path)
+    p = _local_folder(path)
+    if p is not None and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"{p}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
     kwargs.setdefault("trust_remote_code", False)
     return AutoTokenizer.from_pretrained(str(path), **kwargs)
