@@ -17,6 +17,7 @@ Layout is K-major so a tile of weights for a K-block is contiguous along N (coal
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -91,7 +92,22 @@ def linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return torch.nn.functional.linear(x, w, bias)
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton when x is on CUDA (or BITSMITH_TRITON=1 forces it, e.g. with TRITON_INTERPRET=1 on CPU) and is fp16/bf16.
+
+    BITSMITH_TRITON=0 turns the kernels off everywhere.
+    """
+    flag = os.environ.get("BITSMITH_TRITON", "")
+    if flag == "0" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return x.is_cuda or flag == "1"
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
            group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The op packed modules call: Triton kernels on CUDA, the torch reference elsewhere."""
+    """The op packed modules call: Triton kernels (`gwint_triton`) on CUDA, the torch reference elsewhere."""
+    if use_triton(x):
+        from . import gwint_triton
+
+        return gwint_triton.linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
     return linear_reference(x, qweight, scales, zeros, bits, group_size, in_features, bias)

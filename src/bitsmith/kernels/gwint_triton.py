@@ -1,0 +1,485 @@
+"""Triton kernels for the `gwint` format (layout: see `bitsmith.kernels.gwint`).
+
+Three regimes, one launcher (`linear`):
+
+    M == 1          `_gemv_kernel`: no tensor cores; a program owns BLOCK_N output columns and a slice of K
+                    (split-K), unpacks [BLOCK_KW words, P codes, BLOCK_N] in registers and reduces on CUDA cores.
+    2 <= M <= 64    `_gemm_kernel` with a small BLOCK_M and split-K: dequantize a [BLOCK_K, BLOCK_N] tile to
+    larger M        fp16/bf16 and `tl.dot` it; the same kernel, larger tiles, less or no split-K.
+    very large M    `_dequant_kernel` writes W^T once, then cuBLAS (only past `DEQUANT_MIN_M` rows).
+
+Codes become floats with the exponent trick instead of int->float conversions (which run at a quarter of the
+ALU rate): `code | 0x4B000000` read as float32 is 2^23 + code, `code | 0x6400` read as float16 is 1024 + code;
+one subtraction of (magic + zero point) then gives the exact value (code - z).
+
+Split-K partial sums are reduced without a second launch and without zero-filling anything per call: every
+split atomically adds its fp32 tile into a workspace, then bumps a per-tile counter; the split that arrives last
+reads the sum, writes the output (and bias), and puts the workspace tile and the counter back to zero. The
+workspace is allocated once per (device, stream) and reused, so the forward has no host synchronisation and can
+be captured in a CUDA graph once a call has warmed it up (tuning and workspace allocation happen outside capture).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DEQUANT_MIN_M = 4096  # from this many rows on, dequantize once and call cuBLAS (see docs/results/kernels-gwint.md)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _codes(w, BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr):
+    """w: int32 words [BKW, BN] -> codes int32 [BKW, P2, BN] (slots j >= P repeat slot 0; callers mask them)."""
+    j = tl.arange(0, P2)
+    shift = tl.where(j < P, j * BITS, 0)
+    return (w[:, None, :] >> shift[None, :, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _code_minus_zero_f32(q, zf):
+    """Exact (code - z) in float32; zf = z + 2^23 (float32, broadcastable)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - zf
+
+
+@triton.jit
+def _code_minus_zero_f16(q, zh):
+    """Exact (code - z) in float16 (codes < 1024); zh = z + 1024 (float16, broadcastable)."""
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zh
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, split_k,
+              HAS_BIAS: tl.constexpr):
+    """acc fp32 [BM, BN] -> out (+ bias); with split_k > 1 the last split of this tile does the store."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if split_k == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the counter is released
+        prev = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+        if prev == split_k - 1:
+            tot = tl.load(ws_ptrs, mask=mask, other=0.0, volatile=True)
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(ws_ptrs, tl.zeros_like(tot), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# M == 1
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 N, K, KW, G, group_size, k_iters, split_k,
+                 BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rw = tl.arange(0, BLOCK_KW)
+    j = tl.arange(0, P2)
+    ZC: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+    kw_begin = pid_k * k_iters * BLOCK_KW
+    for it in range(k_iters):
+        kw0 = kw_begin + it * BLOCK_KW
+        kw = kw0 + rw  # [BKW]
+        w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
+        q = _codes(w, BITS, P, P2)  # [BKW, P2, BN]
+        k = kw[:, None] * P + j[None, :]  # [BKW, P2]
+        xv = tl.load(x_ptr + k, mask=(j[None, :] < P) & (k < K), other=0.0).to(tl.float32)
+        if SCALE_MODE == 0:  # the whole tile lies in one group
+            g = tl.minimum((kw0 * P) // group_size, G - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if SYM:
+                v = _code_minus_zero_f32(q, ZC)
+            else:
+                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+                v = _code_minus_zero_f32(q, z[None, None, :])
+            acc += tl.sum(v * xv[:, :, None], axis=1) * s[None, :]
+        elif SCALE_MODE == 1:  # one group per word row
+            g = tl.minimum((kw * P) // group_size, G - 1)
+            gs = g[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + gs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            if SYM:
+                v = _code_minus_zero_f32(q, ZC)
+            else:
+                z = tl.load(z_ptr + gs, mask=n_mask[None, :], other=0).to(tl.float32) + 8388608.0
+                v = _code_minus_zero_f32(q, z[:, None, :])
+            acc += tl.sum(v * xv[:, :, None], axis=1) * s
+        else:  # one group per code
+            g = tl.minimum(k // group_size, G - 1)
+            gs = g[:, :, None] * N + offs_n[None, None, :]
+            s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
+            if SYM:
+                v = _code_minus_zero_f32(q, ZC)
+            else:
+                v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
+                                         + 8388608.0)
+            acc += tl.sum(v * s * xv[:, :, None], axis=1)
+    res = tl.sum(acc, axis=0)  # [BN]
+    _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
+              HAS_BIAS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# M >= 2: tensor cores
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k,
+                 BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SCALE_MODE: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
+    # x: [M, K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N]
+    BLOCK_K: tl.constexpr = BLOCK_KW * P2  # k order inside a tile: word-major, code slot minor (j >= P masked)
+    DT = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % rows
+    pid_n = (pid % in_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rw = tl.arange(0, BLOCK_KW)
+    r = tl.arange(0, BLOCK_K)
+    r_kw = r // P2
+    r_j = r % P2
+    j = tl.arange(0, P2)
+    ZC: tl.constexpr = 1 << (BITS - 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kw_begin = pid_k * k_iters * BLOCK_KW
+    for it in range(k_iters):
+        kw0 = kw_begin + it * BLOCK_KW
+        kw = kw0 + rw
+        w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
+        q = _codes(w, BITS, P, P2)  # [BKW, P2, BN]
+        k = (kw0 + r_kw) * P + r_j  # [BK]
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                    mask=m_mask[:, None] & ((r_j < P) & (k < K))[None, :], other=0.0)
+        if SCALE_MODE == 0:
+            g = tl.minimum((kw0 * P) // group_size, G - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+            if DT == tl.float16:
+                if SYM:
+                    v = _code_minus_zero_f16(q, 1024.0 + ZC)
+                else:
+                    z = (tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 1024.0).to(tl.float16)
+                    v = _code_minus_zero_f16(q, z[None, None, :])
+                if not SCALE_AFTER:
+                    v = v * s.to(tl.float16)[None, None, :]
+            else:
+                if SYM:
+                    v = _code_minus_zero_f32(q, 8388608.0 + ZC)
+                else:
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+                    v = _code_minus_zero_f32(q, z[None, None, :])
+                if not SCALE_AFTER:
+                    v = v * s.to(tl.float32)[None, None, :]
+                v = v.to(DT)
+        else:
+            if SCALE_MODE == 1:
+                g = tl.minimum((kw * P) // group_size, G - 1)
+                gs = (g[:, None] * N + offs_n[None, :])[:, None, :]  # [BKW, 1, BN]
+            else:
+                kk = kw[:, None] * P + j[None, :]
+                g = tl.minimum(kk // group_size, G - 1)
+                gs = g[:, :, None] * N + offs_n[None, None, :]  # [BKW, P2, BN]
+            s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
+            if SYM:
+                v = _code_minus_zero_f32(q, 8388608.0 + ZC)
+            else:
+                v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
+                                         + 8388608.0)
+            v = (v * s).to(DT)
+        b = tl.reshape(v, [BLOCK_K, BLOCK_N])
+        if DOT_F32:  # the CPU interpreter cannot multiply bf16; it rounds operands to bf16 and multiplies in fp32
+            part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            part = tl.dot(a, b)
+        if SCALE_AFTER:
+            acc += part * s.to(tl.float32)[None, :]
+        else:
+            acc += part
+    _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
+              split_k, HAS_BIAS)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, G, group_size,
+                    BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    # -> out: W^T [K, N] in the output dtype
+    kw = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    j = tl.arange(0, P2)
+    w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
+    q = _codes(w, BITS, P, P2)
+    k = kw[:, None] * P + j[None, :]  # [BKW, P2]
+    g = tl.minimum(k // group_size, G - 1)
+    gs = g[:, :, None] * N + offs_n[None, None, :]
+    s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
+    if SYM:
+        v = _code_minus_zero_f32(q, 8388608.0 + (1 << (BITS - 1)))
+    else:
+        v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
+                                 + 8388608.0)
+    mask = ((j[None, :] < P) & (k < K))[:, :, None] & n_mask[None, None, :]
+    tl.store(out_ptr + k[:, :, None] * N + offs_n[None, None, :], (v * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _scale_mode(G: int, group_size: int, P: int, block_kw: int) -> int:
+    """0: a K-tile never crosses a group; 1: a word never crosses a group; 2: anything else."""
+    if G == 1 or group_size % (block_kw * P) == 0:
+        return 0
+    if group_size % P == 0:
+        return 1
+    return 2
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n_acc: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 accumulators and int32 tile counters; kernels leave them zeroed after every call."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < n_acc or cnt.numel() < n_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("gwint: workspace must be allocated before CUDA graph capture (run one call first)")
+        n_acc = max(n_acc, 0 if ws is None else ws.numel(), 1 << 16)
+        n_tiles = max(n_tiles, 0 if cnt is None else cnt.numel(), 1 << 12)
+        ws = torch.zeros(n_acc, dtype=torch.float32, device=device)
+        cnt = torch.zeros(n_tiles, dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt
+
+
+def _split(k_tiles: int, split_k: int) -> tuple[int, int]:
+    """-> (k_iters per split, number of non-empty splits)."""
+    split_k = max(1, min(split_k, k_tiles))
+    k_iters = -(-k_tiles // split_k)
+    return k_iters, -(-k_tiles // k_iters)
+
+
+def launch_gemv(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
+    """x2 [1, K] -> out [1, N]. cfg: block_n, block_kw, split_k, num_warps."""
+    KW, N = qweight.shape
+    G = scales.shape[0]
+    P = 32 // bits
+    bkw = cfg["block_kw"]
+    k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
+    n_blocks = -(-N // cfg["block_n"])
+    ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
+    _gemv_kernel[(n_blocks, split)](
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
+        N, K, KW, G, group_size, k_iters, split,
+        BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
+        SCALE_MODE=_scale_mode(G, group_size, P, bkw), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+
+
+def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
+    """x2 [M, K] -> out [M, N]. cfg: block_m, block_n, block_kw, split_k, scale_after, num_warps, num_stages."""
+    M = x2.shape[0]
+    KW, N = qweight.shape
+    G = scales.shape[0]
+    P = 32 // bits
+    bm, bn, bkw = cfg["block_m"], cfg["block_n"], cfg["block_kw"]
+    k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
+    num_m, num_n = -(-M // bm), -(-N // bn)
+    ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
+    mode = _scale_mode(G, group_size, P, bkw)
+    _gemm_kernel[(num_m * num_n, split)](
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
+        M, N, K, KW, G, group_size, x2.stride(0), out.stride(0), k_iters, split,
+        BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
+        SCALE_MODE=mode, SCALE_AFTER=bool(cfg.get("scale_after", False)) and mode == 0,
+        DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+
+
+def dequantize_t(qweight, scales, zeros, bits, group_size, K, dtype, block_n=64, block_kw=8):
+    """W^T [K, N] in `dtype`, by the Triton kernel."""
+    KW, N = qweight.shape
+    P = 32 // bits
+    out = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    _dequant_kernel[(-(-KW // block_kw), -(-N // block_n))](
+        qweight, scales, zeros if zeros is not None else scales, out, N, K, KW, scales.shape[0], group_size,
+        BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, BLOCK_N=block_n, BLOCK_KW=block_kw)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configs and tuning
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(tiles: int, k_tiles: int, sms: int, waves: float) -> int:
+    return max(1, min(k_tiles, round(waves * sms / max(tiles, 1))))
+
+
+def gemv_configs(N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
+    """Candidates for M == 1, the heuristic default first."""
+    P = 32 // bits
+    out = []
+    for bn, bk, warps in ((128, 256, 4), (64, 256, 4), (256, 128, 8), (128, 512, 8)):
+        bkw = max(1, bk // _next_pow2(P))
+        if group_size < K and group_size % P == 0:
+            while bkw > 1 and group_size % (bkw * P) != 0:  # keep K tiles inside groups where possible
+                bkw //= 2
+        k_tiles = -(-(-(-K // P)) // bkw)
+        tiles = -(-N // bn)
+        for waves in (4.0, 8.0):
+            cfg = dict(block_n=bn, block_kw=bkw, num_warps=warps, split_k=_split_for(tiles, k_tiles, sms, waves))
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
+    """Candidates for M >= 2, the heuristic default first."""
+    P = 32 // bits
+    P2 = _next_pow2(P)
+    if M <= 16:
+        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4)]
+    elif M <= 32:
+        shapes = [(32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (32, 64, 256, 4, 3)]
+    elif M <= 64:
+        shapes = [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+                  (128, 256, 64, 8, 3)]
+    out = []
+    for bm, bn, bk, warps, stages in shapes:
+        bkw = max(1, bk // P2)
+        if group_size < K and group_size % P == 0:
+            while bkw > 1 and group_size % (bkw * P) != 0:
+                bkw //= 2
+        if bkw * P2 < 16:
+            continue
+        tiles = -(-M // bm) * -(-N // bn)
+        k_tiles = -(-(-(-K // P)) // bkw)
+        for waves in ((2.0, 4.0) if M <= 64 else (1.0, 2.0)):
+            cfg = dict(block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages, group_m=8,
+                       scale_after=bm <= 32, split_k=_split_for(tiles, k_tiles, sms, waves))
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+TUNE_LOG: list[dict] = []  # every timing the tuner took (read by the benchmark)
+
+
+def _tune(key: tuple, candidates: list[dict], launch) -> dict:
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    device_ok = torch.cuda.is_available() and not _interpreting()
+    if (not device_ok or os.environ.get("BITSMITH_TUNE", "1") == "0" or len(candidates) == 1
+            or torch.cuda.is_current_stream_capturing()):
+        cfg = candidates[0]
+    else:
+        from triton.testing import do_bench
+
+        best = None
+        for c in candidates:
+            launch(c)  # compile + allocate the workspace outside the timed region
+            t = do_bench(lambda c=c: launch(c), warmup=5, rep=25, return_mode="median")
+            TUNE_LOG.append({"key": key, "config": c, "ms": t})
+            if best is None or t < best[0]:
+                best = (t, c)
+        cfg = best[1]
+    _TUNED[key] = cfg
+    return cfg
+
+
+def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, config: dict | None = None,
+           regime: str | None = None):
+    """Triton path of `gwint.linear`: x [..., K] fp16/bf16 -> [..., N] in x's dtype.
+
+    `config`/`regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); by default the
+    regime follows M and the configuration is tuned once per (shape, format) on the GPU.
+    """
+    K = in_features
+    N = qweight.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    if regime is None:
+        regime = "gemv" if M == 1 else ("gemm" if M < DEQUANT_MIN_M else "dequant")
+    args = (qweight, scales, zeros, bias)
+    if regime == "dequant":
+        wt = dequantize_t(qweight, scales, zeros, bits, group_size, K, x.dtype)
+        torch.matmul(x2, wt, out=out)
+        if bias is not None:
+            out += bias
+        return out.reshape(*lead, N)
+    sms = _num_sms(x.device)
+    fmt_key = (bits, group_size, zeros is None, bias is not None, x.dtype, N, K)
+    if regime == "gemv":
+        if M != 1:
+            raise ValueError("the gemv regime takes exactly one row")
+
+        def go(c):
+            launch_gemv(x2, *args, out, bits, group_size, K, c)
+
+        cands = [config] if config is not None else gemv_configs(N, K, bits, group_size, sms)
+        cfg = config or _tune(("gemv",) + fmt_key, cands, go)
+    else:
+        def go(c):
+            launch_gemm(x2, *args, out, bits, group_size, K, c)
+
+        cands = [config] if config is not None else gemm_configs(M, N, K, bits, group_size, sms)
+        cfg = config or _tune(("gemm", _next_pow2(M)) + fmt_key, cands, go)
+    go(cfg)
+    return out.reshape(*lead, N)

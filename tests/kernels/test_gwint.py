@@ -1,0 +1,176 @@
+"""gwint: packing round trips, and every Triton kernel regime against the torch reference (TRITON_INTERPRET=1 on CPU).
+
+The CPU interpreter cannot do bf16 arithmetic (it stores bf16 as raw uint16): the kernels keep elementwise math in
+fp32 for bf16, and under the interpreter only the bf16 `tl.dot` is replaced by an fp32 dot of bf16-rounded operands
+(`DOT_F32`). The real bf16 tensor-core dot is checked on the GPU by benchmarks/bench_kernels.py --check.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bitsmith.kernels import gwint  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from bitsmith.kernels import gwint_triton as gt  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+TOL = {torch.float16: 3e-3, torch.bfloat16: 8e-3}  # relative Frobenius error vs the fp32 reference
+
+
+def _make(N, K, bits, group_size, sym, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, generator=g)
+    G = gwint.num_groups(K, group_size)
+    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.002).to(dtype)
+    zeros = None if sym else torch.randint(0, 1 << bits, (G, N), dtype=torch.uint8, generator=g)
+    return codes, gwint.pack_codes(codes, bits), scales, zeros
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits):
+    P = 32 // bits
+    for N, K in ((3, 1), (5, P * 3), (7, P * 4 + 1), (2, 97)):
+        codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8)
+        qw = gwint.pack_codes(codes, bits)
+        assert qw.dtype == torch.int32 and qw.shape == (math.ceil(K / P), N)
+        assert torch.equal(gwint.unpack_codes(qw, bits, K), codes)
+        words = qw.to(torch.int64) & 0xFFFFFFFF
+        assert int((words >> (P * bits)).max()) == 0  # unused high bits are zero
+        tail = K - (qw.shape[0] - 1) * P  # codes in the last word; padding slots above them are zero
+        assert int((words[-1] >> (tail * bits)).max()) == 0
+        # bit order: code of W[n, k] at bits [b*(k%P), b*(k%P)+b) of word k//P
+        n, k = N - 1, K - 1
+        assert (int(words[k // P, n]) >> (bits * (k % P))) & ((1 << bits) - 1) == int(codes[n, k])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_tensor_specs_and_dequantize(sym):
+    N, K, bits, gs = 5, 70, 4, 32
+    codes, qw, scales, zeros = _make(N, K, bits, gs, sym, torch.float16, seed=1)
+    specs = gwint.tensor_specs(N, K, bits, gs, sym, torch.float16)
+    got = {"qweight": qw, "scales": scales} | ({} if sym else {"zeros": zeros})
+    assert set(specs) == set(got)
+    for name, (shape, dt) in specs.items():
+        assert tuple(got[name].shape) == shape and got[name].dtype == dt
+    w = gwint.dequantize(qw, scales, zeros, bits, gs, K, dtype=torch.float32)
+    for n, k in ((0, 0), (4, 69), (2, 33)):
+        z = 8 if sym else int(zeros[k // gs, n])
+        assert w[n, k].item() == (int(codes[n, k]) - z) * scales[k // gs, n].float().item()
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+# (M, N, K, bits, group_size, sym, dtype, regime, config, expected scale mode). Awkward on purpose: odd N,
+# K = 576 with g = 128 (partial last group), group_size == K, non-power-of-two codes per word (3 bits), K tiles
+# that straddle groups (modes 1 and 2), more splits than there are K tiles, bias on some.
+GEMV = dict(block_n=32, block_kw=8, split_k=1)
+CASES = [
+    (1, 67, 576, 4, 128, True, torch.float16, "gemv", GEMV | dict(split_k=3), 0),
+    (1, 67, 576, 4, 128, False, torch.bfloat16, "gemv", GEMV | dict(block_kw=4), 0),
+    (1, 67, 576, 8, 576, True, torch.float16, "gemv", GEMV | dict(block_kw=16, split_k=2), 0),
+    (1, 45, 256, 8, 128, False, torch.bfloat16, "gemv", GEMV | dict(split_k=64), 0),
+    (1, 33, 256, 4, 32, False, torch.float16, "gemv", GEMV | dict(split_k=2), 1),
+    (1, 33, 200, 3, 64, True, torch.bfloat16, "gemv", GEMV | dict(block_kw=4, split_k=2), 2),
+    (1, 33, 160, 2, 160, False, torch.float16, "gemv", GEMV | dict(block_kw=2, split_k=2), 0),
+    (5, 67, 576, 4, 128, True, torch.float16, "gemm", dict(block_m=16, block_n=32, block_kw=8, split_k=3,
+                                                          scale_after=True), 0),
+    (5, 67, 576, 4, 128, False, torch.bfloat16, "gemm", dict(block_m=16, block_n=32, block_kw=8, split_k=3,
+                                                            scale_after=True), 0),
+    (16, 67, 576, 8, 576, True, torch.bfloat16, "gemm", dict(block_m=16, block_n=32, block_kw=8, split_k=1), 0),
+    (33, 67, 576, 8, 128, False, torch.float16, "gemm", dict(block_m=16, block_n=32, block_kw=8, split_k=2), 0),
+    (33, 67, 576, 8, 576, False, torch.float16, "gemm", dict(block_m=32, block_n=64, block_kw=16, split_k=1,
+                                                            group_m=2), 0),
+    (7, 33, 256, 4, 32, True, torch.float16, "gemm", dict(block_m=16, block_n=32, block_kw=8, split_k=2), 1),
+    (17, 33, 200, 3, 64, False, torch.bfloat16, "gemm", dict(block_m=16, block_n=32, block_kw=2, split_k=2), 2),
+    (7, 33, 200, 4, 64, False, torch.float16, "dequant", None, None),
+    (9, 33, 200, 8, 200, True, torch.bfloat16, "dequant", None, None),
+]
+
+
+def _ids(c):
+    M, N, K, bits, gs, sym, dt, regime = c[:8]
+    return f"{regime}-M{M}-N{N}-K{K}-b{bits}-g{gs}-{'sym' if sym else 'asym'}-{str(dt)[6:]}"
+
+
+def _launch(regime, x, qw, scales, zeros, bias, bits, gs, K, cfg):
+    M, N = x.shape[0], qw.shape[1]
+    if regime == "dequant":
+        return gt.linear(x, qw, scales, zeros, bits, gs, K, bias=bias, regime="dequant")
+    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=x.device)  # poison: every element must be written
+    launch = gt.launch_gemv if regime == "gemv" else gt.launch_gemm
+    launch(x, qw, scales, zeros, bias, out, bits, gs, K, cfg)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_kernel_matches_reference(case):
+    M, N, K, bits, gs, sym, dtype, regime, cfg, mode = case
+    if cfg is not None:  # the case exercises the scale mode it claims to
+        assert gt._scale_mode(gwint.num_groups(K, gs), gs, 32 // bits, cfg["block_kw"]) == mode
+    _, qw, scales, zeros = _make(N, K, bits, gs, sym, dtype, seed=M * 1000 + N + K + bits)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if (M + bits) % 2 else None
+    ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K,
+                                 None if bias is None else bias.float())
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    args = [dev(t) for t in (x, qw, scales, zeros, bias)]
+    out = _launch(regime, *args, bits, gs, K, cfg)
+    assert out.dtype == dtype and out.shape == (M, N)
+    err = _rel(out.cpu(), ref)
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    if cfg is not None and cfg.get("split_k", 1) > 1:
+        # split-K leaves its workspace zeroed, so a second call on fresh inputs is right too
+        for ws, cnt in gt._WORKSPACES.values():
+            assert not ws.any() and not cnt.any()
+        x2 = torch.randn(M, K).to(dtype)
+        ref2 = gwint.linear_reference(x2.float(), qw, scales, zeros, bits, gs, K,
+                                      None if bias is None else bias.float())
+        out2 = _launch(regime, dev(x2), *args[1:], bits, gs, K, cfg)
+        assert _rel(out2.cpu(), ref2) < TOL[dtype]
+
+
+def test_default_configs_are_valid():
+    """The heuristic default (what runs without tuning: CPU, capture) for each regime, through `gwint.linear`."""
+    torch.manual_seed(3)
+    for M, N, K, bits, gs, dtype in ((1, 40, 300, 4, 64, torch.float16), (3, 40, 256, 8, 256, torch.bfloat16),
+                                     (70, 24, 96, 4, 32, torch.float16)):
+        _, qw, scales, zeros = _make(N, K, bits, gs, False, dtype, seed=M)
+        x = torch.randn(2, M, K).to(dtype)[1]  # not at offset 0 of its storage
+        ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K)
+        os.environ["BITSMITH_TRITON"] = "1"
+        try:
+            assert gwint.use_triton(x)
+            out = gwint.linear(x.to(DEVICE), *(t.to(DEVICE) for t in (qw, scales, zeros)), bits, gs, K)
+        finally:
+            del os.environ["BITSMITH_TRITON"]
+        assert _rel(out.cpu(), ref) < TOL[dtype]
+
+
+def test_linear_dispatch_and_batch_dims():
+    N, K, bits, gs = 24, 64, 4, 32
+    _, qw, scales, _ = _make(N, K, bits, gs, True, torch.float16, seed=7)
+    x = torch.randn(2, 3, K).to(torch.float16)
+    assert not gwint.use_triton(x) or ON_GPU  # CPU without the override: the reference
+    if not ON_GPU:
+        assert torch.equal(gwint.linear(x, qw, scales, None, bits, gs, K),
+                           gwint.linear_reference(x, qw, scales, None, bits, gs, K))
+    assert not gwint.use_triton(x.float())  # fp32 activations always take the reference
+    out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K)
+    assert out.shape == (2, 3, N)
+    assert _rel(out.cpu(), gwint.linear_reference(x.float(), qw, scales, None, bits, gs, K)) < TOL[torch.float16]
