@@ -66,7 +66,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
             raise CheckpointError(
-                f"{where}: corrupt safetensors header (declares {header_len} header bytes, file has {size})"
+                f"{where}: truncated or corrupt safetensors header (declares {header_len} header bytes, file has {size})"
             )
         try:
             header = json.loads(f.read(header_len))

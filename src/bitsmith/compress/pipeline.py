@@ -195,20 +195,19 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         total = sum(_nbytes(*shapes[n]) for n in names if n in shapes)
         modules: dict[str, dict] = dict(final.view.packed_modules)
         linear_before = linear_after = 0
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=not progress, leave=False)
-        for n_done, name in enumerate(names, 1):
-            state = final.read(name)
-            if state.packed is not None:
-                entry = _write_packed(writer, state.module, state.packed)
-                modules[state.module] = entry
-                linear_before += _nbytes(*shapes.get(name, (tuple(state.tensor.shape), state.tensor.dtype)))
-                linear_after += state.packed.nbytes
-            else:
-                writer.add_tensor(name, state.tensor)
-            bar.update(_nbytes(*shapes[name]) if name in shapes else 0)
-            bar.set_postfix(tensors=f"{n_done}/{len(names)}", refresh=False)
-            del state
-        bar.close()
+        with tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True,
+                  leave=False) as bar:
+            for n_done, name in enumerate(names, 1):
+                state = final.read(name)
+                if state.packed is not None:
+                    modules[state.module] = _write_packed(writer, state.module, state.packed)
+                    linear_before += _nbytes(*shapes.get(name, (tuple(state.tensor.shape), state.tensor.dtype)))
+                    linear_after += state.packed.nbytes
+                else:
+                    writer.add_tensor(name, state.tensor)
+                bar.update(_nbytes(*shapes[name]) if name in shapes else 0)
+                bar.set_postfix(tensors=f"{n_done}/{len(names)}", refresh=False)
+                del state
         writer.finish_shards()
         config = dict(final.view.config)
         if modules:

@@ -95,6 +95,9 @@ def _parse_yaml(text: str, label: str) -> tuple[Any, dict[tuple, int]]:
         mark = getattr(e, "problem_mark", None)
         where = f"{label}:{mark.line + 1}" if mark else label
         problem = getattr(e, "problem", None) or str(e)
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None:
+            problem += f" ({context} at line {cmark.line + 1})"
         raise RecipeError(f"{where}: malformed YAML: {problem}") from None
     return data, (_line_index(node) if node is not None else {})
 

@@ -45,7 +45,7 @@ def parse_size(text: str | int) -> int:
 
 def _disk_error(e: OSError, path: Path) -> OutputError:
     if e.errno == errno.ENOSPC:
-        return OutputError(f"{path}: disk full while writing the output (nothing was left in place)")
+        return OutputError(f"{path}: disk full while writing the output (the partial output was removed)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"{path}: cannot write the output here ({e.strerror})")
     return OutputError(f"{path}: writing the output failed: {e}")
@@ -141,7 +141,8 @@ class CheckpointWriter:
                 self._shards.append(self._current)
             self._current.add(name, t)
         except OSError as e:
-            raise _disk_error(e, self.tmp) from None
+            self.abort()
+            raise _disk_error(e, self.target) from None
         self.weight_map[name] = len(self._shards) - 1
         self.bytes_written += n
 
