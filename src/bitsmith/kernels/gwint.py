@@ -53,10 +53,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     N, K = codes.shape
     P = codes_per_word(bits)
     Kp = math.ceil(K / P) * P
-    c = torch.zeros((N, Kp), dtype=torch.int64)
+    c = torch.zeros((N, Kp), dtype=torch.int64, device=codes.device)
     c[:, :K] = codes.to(torch.int64)
     c = c.view(N, Kp // P, P)  # [N, words, P]
-    shifts = torch.arange(P, dtype=torch.int64) * bits
+    shifts = torch.arange(P, dtype=torch.int64, device=codes.device) * bits
     words = (c << shifts).sum(dim=-1)  # [N, words], < 2^32
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.to(torch.int32).t().contiguous()  # [words, N]

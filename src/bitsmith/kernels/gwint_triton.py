@@ -274,16 +274,21 @@ def _scale_mode(G: int, group_size: int, P: int, block_kw: int) -> int:
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown workspaces, kept alive for captured graphs
 
 
 def _workspace(device: torch.device, n_acc: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 accumulators and int32 tile counters; kernels leave them zeroed after every call."""
+    """Zeroed fp32 accumulators and int32 tile counters for one (device, stream); kernels leave them zeroed.
+
+    One per stream, so that calls on concurrent streams never share one. Allocated (zero-filled) on first use; a
+    first use inside CUDA graph capture allocates from the graph's pool and the zero-fill replays with the graph.
+    """
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     ws, cnt = _WORKSPACES.get(key, (None, None))
     if ws is None or ws.numel() < n_acc or cnt.numel() < n_tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("gwint: workspace must be allocated before CUDA graph capture (run one call first)")
+        if ws is not None:
+            _RETIRED.append((ws, cnt))
         n_acc = max(n_acc, 0 if ws is None else ws.numel(), 1 << 16)
         n_tiles = max(n_tiles, 0 if cnt is None else cnt.numel(), 1 << 12)
         ws = torch.zeros(n_acc, dtype=torch.float32, device=device)
@@ -308,7 +313,7 @@ def launch_gemv(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
     n_blocks = -(-N // cfg["block_n"])
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
-    _gemv_kernel[(n_blocks, split)](
+    return _gemv_kernel[(n_blocks, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
         N, K, KW, G, group_size, k_iters, split,
         BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
@@ -327,7 +332,7 @@ def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     num_m, num_n = -(-M // bm), -(-N // bn)
     ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
     mode = _scale_mode(G, group_size, P, bkw)
-    _gemm_kernel[(num_m * num_n, split)](
+    return _gemm_kernel[(num_m * num_n, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
         M, N, K, KW, G, group_size, x2.stride(0), out.stride(0), k_iters, split,
         BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
@@ -352,10 +357,16 @@ def dequantize_t(qweight, scales, zeros, bits, group_size, K, dtype, block_n=64,
 # configs and tuning
 
 
+_SMS: dict[str, int] = {}
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[key]
 
 
 def _split_for(tiles: int, k_tiles: int, sms: int, waves: float) -> int:
@@ -428,9 +439,10 @@ def _tune(key: tuple, candidates: list[dict], launch) -> dict:
 
         best = None
         for c in candidates:
-            launch(c)  # compile + allocate the workspace outside the timed region
+            h = launch(c)  # compile + allocate the workspace outside the timed region
             t = do_bench(lambda c=c: launch(c), warmup=5, rep=25, return_mode="median")
-            TUNE_LOG.append({"key": key, "config": c, "ms": t})
+            TUNE_LOG.append({"key": key, "config": c, "ms": t, "regs": getattr(h, "n_regs", None),
+                             "spills": getattr(h, "n_spills", None)})
             if best is None or t < best[0]:
                 best = (t, c)
         cfg = best[1]
@@ -471,13 +483,13 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
             raise ValueError("the gemv regime takes exactly one row")
 
         def go(c):
-            launch_gemv(x2, *args, out, bits, group_size, K, c)
+            return launch_gemv(x2, *args, out, bits, group_size, K, c)
 
         cands = [config] if config is not None else gemv_configs(N, K, bits, group_size, sms)
         cfg = config or _tune(("gemv",) + fmt_key, cands, go)
     else:
         def go(c):
-            launch_gemm(x2, *args, out, bits, group_size, K, c)
+            return launch_gemm(x2, *args, out, bits, group_size, K, c)
 
         cands = [config] if config is not None else gemm_configs(M, N, K, bits, group_size, sms)
         cfg = config or _tune(("gemm", _next_pow2(M)) + fmt_key, cands, go)

@@ -1,0 +1,181 @@
+"""GPU benchmark of bitsmith's kernels against fp16 cuBLAS and peers (tinygemm, gemlite), plus a GPU correctness sweep.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py --check --out out/bench
+    PYTHONPATH=src:.whl/gemlite-0.6.0.post2 python benchmarks/bench_kernels.py \
+        --shapes 4096x4096,8192x8192,28672x8192,8192x28672 --ms 1,16,128 --formats w4g128,w8pc,w8g128
+
+Weights are synthetic random codes and scales of the real shapes. Writes rows.json, table.md and tune.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _parse_shapes(s: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in part.split("x")) for part in s.split(",") if part]
+
+
+def check(log=print) -> int:
+    """Every regime and every tuning candidate on the GPU against the fp32 reference, fresh random inputs."""
+    from bitsmith.kernels import gwint
+    from bitsmith.kernels import gwint_triton as gt
+
+    tol = {torch.float16: 3e-3, torch.bfloat16: 8e-3}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    failures = 0
+    sms = gt._num_sms(torch.device("cuda"))
+    # A: every tuning candidate, on the benchmarked formats (fp16, symmetric) at awkward shapes.
+    # B: the default candidate across dtypes, asymmetric zeros, bias, bits 2/3, straddling groups.
+    cases = [  # all_candidates, dtype, N, K, bits, group_size, sym, bias
+        (True, torch.float16, 4099, 576, 4, 128, True, False),
+        (True, torch.float16, 4099, 576, 8, 576, True, False),
+        (True, torch.float16, 1000, 2048, 8, 128, True, False),
+        (False, torch.bfloat16, 4099, 576, 4, 128, True, True),
+        (False, torch.bfloat16, 1000, 4096, 4, 128, False, False),
+        (False, torch.float16, 1000, 4096, 4, 128, False, True),
+        (False, torch.bfloat16, 333, 4096, 8, 4096, True, False),
+        (False, torch.float16, 515, 1024, 3, 64, False, True),
+        (False, torch.bfloat16, 515, 1024, 4, 32, True, False),
+        (False, torch.float16, 515, 1024, 2, 64, True, False),
+    ]
+    t0 = time.time()
+    for every, dtype, N, K, bits, gs, sym, use_bias in cases:
+        codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
+        qw = gwint.pack_codes(codes, bits)
+        G = gwint.num_groups(K, gs)
+        s = ((torch.rand(G, N, device="cuda", generator=gen) + 0.5) / ((1 << (bits - 1)) * K ** 0.5)).to(dtype)
+        z = None if sym else torch.randint(0, 1 << bits, (G, N), dtype=torch.uint8, device="cuda", generator=gen)
+        bias = torch.randn(N, device="cuda", generator=gen).to(dtype) if use_bias else None
+        wf = gwint.dequantize(qw, s, z, bits, gs, K, dtype=torch.float32)
+        for M in (1, 3, 16, 33, 128, 300, 4096):
+            if M == 1:
+                plans = [("gemv", c) for c in gt.gemv_configs(N, K, bits, gs, sms)]
+            elif M >= gt.DEQUANT_MIN_M:
+                plans = [("dequant", None), ("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
+            else:
+                plans = [("gemm", c) for c in gt.gemm_configs(M, N, K, bits, gs, sms)]
+            if not every:
+                plans = plans[:1]
+            for regime, cfg in plans:
+                x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
+                ref = x.float() @ wf.t() + (bias.float() if use_bias else 0)
+                out = gt.linear(x, qw, s, z, bits, gs, K, bias=bias, config=cfg, regime=regime)
+                err = ((out.float() - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else float("nan")
+                if not err < tol[dtype]:
+                    failures += 1
+                    log(f"FAIL {dtype} N={N} K={K} b={bits} g={gs} sym={sym} M={M} {regime} {cfg}: {err:.2e}")
+        log(f"checked {str(dtype)[6:]} N={N} K={K} b={bits} g={gs} sym={sym} bias={use_bias} "
+            f"{'all candidates' if every else 'default'} ({time.time() - t0:.0f}s)")
+    for ws, cnt in gt._WORKSPACES.values():
+        if ws.any() or cnt.any():
+            failures += 1
+            log("FAIL split-K workspace not left zeroed")
+    # CUDA graph replay of the public op: fresh inputs copied in, output compared after replay
+    N, K, bits, gs = 4096, 4096, 4, 128
+    qw = torch.randint(0, 1 << 32, (K // 8, N), dtype=torch.int64, device="cuda").to(torch.int32)
+    s = ((torch.rand(K // gs, N, device="cuda") + 0.5) / (8 * K ** 0.5)).half()
+    wf = gwint.dequantize(qw, s, None, bits, gs, K, dtype=torch.float32)
+    for M in (1, 16, 128):
+        x = torch.randn(M, K, device="cuda").half()
+        gwint.linear(x, qw, s, None, bits, gs, K)  # warm: tune, compile, workspace
+        g = torch.cuda.CUDAGraph()
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            gwint.linear(x, qw, s, None, bits, gs, K)
+        torch.cuda.current_stream().wait_stream(st)
+        with torch.cuda.graph(g, stream=st):
+            y = gwint.linear(x, qw, s, None, bits, gs, K)
+        for _ in range(3):
+            x.copy_(torch.randn(M, K, device="cuda").half())
+            g.replay()
+            torch.cuda.synchronize()
+            err = ((y.float() - x.float() @ wf.t()).norm() / (x.float() @ wf.t()).norm()).item()
+            if not err < tol[torch.float16]:
+                failures += 1
+                log(f"FAIL CUDA graph replay M={M}: {err:.2e}")
+    log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+    return failures
+
+
+def crossover(log=print) -> list[dict]:
+    """Large M at 8192x8192 w4g128: tensor-core kernel vs dequantize+cuBLAS vs cuBLAS fp16."""
+    import torch.nn.functional as F
+
+    from bitsmith.kernels import bench
+    from bitsmith.kernels import gwint_triton as gt
+
+    fmt = bench.FORMATS["w4g128"]
+    N = K = 8192
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    w = fmt.make(N, K, torch.float16, "cuda", gen)
+    wh = torch.randn(N, K, device="cuda", dtype=torch.float16)
+    rows = []
+    for M in (256, 512, 1024, 2048, 4096):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        r = dict(M=M)
+        r["cublas"] = bench.graph_time_us([lambda: F.linear(x, wh)], min_calls=10)
+        for regime in ("gemm", "dequant"):
+            r[regime] = bench.graph_time_us(
+                [lambda regime=regime: gt.linear(x, w["qweight"], w["scales"], None, 4, 128, K, regime=regime)],
+                min_calls=10)
+        rows.append(r)
+        log(f"crossover M={M}: cublas {r['cublas']:.0f} us, gemm {r['gemm']:.0f} us, dequant+cublas "
+            f"{r['dequant']:.0f} us")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x4096,8192x8192,28672x8192,8192x28672", help="N x K list")
+    ap.add_argument("--ms", default="1,16,128")
+    ap.add_argument("--formats", default="w4g128,w8pc,w8g128")
+    ap.add_argument("--peers", default="tinygemm,gemlite")
+    ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
+    ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from bitsmith.kernels import bench
+    from bitsmith.kernels import gwint_triton as gt
+
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "bench.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
+    failures = check(log) if args.check else 0
+    result = {}
+    if args.crossover:
+        result["crossover"] = crossover(log)
+    if not args.no_bench:
+        rows = bench.run(_parse_shapes(args.shapes), [int(m) for m in args.ms.split(",")], args.formats.split(","),
+                         peers=[p for p in args.peers.split(",") if p], log=log)
+        result["rows"] = rows
+        table = bench.format_table(rows)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+        log(table)
+    with open(os.path.join(args.out, "rows.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(args.out, "tune.json"), "w") as f:
+        json.dump(gt.TUNE_LOG, f, default=str)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
