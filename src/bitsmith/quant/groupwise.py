@@ -71,10 +71,20 @@ def group_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor |
 
 def group_sq_error(wg: torch.Tensor, bits: int, symmetric: bool, scale_divisor: str, scale_dtype: torch.dtype,
                    clip: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Squared reconstruction error per group [N, G] (float32) of quantizing wg [N, G, g] (float32)."""
+    """Squared reconstruction error per group [N, G] (float32) of quantizing wg [N, G, g] (float32).
+
+    The same arithmetic as group_codes + group_dequant (so the same numbers), done in place to save memory passes.
+    """
     scale, zero = group_scales(wg, bits, symmetric, scale_divisor, scale_dtype, clip)
-    deq = group_dequant(group_codes(wg, scale, zero, bits), scale, zero, bits)
-    return (deq - wg).square_().sum(dim=-1)
+    s = scale.unsqueeze(-1)
+    x = torch.round(wg / s)
+    if zero is None:
+        half = 1 << (bits - 1)
+        x.clamp_(-half, half - 1)
+    else:
+        z = zero.unsqueeze(-1)
+        x.add_(z).clamp_(0, (1 << bits) - 1).sub_(z)
+    return x.mul_(s).sub_(wg).square_().sum(dim=-1)
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,

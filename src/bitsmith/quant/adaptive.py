@@ -1,0 +1,176 @@
+"""Adaptive granularity (`group_size: auto`): a group size per matrix, from the weights only, under a bit budget.
+
+The rule (evidence in docs/passes/finequant.md):
+
+1. Profile. For every targeted matrix W [N, K] and every candidate group size g (default 16, 32, 64, 128, 256, 512
+   and per-channel; sizes >= K collapse into per-channel), quantize W exactly as the pass will (same bits, scale
+   convention, clipping search) and record the squared reconstruction error E(W, g) and the cost in bits, b per weight
+   plus 16 bits per (group, row) for the scale (and 8 for a zero point when asymmetric). Only every `stride`-th row
+   is quantized (at most PROFILE_ROWS rows): the error is a sum over rows, so the sample estimates it without bias.
+2. Score. The error of a matrix counts relative to its energy: E(W, g) / ||W||^2, the relative output noise the
+   matrix adds for an isotropic input. Every matrix counts once, whatever its size.
+3. Allocate. Minimise the sum of scores subject to sum of costs <= budget x number of weights: a multiple-choice
+   knapsack. Each matrix's options are reduced to the lower convex hull of (cost, score); starting from the
+   cheapest option everywhere, upgrades are taken in order of score saved per bit (the Lagrangian order, optimal for
+   the relaxed problem), skipping any that no longer fit. The result never exceeds the budget.
+
+The budget is over the whole model's targeted weights, so step 3 needs every matrix's profile: in `bitsmith.compress`
+the pass streams the input checkpoint once (one tensor at a time) before the first weight is quantized and caches the
+allocation in the run's context; on an in-memory model the allocation is computed from the model's weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from ..compress.errors import PlanError
+from .clipping import search_clip
+from .groupwise import SCALE_BITS, group_sq_error, pad_to_groups, storage_bits
+
+DEFAULT_CANDIDATES: tuple = (16, 32, 64, 128, 256, 512, "channel")
+PROFILE_ROWS = 256  # rows quantized per matrix and candidate when profiling (evenly strided)
+
+
+@dataclass(frozen=True)
+class Option:
+    group_size: int  # effective: <= K; K means per channel
+    cost: int  # bits for the whole matrix
+    error: float  # squared reconstruction error over the whole matrix (estimated from the sampled rows)
+
+
+@dataclass
+class MatrixProfile:
+    name: str
+    shape: tuple[int, int]
+    energy: float  # ||W||^2
+    options: list[Option] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def score(self, option: Option) -> float:
+        return option.error / max(self.energy, 1e-30)
+
+
+def effective_sizes(candidates: Iterable, in_features: int) -> list[int]:
+    """Distinct effective group sizes for a K-wide matrix, ascending (anything >= K is per channel)."""
+    return sorted({in_features if c == "channel" else min(int(c), in_features) for c in candidates})
+
+
+def quant_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_divisor: str,
+                scale_dtype: torch.dtype, clip_search: bool) -> float:
+    """Squared reconstruction error of the whole of w [N, K] as the pass quantizes it."""
+    if clip_search:
+        return float(search_clip(w, bits, group_size, symmetric, scale_divisor, scale_dtype)[1].sum())
+    wg, _ = pad_to_groups(w.to(torch.float32), group_size)
+    return float(group_sq_error(wg, bits, symmetric, scale_divisor, scale_dtype, None).sum())
+
+
+def profile_matrix(name: str, w: torch.Tensor, *, bits: int, symmetric: bool, scale_divisor: str,
+                   scale_dtype: torch.dtype, clip_search: bool, candidates: Iterable = DEFAULT_CANDIDATES,
+                   max_rows: int = PROFILE_ROWS) -> MatrixProfile:
+    N, K = w.shape
+    stride = max(1, math.ceil(N / max_rows))
+    sample = w[::stride].to(torch.float32)  # every stride-th row; error scaled back up by N / rows
+    factor = N / sample.shape[0]
+    scale_bits = SCALE_BITS.get(scale_dtype, 16)
+    prof = MatrixProfile(name, (N, K), float(w.to(torch.float32).square().sum()))
+    for g in effective_sizes(candidates, K):
+        err = quant_error(sample, bits, g, symmetric, scale_divisor, scale_dtype, clip_search) * factor
+        prof.options.append(Option(g, storage_bits(N, K, bits, g, symmetric, scale_bits), err))
+    return prof
+
+
+def _hull(prof: MatrixProfile) -> list[Option]:
+    """Options on the lower convex hull of (cost, score), cheapest first: the only ones a Lagrangian choice picks."""
+    pts = sorted(prof.options, key=lambda o: (o.cost, prof.score(o)))
+    hull: list[Option] = []
+    for o in pts:
+        if hull and prof.score(o) >= prof.score(hull[-1]):
+            continue  # costs more and is no better
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the segment a -> o: drop it
+            if (prof.score(b) - prof.score(a)) * (o.cost - a.cost) >= (prof.score(o) - prof.score(a)) * (b.cost - a.cost):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def budget_range(shapes: Iterable[tuple[int, int]], bits: int, symmetric: bool, scale_bits: int,
+                 candidates: Iterable = DEFAULT_CANDIDATES) -> tuple[float, float]:
+    """(cheapest, dearest) average bits per weight reachable with these candidates, from shapes alone."""
+    cand = list(candidates)
+    lo = hi = n = 0
+    for N, K in shapes:
+        sizes = effective_sizes(cand, K)
+        lo += storage_bits(N, K, bits, sizes[-1], symmetric, scale_bits)
+        hi += storage_bits(N, K, bits, sizes[0], symmetric, scale_bits)
+        n += N * K
+    return lo / max(n, 1), hi / max(n, 1)
+
+
+def allocate(profiles: list[MatrixProfile], budget: float) -> dict[str, Option]:
+    """{matrix name: chosen option} minimising the total score with average bits per weight <= budget."""
+    total_weights = sum(p.numel for p in profiles)
+    limit = budget * total_weights
+    hulls = {p.name: _hull(p) for p in profiles}
+    chosen = {name: 0 for name in hulls}  # index into the hull
+    spent = sum(h[0].cost for h in hulls.values())
+    if spent > limit * (1 + 1e-12):
+        raise PlanError(f"finequant: bits_budget {budget} is below the cheapest allocation"
+                        f" ({spent / total_weights:.4f} bits per weight, every matrix per channel)")
+    by_name = {p.name: p for p in profiles}
+    steps = []  # (score saved per bit, name, hull index reached)
+    for name, h in hulls.items():
+        p = by_name[name]
+        for i in range(1, len(h)):
+            gain = (p.score(h[i - 1]) - p.score(h[i])) / (h[i].cost - h[i - 1].cost)
+            steps.append((gain, name, i))
+    steps.sort(key=lambda s: (-s[0], s[1], s[2]))  # hull slopes fall along a matrix, so its steps stay in order
+    blocked: set[str] = set()
+    for gain, name, i in steps:
+        if name in blocked or chosen[name] != i - 1:
+            continue
+        h = hulls[name]
+        extra = h[i].cost - h[i - 1].cost
+        if spent + extra > limit:
+            blocked.add(name)  # its later steps cost even more
+            continue
+        chosen[name] = i
+        spent += extra
+    return {name: hulls[name][i] for name, i in chosen.items()}
+
+
+def allocation_bits(choice: dict[str, Option], profiles: list[MatrixProfile]) -> float:
+    n = sum(p.numel for p in profiles)
+    return sum(o.cost for o in choice.values()) / max(n, 1)
+
+
+def local_choice(prof: MatrixProfile, budget: float) -> Option:
+    """Without a view of the whole model: the least-error option whose own cost fits the budget."""
+    fits = [o for o in prof.options if o.cost <= budget * prof.numel]
+    if not fits:
+        return max(prof.options, key=lambda o: o.group_size)
+    return min(fits, key=lambda o: (o.error, o.cost))
+
+
+def iter_model_weights(model: torch.nn.Module, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """(weight name, weight) of the modules a FineQuant config targets in a live model (the ones it will quantize)."""
+    from ..compress.inventory import inventory_from_model, select
+
+    named = dict(model.named_modules())
+    chosen, skipped = select(inventory_from_model(model), cfg.targets, cfg.ignore, f"{cfg.type}")
+    for info in chosen:
+        if info.name in skipped or info.shape is None or len(info.shape) != 2:
+            continue
+        w = named[info.name].weight
+        if w.dtype.is_floating_point:
+            yield info.weight, w.detach()
