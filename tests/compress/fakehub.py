@@ -27,6 +27,7 @@ import yaml
 
 LFS_THRESHOLD = 64 * 1024  # files at least this big (or binary, or .safetensors) go through LFS
 MAX_BODY = 64 << 20
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def git_blob_id(data: bytes) -> str:
@@ -271,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HTTPError(409, "You already created this model repo", {},
                                     {"url": f"{hub.url}/{repo_id}"})
                 private = req.get("visibility") == "private" or req.get("private") is True
-                hub.add_repo(repo_id, private=private)
+                hub.add_repo(repo_id, {".gitattributes": GITATTRIBUTES}, private=private)  # as the Hub does
             return 200, {"url": f"{hub.url}/{repo_id}", "name": repo_id}, {}
 
         if method == "POST" and path == "/api/validate-yaml":

@@ -80,6 +80,11 @@ def assert_arrived(hub, folder, repo="org/tiny", branch="main"):
     return remote
 
 
+def pushed_commits(hub, repo="org/tiny"):
+    """Commits made by pushes (not the one the Hub makes when it creates a repo)."""
+    return [c for c in hub.repos[repo].commits if c["summary"] != "initial"]
+
+
 def machine_paths(tmp_path):
     return [str(tmp_path), str(Path.home()) + "/", str(Path.cwd()), str(tmp_path.resolve())]
 
@@ -89,11 +94,10 @@ def test_push_arrives_complete_with_a_valid_card(hub, folder, tmp_path):
     url = push(folder, hub)
     assert url == f"{hub.url}/org/tiny"
     remote = assert_arrived(hub, folder)
-    assert sorted(remote) == sorted(local_files(folder))
+    assert sorted(remote) == sorted(local_files(folder) + [".gitattributes"])  # the Hub's own file is left alone
     assert {"README.md", "config.json", "recipe.yaml", "bitsmith.json", "eval_results.json",
             "model.safetensors.index.json", "model-00002-of-00003.safetensors"} <= set(remote)
-    repo = hub.repos["org/tiny"]
-    assert len(repo.commits) == 1 and not repo.private
+    assert len(pushed_commits(hub)) == 1 and not hub.repos["org/tiny"].private
     # the shards went through LFS, each uploaded exactly once
     shard_oids = {sha(d) for p, d in remote.items() if p.endswith(".safetensors")}
     assert {r.path.split("/")[2] for r in hub.lfs_uploads()} == shard_oids
@@ -127,7 +131,7 @@ def test_second_push_of_unchanged_folder_uploads_nothing(hub, folder):
     after = hub.log[n:]
     assert [r.method for r in after if r.method == "PUT"] == []
     assert not any("/commit/" in r.path or "/preupload/" in r.path or "lfs" in r.path for r in after)
-    assert len(hub.repos["org/tiny"].commits) == 1
+    assert len(pushed_commits(hub)) == 1
 
 
 def test_a_new_measurement_updates_only_the_card_and_results(hub, folder):
@@ -141,7 +145,7 @@ def test_a_new_measurement_updates_only_the_card_and_results(hub, folder):
     assert hub.lfs_uploads().__len__() == 3  # no shard sent again
     card = hub.files("org/tiny")["README.md"].decode()
     assert "15.75" in card and "c4-val.txt" in card and "/data/corpora" not in card
-    assert len(hub.repos["org/tiny"].commits) == 2
+    assert len(pushed_commits(hub)) == 2
 
 
 # --- failures -------------------------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ def test_transient_500s_are_retried(hub, folder, client_for_tests):
     puts = hub.requests("PUT", sha(shard.read_bytes()))
     assert [r.status for r in puts] == [500, 500, 200]
     assert [r.status for r in hub.requests("POST", "/commit/")] == [503, 200]
-    assert len(hub.repos["org/tiny"].commits) == 1
+    assert len(pushed_commits(hub)) == 1
     assert client_for_tests  # waited (without sleeping) between attempts
 
 
@@ -198,7 +202,7 @@ def test_persistent_500_mid_upload_gives_up_then_resumes(hub, folder):
     assert "Traceback" not in str(err.value)
     failed = hub.requests("PUT", oid)
     assert len(failed) == 3 * 6  # 3 attempts of push_folder x (1 try + 5 client retries), bounded
-    assert hub.repos["org/tiny"].commits == []  # nothing half-committed
+    assert pushed_commits(hub) == []  # nothing half-committed
     assert len(hub.lfs_uploads()) == 2  # the other two shards reached the LFS store
 
     hub.clear_faults()
@@ -207,6 +211,13 @@ def test_persistent_500_mid_upload_gives_up_then_resumes(hub, folder):
     assert_arrived(hub, folder)
     resent = [r for r in hub.log[n:] if r.method == "PUT"]
     assert [r.path for r in resent] == [f"/lfs/{oid}"]  # only the missing shard travelled again
+
+
+def test_server_errors_while_creating_the_repo_are_retried(hub, folder):
+    hub.fail("POST", r"^/api/repos/create$", 502, times=1)
+    push(folder, hub)
+    assert [r.status for r in hub.requests("POST", "/api/repos/create")] == [502, 200]
+    assert_arrived(hub, folder)
 
 
 def test_multipart_upload_retries_only_the_failed_part(tmp_path):
@@ -227,6 +238,7 @@ def test_multipart_upload_retries_only_the_failed_part(tmp_path):
 def test_existing_repo_is_pushed_into_and_stale_weights_removed(hub, folder):
     hub.add_repo("org/tiny", {"notes.txt": b"kept by the owner\n", "model.safetensors": b"\0old single file"})
     result = push(folder, hub, private=True)
+    assert [r.status for r in hub.requests("POST", "/api/repos/create")] == [409]  # exists: pushed into
     remote = assert_arrived(hub, folder)
     assert remote["notes.txt"] == b"kept by the owner\n"
     assert "model.safetensors" not in remote  # would shadow the new sharded layout
@@ -239,7 +251,7 @@ def test_private_repo_on_a_branch(hub, folder):
     assert url == f"{hub.url}/org/tiny/tree/int8"
     repo = hub.repos["org/tiny"]
     assert repo.private is True
-    assert hub.files("org/tiny", "main") == {}
+    assert list(hub.files("org/tiny", "main")) == [".gitattributes"]
     assert_arrived(hub, folder, branch="int8")
     assert push(folder, hub, revision="int8").uploaded == []  # the branch exists now: pushed into, unchanged
 

@@ -87,10 +87,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     if retries < 0:
         raise BitsmithError(f"retries={retries}: must be 0 or more")
 
+    check_folder(folder)
     if regenerate_card and _card_is_ours(folder):
         write_model_card(folder, repo_id=repo_id)
-    check_folder(folder)
-    api = HfApi(endpoint=endpoint, token=token, library_name="bitsmith", library_version=_version())
     leaks = find_leaks(folder, token=token or _stored_token())
     if leaks:
         listed = "\n".join(f"  - {x}" for x in leaks[:20])
@@ -99,31 +98,31 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
             "Remove it from those files (recipes should name calibration files relative to where you run bitsmith)."
         )
 
-    where = api.endpoint
-    context = _ErrorContext(where, repo_id, token)
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-    except Exception as e:  # noqa: BLE001 - every client failure becomes one clear BitsmithError
-        raise context.translate(e, "creating the repository") from None
-    url = str(repo_url).rstrip("/")
-    if revision not in (None, "main"):
-        url = f"{url}/tree/{revision}"
-
+    api = HfApi(endpoint=endpoint, token=token, library_name="bitsmith", library_version=_version())
+    context = _ErrorContext(api.endpoint, repo_id, token)
+    url = None
     last: Exception = RuntimeError("no attempt was made")
     for attempt in range(retries + 1):
         if attempt:
             _sleep(RETRY_WAITS_S[min(attempt - 1, len(RETRY_WAITS_S) - 1)])
+        doing = "creating the repository" if url is None else "uploading"
         try:
+            if url is None:
+                # private=None (not False) when not asked: a new repo then gets its namespace's default visibility
+                repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+                if revision not in (None, "main"):
+                    api.create_branch(repo_id, branch=revision, exist_ok=True)
+                url = str(repo_url).rstrip("/") + (f"/tree/{revision}" if revision not in (None, "main") else "")
             plan = _plan(api, folder, repo_id, revision)
             if not plan.upload and not plan.delete:
                 return PushResult(url, unchanged=plan.unchanged)
             info = _commit(api, folder, repo_id, revision, plan, commit_message)
             return PushResult(url, plan.upload, plan.delete, plan.unchanged, getattr(info, "commit_url", None))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - every client failure becomes one clear BitsmithError
+            if url is None and _is_connect(e):
+                raise context.translate(e, doing) from None  # nothing listens there: retrying will not help
             if not _retriable(e):
-                raise context.translate(e, "uploading") from None
+                raise context.translate(e, doing) from None
             last = e
     raise context.translate(last, "uploading", attempts=retries + 1) from None
 
@@ -139,10 +138,10 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
+        from .. import __version__
 
-        return version("bitsmith")
-    except Exception:  # noqa: BLE001 - running from a source tree
+        return __version__
+    except ImportError:
         return "unknown"
 
 
