@@ -7,18 +7,28 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, compress, load  # noqa: E402
-from .quant.finequant import FineQuant  # noqa: E402
-
-__all__ = ["__version__", "compress", "apply", "load", "FineQuant"]
-
-
+# Note: the function `bitsmith.compress` shadows the subpackage of the same name as an attribute; import engine modules
+# with `from bitsmith.compress.checkpoint import ...`. Nothing here imports pydantic, so the kernels and the loader work
+# in environments that only have torch/triton/transformers (pass configs are imported on first use).
 def _register_transformers() -> None:
-    try:
-        from .compress.hf_integration import register
-    except ImportError:  # transformers integration being built; plain loading still works
-        return
+    from .compress.hf_integration import register
+
     register()
 
 
-_register_transformers()
+_register_transformers()  # imports the `compress` subpackage first, so the function below takes the attribute
+
+from .api import apply, compress, load, load_tokenizer  # noqa: E402
+
+__all__ = ["__version__", "compress", "apply", "load", "load_tokenizer", "FineQuant"]
+
+_LAZY = {"FineQuant": ("bitsmith.quant.finequant", "FineQuant")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'bitsmith' has no attribute {name!r}")

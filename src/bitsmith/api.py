@@ -8,8 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .compress.errors import PlanError
-from .compress.passes import PassConfig, PassKind, TensorState, handler_for
+# Pass machinery (pydantic) is imported inside the functions, so `import bitsmith` stays light.
 
 
 def compress(recipe, model: str | Path, output: str | Path, *, overrides: Sequence[str] = (), overwrite: bool = False,
@@ -25,12 +24,14 @@ def compress(recipe, model: str | Path, output: str | Path, *, overrides: Sequen
                allow_pickle=allow_pickle, device=device, progress=progress)
 
 
-def apply(model: nn.Module, passes: Sequence[PassConfig]) -> nn.Module:
+def apply(model: nn.Module, passes: Sequence) -> nn.Module:
     """Apply tensor passes to a model in memory, in order; packed layers become `PackedLinear` modules.
 
     Model passes get the model itself. Checkpoint passes need a folder: use `compress`.
     """
+    from .compress.errors import PlanError
     from .compress.inventory import inventory_from_model, select
+    from .compress.passes import PassKind, TensorState, handler_for
     from .kernels.modules import PackedLinear
 
     for i, cfg in enumerate(passes):
@@ -70,3 +71,10 @@ def load(path: str | Path, **kwargs):
     from .compress.hf_integration import load as _load
 
     return _load(path, **kwargs)
+
+
+def load_tokenizer(path: str | Path, **kwargs):
+    """The tokenizer of a model folder (no remote code)."""
+    from .compress.hf_integration import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path, **kwargs)

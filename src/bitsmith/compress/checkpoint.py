@@ -46,6 +46,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str  # shard file name, relative to the folder
+    offset: int = 0  # absolute byte offset of the tensor's data in the file
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +90,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: tensor {name!r}: bad shape {list(shape)}")
-        info = TensorInfo(name, shape, SAFETENSORS_DTYPES[code], path.name)
+        info = TensorInfo(name, shape, SAFETENSORS_DTYPES[code], path.name, 8 + header_len + begin)
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
             raise CheckpointError(
                 f"{where}: tensor {name!r}: data offsets [{begin}, {end}] outside the file's {data_len} data bytes"
@@ -217,20 +218,27 @@ class CheckpointReader:
         return name in self.tensors
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor into memory (a fresh CPU tensor, never a view of the file)."""
+        """Load one tensor into memory (a fresh CPU tensor, never a view of the file).
+
+        Plain reads at the offset the checked header gives, not a memory map: a map would keep every page touched
+        resident in this process, so peak memory would grow with the shard instead of the largest tensor.
+        """
         if name not in self.tensors:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         if self._pickle_state is not None:
             return self._pickle_state[name].clone()
-        from safetensors import safe_open
-
-        file = self.tensors[name].file
-        if self._open_file is None or self._open_file[0] != file:
-            self._open_file = (file, safe_open(self.path / file, framework="pt", device="cpu"))
-        try:
-            return self._open_file[1].get_tensor(name)
-        except Exception as e:  # the header was checked; this is a read failure of the data itself
-            raise CheckpointError(f"{self.path / file}: reading tensor {name!r} failed: {e}") from None
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if self._open_file is None or self._open_file[0] != info.file:
+            self.close()
+            self._open_file = (info.file, open(self.path / info.file, "rb"))
+        f = self._open_file[1]
+        buf = bytearray(info.nbytes)
+        f.seek(info.offset)
+        if f.readinto(buf) != info.nbytes:
+            raise CheckpointError(f"{self.path / info.file}: tensor {name!r} is cut short (file truncated?)")
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in file order (one shard open at a time)."""
@@ -250,4 +258,6 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors.values())
 
     def close(self) -> None:
+        if self._open_file is not None:
+            self._open_file[1].close()
         self._open_file = None

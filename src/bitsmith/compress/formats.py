@@ -43,6 +43,10 @@ class PackedFormat:
     version: ClassVar[int] = 1
     loadable_versions: ClassVar[tuple[int, ...]] = (1,)
 
+    def check_params(self, params: dict) -> str | None:
+        """A description of what is wrong with untrusted format facts, or None when they are usable."""
+        return None
+
     def tensor_specs(self, params: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         raise NotImplementedError
 
@@ -113,7 +117,10 @@ def check_module_entry(module: str, entry: object) -> dict:
     """Validate one quantization_config module entry from an untrusted config: whitelisted format and version."""
     if not isinstance(entry, dict) or not isinstance(entry.get("format"), str):
         raise CheckpointError(f"quantization_config.modules[{module!r}]: expected an object with a 'format' name")
-    fmt = get_format(entry["format"])
+    try:
+        fmt = get_format(entry["format"])
+    except CheckpointError as e:
+        raise CheckpointError(f"quantization_config.modules[{module!r}]: {e}") from None
     version = entry.get("format_version", 1)
     if version not in fmt.loadable_versions:
         raise CheckpointError(
@@ -123,6 +130,9 @@ def check_module_entry(module: str, entry: object) -> dict:
     for key in ("in_features", "out_features"):
         if not isinstance(entry.get(key), int) or entry[key] <= 0:
             raise CheckpointError(f"quantization_config.modules[{module!r}]: missing or bad {key!r}")
+    problem = fmt.check_params(format_params(entry))
+    if problem:
+        raise CheckpointError(f"quantization_config.modules[{module!r}]: {problem}")
     return entry
 
 
@@ -137,6 +147,16 @@ class GroupwiseIntFormat(PackedFormat):
     name = "gwint"
     version = 1
     loadable_versions = (1,)
+
+    def check_params(self, params):
+        bits, group = params.get("bits"), params.get("group_size")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+            return f"gwint 'bits' must be an integer 1..8, got {bits!r}"
+        if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+            return f"gwint 'group_size' must be a positive integer, got {group!r}"
+        if not isinstance(params.get("symmetric", True), bool):
+            return "gwint 'symmetric' must be true or false"
+        return None
 
     def tensor_specs(self, params, dtype):
         from ..kernels import gwint

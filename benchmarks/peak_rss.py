@@ -1,0 +1,105 @@
+"""Peak memory of `bitsmith compress` on a synthetic Llama-shaped checkpoint generated on disk.
+
+    python benchmarks/peak_rss.py --workdir /tmp/rss --size-gb 4 --recipe int8
+
+Generates random bf16 weights of real Llama shapes (sized to about --size-gb), sharded like the Hub does, then runs
+the CLI in a child process and reports its peak resident set size (ru_maxrss), wall time and input throughput.
+The synthetic folder is deleted afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_heads_ratio: int = 1):
+    kv = hidden // kv_heads_ratio
+    yield "model.embed_tokens.weight", (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        yield f"{p}.input_layernorm.weight", (hidden,)
+        yield f"{p}.self_attn.q_proj.weight", (hidden, hidden)
+        yield f"{p}.self_attn.k_proj.weight", (kv, hidden)
+        yield f"{p}.self_attn.v_proj.weight", (kv, hidden)
+        yield f"{p}.self_attn.o_proj.weight", (hidden, hidden)
+        yield f"{p}.post_attention_layernorm.weight", (hidden,)
+        yield f"{p}.mlp.gate_proj.weight", (intermediate, hidden)
+        yield f"{p}.mlp.up_proj.weight", (intermediate, hidden)
+        yield f"{p}.mlp.down_proj.weight", (hidden, intermediate)
+    yield "model.norm.weight", (hidden,)
+    yield "lm_head.weight", (vocab, hidden)
+
+
+def generate(folder: Path, size_gb: float, shard_gb: float = 1.0) -> int:
+    hidden, intermediate, vocab = 2560, 6912, 32000
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * intermediate)
+    layers = max(1, int((size_gb * 1e9 - 4 * vocab * hidden) / per_layer))
+    folder.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 20,
+              "num_key_value_heads": 20, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for name, shape in llama_shapes(hidden, intermediate, layers, vocab):
+        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
+        n = t.numel() * 2
+        if size and size + n > shard_gb * 1e9:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+        total += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        shard.clear()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--size-gb", type=float, default=4.0)
+    ap.add_argument("--recipe", default="int8")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    src, out = args.workdir / "synthetic", args.workdir / "out"
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    t0 = time.time()
+    total = generate(src, args.size_gb)
+    print(f"generated {total / 1e9:.2f} GB in {time.time() - t0:.0f} s", flush=True)
+    cmd = [sys.executable, "-m", "bitsmith.cli", "compress", args.recipe, str(src), "-o", str(out), "--no-progress"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        sys.exit(f"compress failed:\n{proc.stdout}\n{proc.stderr}")
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    result = {"input_gb": round(total / 1e9, 3), "output_gb": round(out_bytes / 1e9, 3), "recipe": args.recipe,
+              "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3), "seconds": round(wall, 1),
+              "input_gb_per_s": round(total / 1e9 / wall, 3)}
+    print(json.dumps(result))
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
