@@ -41,3 +41,18 @@ def tiny_llama(tmp_path) -> Path:
 @pytest.fixture
 def tiny_llama_tied(tmp_path) -> Path:
     return make_tiny_llama(tmp_path / "tiny-llama-tied", tie=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (real example models)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    if config.getoption("--run-slow") or os.environ.get("BITSMITH_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: real example models; run with --run-slow or BITSMITH_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
