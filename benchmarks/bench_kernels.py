@@ -132,6 +132,39 @@ def crossover(log=print) -> list[dict]:
     return rows
 
 
+def dump_asm(out_dir: str, log=print) -> None:
+    """SASS/PTX of the tuned kernels for 8192x8192 (w4g128 and w8pc) at M = 1, 16, 128, into out_dir/asm.tgz."""
+    import io
+    import tarfile
+
+    from bitsmith.kernels import bench
+    from bitsmith.kernels import gwint_triton as gt
+
+    N = K = 8192
+    tar = tarfile.open(os.path.join(out_dir, "asm.tgz"), "w:gz")
+    for fname in ("w4g128", "w8pc"):
+        fmt = bench.FORMATS[fname]
+        w = fmt.make(N, K, torch.float16, "cuda", torch.Generator(device="cuda").manual_seed(3))
+        for M in (1, 16, 128):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            fmt.call(x, w)  # tune
+            cfg = bench._chosen_config(gt, M, N, K, fmt, torch.float16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            launch = gt.launch_gemv if M == 1 else gt.launch_gemm
+            h = launch(x, w["qweight"], w["scales"], None, None, out, fmt.bits, fmt.gs(K), K, cfg)
+            for kind in ("sass", "ptx", "ttgir"):
+                try:
+                    text = h.asm[kind]
+                except Exception as e:  # nvdisasm may be missing
+                    text = f"unavailable: {e}"
+                data = (text if isinstance(text, str) else text.decode()).encode()
+                info = tarfile.TarInfo(f"{fname}_M{M}.{kind}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            log(f"asm {fname} M={M}: cfg {cfg}, regs {h.n_regs}, spills {h.n_spills}")
+    tar.close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,8192x8192,28672x8192,8192x28672", help="N x K list")
@@ -141,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--dump-asm", action="store_true", help="write SASS/PTX/TTGIR of tuned kernels to asm.tgz")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -162,6 +196,8 @@ def main(argv=None) -> int:
     result = {}
     if args.crossover:
         result["crossover"] = crossover(log)
+    if args.dump_asm:
+        dump_asm(args.out, log)
     if not args.no_bench:
         rows = bench.run(_parse_shapes(args.shapes), [int(m) for m in args.ms.split(",")], args.formats.split(","),
                          peers=[p for p in args.peers.split(",") if p], log=log)

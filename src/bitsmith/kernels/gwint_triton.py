@@ -83,56 +83,109 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_
 
 
 @triton.jit
+def _slot(w, hi, j: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    """Code slot j of each int32 word, as float32 2^23 + code * 2^p with p = `_slot_pos(j)`: one AND-OR, no shift.
+
+    Slots whose bits end at or below bit 23 are masked in place (the code lands in the mantissa, times 2^p);
+    the others come from `hi` = word >> HI, computed once per word.
+    """
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if j * BITS + BITS <= 23:
+        f = ((w & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+    else:
+        f = ((hi & (MASK << (j * BITS - HI))) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def _slot_pos(j: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    if j * BITS + BITS <= 23:
+        return j * BITS
+    else:
+        return j * BITS - HI
+
+
+@triton.jit
+def _pick(t, bit: tl.constexpr):
+    """t [A, B, n] -> t[:, :, bit::2] as [A, B, n // 2] (register renaming when the pairs sit in one thread)."""
+    lo, hi = tl.split(tl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 2, 2]))
+    r = lo
+    if bit:
+        r = hi
+    return r
+
+
+@triton.jit
+def _take(a3, j: tl.constexpr, P: tl.constexpr):
+    """a3 [A, B, P] (P a power of two) -> a3[:, :, j] as [A, B]."""
+    t = _pick(a3, j & 1)
+    if P >= 4:
+        t = _pick(t, (j >> 1) & 1)
+    if P >= 8:
+        t = _pick(t, (j >> 2) & 1)
+    if P >= 16:
+        t = _pick(t, (j >> 3) & 1)
+    if P >= 32:
+        t = _pick(t, (j >> 4) & 1)
+    return tl.reshape(t, [a3.shape[0], a3.shape[1]])
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                  N, K, KW, G, group_size, k_iters, split_k,
-                 BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BITS: tl.constexpr, P: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]
+    # Slot j of word row kw holds k = kw * P + j; the P slots are unrolled, so every tensor is a 2D [BKW, BN] tile
+    # in the layout of the word load and all reductions over K stay inside a thread until the end.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     rw = tl.arange(0, BLOCK_KW)
-    j = tl.arange(0, P2)
-    ZC: tl.constexpr = 8388608.0 + (1 << (BITS - 1))
+    MAGIC: tl.constexpr = 8388608.0
+    ZC: tl.constexpr = 1 << (BITS - 1)
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
     kw_begin = pid_k * k_iters * BLOCK_KW
     for it in range(k_iters):
         kw0 = kw_begin + it * BLOCK_KW
         kw = kw0 + rw  # [BKW]
         w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
-        q = _codes(w, BITS, P, P2)  # [BKW, P2, BN]
-        k = kw[:, None] * P + j[None, :]  # [BKW, P2]
-        xv = tl.load(x_ptr + k, mask=(j[None, :] < P) & (k < K), other=0.0).to(tl.float32)
+        hi = w >> HI
+        kb = kw * P
         if SCALE_MODE == 0:  # the whole tile lies in one group
             g = tl.minimum((kw0 * P) // group_size, G - 1)
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if SYM:
-                v = _code_minus_zero_f32(q, ZC)
-            else:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-                v = _code_minus_zero_f32(q, z[None, None, :])
-            acc += tl.sum(v * xv[:, :, None], axis=1) * s[None, :]
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if not SYM:
+                zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
         elif SCALE_MODE == 1:  # one group per word row
-            g = tl.minimum((kw * P) // group_size, G - 1)
+            g = tl.minimum(kb // group_size, G - 1)
             gs = g[:, None] * N + offs_n[None, :]
             s = tl.load(s_ptr + gs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            if not SYM:
+                zf = tl.load(z_ptr + gs, mask=n_mask[None, :], other=0).to(tl.float32)
+        t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(P):
+            pos: tl.constexpr = _slot_pos(j, BITS, HI)
+            f = _slot(w, hi, j, BITS, HI)  # 2^23 + code * 2^pos
+            xj = tl.load(x_ptr + kb + j, mask=(kb + j) < K, other=0.0).to(tl.float32) * (1.0 / (1 << pos))
+            if SCALE_MODE == 2:  # one group per code
+                g = tl.minimum((kb + j) // group_size, G - 1)
+                gs = g[:, None] * N + offs_n[None, :]
+                s = tl.load(s_ptr + gs, mask=n_mask[None, :], other=0.0).to(tl.float32)
+                if not SYM:
+                    zf = tl.load(z_ptr + gs, mask=n_mask[None, :], other=0).to(tl.float32)
             if SYM:
-                v = _code_minus_zero_f32(q, ZC)
+                v = f - (MAGIC + ZC * (1 << pos))  # exact (code - z) * 2^pos
             else:
-                z = tl.load(z_ptr + gs, mask=n_mask[None, :], other=0).to(tl.float32) + 8388608.0
-                v = _code_minus_zero_f32(q, z[:, None, :])
-            acc += tl.sum(v * xv[:, :, None], axis=1) * s
-        else:  # one group per code
-            g = tl.minimum(k // group_size, G - 1)
-            gs = g[:, :, None] * N + offs_n[None, None, :]
-            s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
-            if SYM:
-                v = _code_minus_zero_f32(q, ZC)
-            else:
-                v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
-                                         + 8388608.0)
-            acc += tl.sum(v * s * xv[:, :, None], axis=1)
+                v = f - (zf * (1 << pos) + MAGIC)
+            if SCALE_MODE == 2:
+                v = v * s
+            t += v * xj[:, None]
+        if SCALE_MODE == 2:
+            acc += t
+        else:
+            acc += t * s
     res = tl.sum(acc, axis=0)  # [BN]
     _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
               HAS_BIAS)
@@ -143,13 +196,81 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
+def _gemm_tile_reshaped(acc, w, x_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, kw0, kw, K, N, G, group_size,
+                        stride_xm, BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr,
+                        SCALE_MODE: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
+                        BLOCK_KW: tl.constexpr):
+    """One K tile of `_gemm_kernel` through a [BK, BN] operand (k order: word-major, slot-minor; slots >= P masked)."""
+    BLOCK_K: tl.constexpr = BLOCK_KW * P2
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    DT = x_ptr.dtype.element_ty
+    ZC: tl.constexpr = 1 << (BITS - 1)
+    r = tl.arange(0, BLOCK_K)
+    r_kw = r // P2
+    r_j = r % P2
+    q = _codes(w, BITS, P, P2)  # [BKW, P2, BN]
+    k = (kw0 + r_kw) * P + r_j  # [BK]
+    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                mask=m_mask[:, None] & ((r_j < P) & (k < K))[None, :], other=0.0)
+    if SCALE_MODE == 0:
+        g = tl.minimum((kw0 * P) // group_size, G - 1)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+        if DT == tl.float16:
+            if SYM:
+                v = _code_minus_zero_f16(q, 1024.0 + ZC)
+            else:
+                z = (tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 1024.0).to(tl.float16)
+                v = _code_minus_zero_f16(q, z[None, None, :])
+            if not SCALE_AFTER:
+                v = v * s.to(tl.float16)[None, None, :]
+        else:
+            if SYM:
+                v = _code_minus_zero_f32(q, 8388608.0 + ZC)
+            else:
+                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+                v = _code_minus_zero_f32(q, z[None, None, :])
+            if not SCALE_AFTER:
+                v = v * s.to(tl.float32)[None, None, :]
+            v = v.to(DT)
+    else:
+        j = tl.arange(0, P2)
+        if SCALE_MODE == 1:
+            g = tl.minimum((kw * P) // group_size, G - 1)
+            gs = (g[:, None] * N + offs_n[None, :])[:, None, :]  # [BKW, 1, BN]
+        else:
+            kk = kw[:, None] * P + j[None, :]
+            g = tl.minimum(kk // group_size, G - 1)
+            gs = g[:, :, None] * N + offs_n[None, None, :]  # [BKW, P2, BN]
+        s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
+        if SYM:
+            v = _code_minus_zero_f32(q, 8388608.0 + ZC)
+        else:
+            v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
+                                     + 8388608.0)
+        v = (v * s).to(DT)
+    b = tl.reshape(v, [BLOCK_K, BLOCK_N])
+    if DOT_F32:  # the CPU interpreter cannot multiply bf16; it rounds operands to bf16 and multiplies in fp32
+        part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        part = tl.dot(a, b)
+    if SCALE_AFTER:
+        acc += part * s.to(tl.float32)[None, :]
+    else:
+        acc += part
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k,
-                 BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SCALE_MODE: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
+                 BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_AFTER: tl.constexpr, SLICED: tl.constexpr,
+                 DOT_F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
     # x: [M, K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N]
-    BLOCK_K: tl.constexpr = BLOCK_KW * P2  # k order inside a tile: word-major, code slot minor (j >= P masked)
+    # SLICED (P a power of two, SCALE_MODE 0): one dot per code slot j, [BM, BKW] x [BKW, BN], B built from the
+    # word tile in place (no reshape of the weights); A's slot-j columns come from splitting the loaded x tile.
+    # Otherwise: the [BKW, P2, BN] codes are reshaped into one [BK, BN] operand.
     DT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -165,10 +286,6 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N
     rw = tl.arange(0, BLOCK_KW)
-    r = tl.arange(0, BLOCK_K)
-    r_kw = r // P2
-    r_j = r % P2
-    j = tl.arange(0, P2)
     ZC: tl.constexpr = 1 << (BITS - 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kw_begin = pid_k * k_iters * BLOCK_KW
@@ -176,54 +293,40 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         kw0 = kw_begin + it * BLOCK_KW
         kw = kw0 + rw
         w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
-        q = _codes(w, BITS, P, P2)  # [BKW, P2, BN]
-        k = (kw0 + r_kw) * P + r_j  # [BK]
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                    mask=m_mask[:, None] & ((r_j < P) & (k < K))[None, :], other=0.0)
-        if SCALE_MODE == 0:
+        if SLICED:
+            kk = kw0 * P + tl.arange(0, BLOCK_KW * P)
+            a3 = tl.reshape(tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                                    mask=m_mask[:, None] & (kk < K)[None, :], other=0.0), [BLOCK_M, BLOCK_KW, P])
+            hi = w >> HI
             g = tl.minimum((kw0 * P) // group_size, G - 1)
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
-            if DT == tl.float16:
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if not SYM:
+                zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(P):
+                pos: tl.constexpr = _slot_pos(j, BITS, HI)
+                f = _slot(w, hi, j, BITS, HI)
                 if SYM:
-                    v = _code_minus_zero_f16(q, 1024.0 + ZC)
+                    v = f - (8388608.0 + ZC * (1 << pos))  # exact (code - z) * 2^pos
                 else:
-                    z = (tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 1024.0).to(tl.float16)
-                    v = _code_minus_zero_f16(q, z[None, None, :])
-                if not SCALE_AFTER:
-                    v = v * s.to(tl.float16)[None, None, :]
-            else:
-                if SYM:
-                    v = _code_minus_zero_f32(q, 8388608.0 + ZC)
+                    v = f - (zf * (1 << pos) + 8388608.0)[None, :]
+                if SCALE_AFTER:
+                    b = (v * (1.0 / (1 << pos))).to(DT)
                 else:
-                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-                    v = _code_minus_zero_f32(q, z[None, None, :])
-                if not SCALE_AFTER:
-                    v = v * s.to(tl.float32)[None, None, :]
-                v = v.to(DT)
-        else:
-            if SCALE_MODE == 1:
-                g = tl.minimum((kw * P) // group_size, G - 1)
-                gs = (g[:, None] * N + offs_n[None, :])[:, None, :]  # [BKW, 1, BN]
+                    b = (v * (s * (1.0 / (1 << pos)))[None, :]).to(DT)
+                a_j = _take(a3, j, P)
+                if DOT_F32:
+                    part += tl.dot(a_j.to(tl.float32), b.to(tl.float32))
+                else:
+                    part = tl.dot(a_j, b, part)
+            if SCALE_AFTER:
+                acc += part * s[None, :]
             else:
-                kk = kw[:, None] * P + j[None, :]
-                g = tl.minimum(kk // group_size, G - 1)
-                gs = g[:, :, None] * N + offs_n[None, None, :]  # [BKW, P2, BN]
-            s = tl.load(s_ptr + gs, mask=n_mask[None, None, :], other=0.0).to(tl.float32)
-            if SYM:
-                v = _code_minus_zero_f32(q, 8388608.0 + ZC)
-            else:
-                v = _code_minus_zero_f32(q, tl.load(z_ptr + gs, mask=n_mask[None, None, :], other=0).to(tl.float32)
-                                         + 8388608.0)
-            v = (v * s).to(DT)
-        b = tl.reshape(v, [BLOCK_K, BLOCK_N])
-        if DOT_F32:  # the CPU interpreter cannot multiply bf16; it rounds operands to bf16 and multiplies in fp32
-            part = tl.dot(a.to(tl.float32), b.to(tl.float32))
+                acc += part
         else:
-            part = tl.dot(a, b)
-        if SCALE_AFTER:
-            acc += part * s.to(tl.float32)[None, :]
-        else:
-            acc += part
+            acc = _gemm_tile_reshaped(acc, w, x_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, kw0, kw, K, N, G,
+                                      group_size, stride_xm, BITS, P, P2, SYM, SCALE_MODE, SCALE_AFTER, DOT_F32,
+                                      BLOCK_KW)
     _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
               split_k, HAS_BIAS)
 
@@ -262,6 +365,14 @@ def _interpreting() -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _hi_shift(bits: int) -> int:
+    """Bit position of the first code slot that does not end at or below bit 23 (read from word >> this)."""
+    j = 0
+    while j * bits + bits <= 23:
+        j += 1
+    return j * bits
 
 
 def _scale_mode(G: int, group_size: int, P: int, block_kw: int) -> int:
@@ -316,13 +427,13 @@ def launch_gemv(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     return _gemv_kernel[(n_blocks, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
         N, K, KW, G, group_size, k_iters, split,
-        BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
+        BITS=bits, P=P, HI=_hi_shift(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
         SCALE_MODE=_scale_mode(G, group_size, P, bkw), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
 def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
-    """x2 [M, K] -> out [M, N]. cfg: block_m, block_n, block_kw, split_k, scale_after, num_warps, num_stages."""
+    """x2 [M, K] -> out [M, N]. cfg: block_m, block_n, block_kw, split_k, scale_after, sliced, num_warps, num_stages."""
     M = x2.shape[0]
     KW, N = qweight.shape
     G = scales.shape[0]
@@ -332,11 +443,12 @@ def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     num_m, num_n = -(-M // bm), -(-N // bn)
     ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
     mode = _scale_mode(G, group_size, P, bkw)
+    sliced = bool(cfg.get("sliced", False)) and mode == 0 and P == _next_pow2(P) and bkw >= 16
     return _gemm_kernel[(num_m * num_n, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
         M, N, K, KW, G, group_size, x2.stride(0), out.stride(0), k_iters, split,
-        BITS=bits, P=P, P2=_next_pow2(P), SYM=zeros is None, HAS_BIAS=bias is not None,
-        SCALE_MODE=mode, SCALE_AFTER=bool(cfg.get("scale_after", False)) and mode == 0,
+        BITS=bits, P=P, P2=_next_pow2(P), HI=_hi_shift(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
+        SCALE_MODE=mode, SCALE_AFTER=bool(cfg.get("scale_after", False)) and mode == 0, SLICED=sliced,
         DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
@@ -373,50 +485,57 @@ def _split_for(tiles: int, k_tiles: int, sms: int, waves: float) -> int:
     return max(1, min(k_tiles, round(waves * sms / max(tiles, 1))))
 
 
+def _fit_groups(bkw: int, P: int, group_size: int, K: int) -> int:
+    """Largest power-of-two word rows <= bkw whose K tile stays inside one group (when groups allow that)."""
+    if group_size < K and group_size % P == 0:
+        while bkw > 1 and group_size % (bkw * P) != 0:
+            bkw //= 2
+    return bkw
+
+
 def gemv_configs(N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
-    """Candidates for M == 1, the heuristic default first."""
+    """Candidates for M == 1, the heuristic default first. At most 16 words per thread in flight per tile."""
     P = 32 // bits
+    KW = -(-K // P)
     out = []
-    for bn, bk, warps in ((128, 256, 4), (64, 256, 4), (256, 128, 8), (128, 512, 8)):
-        bkw = max(1, bk // _next_pow2(P))
-        if group_size < K and group_size % P == 0:
-            while bkw > 1 and group_size % (bkw * P) != 0:  # keep K tiles inside groups where possible
-                bkw //= 2
-        k_tiles = -(-(-(-K // P)) // bkw)
-        tiles = -(-N // bn)
-        for waves in (4.0, 8.0):
-            cfg = dict(block_n=bn, block_kw=bkw, num_warps=warps, split_k=_split_for(tiles, k_tiles, sms, waves))
-            if cfg not in out:
-                out.append(cfg)
+    for bn, bkw, warps, waves in ((128, 16, 4, 4.0), (256, 8, 4, 4.0), (64, 32, 4, 4.0), (256, 16, 8, 4.0),
+                                  (512, 8, 8, 4.0), (128, 16, 4, 8.0), (256, 8, 4, 8.0)):
+        bkw = _fit_groups(bkw, P, group_size, K)
+        cfg = dict(block_n=bn, block_kw=bkw, num_warps=warps,
+                   split_k=_split_for(-(-N // bn), -(-KW // bkw), sms, waves))
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 
 def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
-    """Candidates for M >= 2, the heuristic default first."""
+    """Candidates for M >= 2, the heuristic default first: (tile, warps, stages) x (sliced or reshaped B)."""
     P = 32 // bits
     P2 = _next_pow2(P)
+    KW = -(-K // P)
     if M <= 16:
-        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4)]
+        shapes = [(16, 64, 128, 4, 3, 3.0), (16, 128, 128, 4, 4, 3.0), (16, 64, 256, 4, 3, 3.0)]
     elif M <= 32:
-        shapes = [(32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (32, 64, 256, 4, 3)]
+        shapes = [(32, 64, 128, 4, 3, 3.0), (32, 128, 128, 4, 3, 3.0)]
     elif M <= 64:
-        shapes = [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)]
+        shapes = [(64, 64, 128, 4, 4, 2.0), (64, 128, 64, 4, 4, 2.0), (64, 128, 128, 8, 3, 2.0)]
     else:
-        shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
-                  (128, 256, 64, 8, 3)]
+        shapes = [(128, 256, 64, 8, 3, 1.0), (128, 128, 64, 8, 3, 1.0), (128, 64, 64, 4, 4, 1.0),
+                  (64, 128, 64, 4, 4, 1.5), (128, 256, 64, 8, 3, 2.0)]
     out = []
-    for bm, bn, bk, warps, stages in shapes:
-        bkw = max(1, bk // P2)
-        if group_size < K and group_size % P == 0:
-            while bkw > 1 and group_size % (bkw * P) != 0:
-                bkw //= 2
-        if bkw * P2 < 16:
+    for sliced in (False, True):
+        if sliced and P != P2:
             continue
-        tiles = -(-M // bm) * -(-N // bn)
-        k_tiles = -(-(-(-K // P)) // bkw)
-        for waves in ((2.0, 4.0) if M <= 64 else (1.0, 2.0)):
+        for bm, bn, bk, warps, stages, waves in shapes:
+            bkw = max(1, bk // P2)
+            if sliced:
+                bkw = max(bkw, 16)
+            bkw = _fit_groups(bkw, P, group_size, K)
+            if bkw * P2 < 16 or (sliced and bkw < 16):
+                continue
+            tiles = -(-M // bm) * -(-N // bn)
             cfg = dict(block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages, group_m=8,
-                       scale_after=bm <= 32, split_k=_split_for(tiles, k_tiles, sms, waves))
+                       scale_after=bm <= 32, sliced=sliced, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
             if cfg not in out:
                 out.append(cfg)
     return out
