@@ -503,7 +503,7 @@ def _validate_card(content: str) -> list[str]:
 def make_folder(path: Path, *, shards: int = 3, packed: bool = True, base_model: str = "tiny-org/tiny-llama",
                 eval_results: bool = False, recipe: str | None = None, seed: int = 0) -> Path:
     """Write a tiny Llama-shaped folder as `bitsmith compress` leaves it: config with a bitsmith
-    quantization_config, packed gwint (8-bit, group 16) q/k/v/o and MLP projections, safetensors (in `shards`
+    quantization_config, packed gwint (8-bit, group 32) q/k/v/o and MLP projections, safetensors (in `shards`
     files + index when shards > 1), a tokenizer config, recipe.yaml, bitsmith.json, optionally eval_results.json."""
     import torch
     from safetensors.torch import save_file
@@ -511,7 +511,7 @@ def make_folder(path: Path, *, shards: int = 3, packed: bool = True, base_model:
     from bitsmith.kernels import gwint
 
     g = torch.Generator().manual_seed(seed)
-    hidden, inter, layers, vocab, bits, group = 32, 64, 2, 64, 8, 16
+    hidden, inter, layers, vocab, bits, group = 32, 64, 2, 64, 8, 32
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g).half(),
@@ -564,7 +564,7 @@ def make_folder(path: Path, *, shards: int = 3, packed: bool = True, base_model:
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
     (path / "recipe.yaml").write_text(recipe if recipe is not None else
-                                      "passes:\n  - type: finequant\n    bits: 8\n    group_size: 16\n"
+                                      "passes:\n  - type: finequant\n    bits: 8\n    group_size: 32\n"
                                       "    targets: [Linear]\n    ignore: [lm_head]\n")
     total_in = sum(t.numel() * 2 for n, t in tensors.items() if not n.endswith((".qweight", ".scales"))) + linear_before
     total_out = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -49,13 +49,15 @@ def test_metadata_and_sections(folder):
     assert "[tiny-org/tiny-llama](https://huggingface.co/tiny-org/tiny-llama)" in body
     assert "made with bitsmith 0.1.0" in body
     # what was applied: passes, packed modules with their measured storage, the recipe verbatim
-    assert "1. `finequant`: bits=8, group_size=16" in body
-    assert "| `gwint` | bits=8, group_size=16, symmetric=true | 14 | 9.00 |" in body  # 8 bits + fp16 scale / 16
+    assert "1. `finequant`: bits=8, group_size=32" in body
+    assert "| `gwint` | bits=8, group_size=32, symmetric=true | 14 | 8.50 |" in body  # 8 bits + fp16 scale / 32
     assert "```yaml\npasses:\n  - type: finequant\n" in body
     # sizes from bitsmith.json, and the files as they are
     prov = json.loads((folder / "bitsmith.json").read_text())
     ratio = prov["linear_bytes_before"] / prov["linear_bytes_after"]
-    assert f"| linear layers | 36.00 KiB | 20.25 KiB | {ratio:.2f}x smaller |" in body
+    assert prov["linear_bytes_before"] == 36 * 1024  # 2 layers x 9216 weights x 2 bytes
+    after = prov["linear_bytes_after"] / 1024
+    assert f"| linear layers | 36.00 KiB | {after:.2f} KiB | {ratio:.2f}x smaller |" in body
     assert "(3 files, headers included)" in body
     # nothing measured yet: said so, no numbers
     assert "Not measured yet" in body and "perplexity |" not in body

@@ -389,7 +389,7 @@ def test_config_modules_vs_tensors(tmp_path):
     assert "tensor model.layers.0.self_attn.q_proj.zeros is missing" in problems
     assert "model.layers.1.mlp.down_proj.weight is still stored beside the packed tensors" in problems
     assert "model.layers.1.mlp.down_proj.bias has shape [31], expected [32]" in problems
-    assert "model.layers.0.mlp.up_proj.scales has shape [2, 64], the config implies [2, 65]" in problems
+    assert "model.layers.0.mlp.up_proj.scales has shape [1, 64], the config implies [1, 65]" in problems
     assert "unexpected tensor model.layers.1.mlp.gate_proj.extra" in problems
     assert len(verify_folder(folder)) == 8
 

@@ -118,13 +118,28 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
                 return PushResult(url, unchanged=plan.unchanged)
             info = _commit(api, folder, repo_id, revision, plan, commit_message)
             return PushResult(url, plan.upload, plan.delete, plan.unchanged, getattr(info, "commit_url", None))
-        except Exception as e:  # noqa: BLE001 - every client failure becomes one clear BitsmithError
+        except _client_errors() as e:  # each becomes one clear BitsmithError; bugs stay tracebacks
             if url is None and _is_connect(e):
                 raise context.translate(e, doing) from None  # nothing listens there: retrying will not help
             if not _retriable(e):
                 raise context.translate(e, doing) from None
             last = e
     raise context.translate(last, "uploading", attempts=retries + 1) from None
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises for Hub-side trouble: HTTP errors, transport errors (httpx2 or requests,
+    depending on its version; both derive from these or from OSError), ValueError for responses or metadata it
+    rejects, and RuntimeError, in which it wraps a failed LFS upload."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError, ValueError, RuntimeError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _check_repo_id(repo_id: str) -> None:
