@@ -204,3 +204,13 @@ def test_example_base_model(folder):
     assert "base_model" not in meta and meta["license"] == "apache-2.0"
     assert "bitsmith's example model `smollm2-135m` (SmolLM2 135M Instruct, dequantized from Q4_1)" in body
     assert "as recorded when it was fetched: Apache-2.0 (SmolLM2 by HuggingFaceTB)." in body
+
+
+def test_only_license_ids_reach_the_metadata(folder):
+    prov = json.loads((folder / "bitsmith.json").read_text())
+    prov["license"] = "Apache License, Version 2.0"  # prose: the Hub would reject the card
+    (folder / "bitsmith.json").write_text(json.dumps(prov))
+    assert "license" not in card_of(folder)[0]
+    with pytest.raises(OutputError, match="not a Hub license id"):
+        write_model_card(folder, license="Apache 2")
+    assert card_of(folder, license="cc-by-nc-4.0")[0]["license"] == "cc-by-nc-4.0"

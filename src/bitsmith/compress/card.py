@@ -124,7 +124,13 @@ def render_model_card(folder: str | os.PathLike, base_model: str | None = None, 
     carried = {k: prev_meta[k] for k in _CARRIED_KEYS
                if prev_meta.get(k) not in (None, "", []) and not _has_local_path(prev_meta[k])}
     example = _read_json(folder / EXAMPLE_INFO, dict) or {}
-    lic = license or prov.get("license") or carried.get("license") or example.get("license_id")
+    if license is not None and not _is_license_id(license):
+        raise OutputError(f"license {license!r}: not a Hub license id (lowercase, e.g. apache-2.0, mit, llama3.2,"
+                          " other)")
+    lic = next((x for x in (license, prov.get("license"), carried.get("license"), example.get("license_id"))
+                if _is_license_id(x)), None)
+    if not isinstance(carried.get("pipeline_tag"), str):
+        carried.pop("pipeline_tag", None)
     arch = _architecture(config)
     pipeline_tag = carried.get("pipeline_tag") or _task(arch)[0]
 
@@ -156,6 +162,11 @@ def render_model_card(folder: str | os.PathLike, base_model: str | None = None, 
     ])
     # The front matter is built from sanitized values; the body may quote the recipe and records: redact it.
     return f"---\n{front}---\n{MARKER}\n{MARKER_NOTE}\n{redact_local_paths(body)}"
+
+
+def _is_license_id(value) -> bool:
+    """Hub license ids are lowercase words like apache-2.0, cc-by-nc-4.0, llama3.2, other; prose is not one."""
+    return isinstance(value, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", value) is not None
 
 
 def _has_local_path(value) -> bool:
