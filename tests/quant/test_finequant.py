@@ -193,6 +193,23 @@ def test_auto_in_a_recipe_fits_the_budget(tmp_path):
                                                                                for k, e in mods.items()}
 
 
+def test_auto_with_a_model_in_the_context(tmp_path):
+    """A context carrying the model (extra["model"]) gets the whole-model allocation, computed once and cached."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny", hidden=80, intermediate=200))
+    cfg = FineQuant(bits=4, group_size="auto", bits_budget=4.3)
+    ctx = SimpleNamespace(extra={"model": m}, progress=False, log=lambda msg: None)
+    weights = dict(adaptive.iter_model_weights(m, cfg))
+    states = [apply_finequant(cfg, TensorState(n, w.clone(), n[:-7], "Linear"), ctx) for n, w in weights.items()]
+    bits = sum(storage_bits(*w.shape, 4, s.packed.params["group_size"], True) for s, w in zip(states, weights.values()))
+    assert bits / sum(w.numel() for w in weights.values()) <= 4.3
+    assert len({s.packed.params["group_size"] for s in states}) > 1
+    assert len([k for k in ctx.extra if k != "model"]) == 1  # one cached allocation
+
+
 def test_auto_on_an_in_memory_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

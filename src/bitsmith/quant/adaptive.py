@@ -32,7 +32,7 @@ from .clipping import search_clip
 from .groupwise import SCALE_BITS, group_sq_error, pad_to_groups, storage_bits
 
 DEFAULT_CANDIDATES: tuple = (16, 32, 64, 128, 256, 512, "channel")
-PROFILE_ROWS = 256  # rows quantized per matrix and candidate when profiling (evenly strided)
+PROFILE_ROWS = 64  # rows quantized per matrix and candidate when profiling (evenly strided)
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,25 @@ class MatrixProfile:
         return self.shape[0] * self.shape[1]
 
     def score(self, option: Option) -> float:
-        return option.error / max(self.energy, 1e-30)
+        return _SCORES[_score](self, option)
+
+
+# How a matrix's error counts in the allocation. "relative" is the rule; the others are kept for the ablation in
+# docs/passes/finequant.md (benchmarks/finequant_quality.py --score).
+_SCORES = {
+    "relative": lambda p, o: o.error / max(p.energy, 1e-30),  # every matrix counts once
+    "sse": lambda p, o: o.error,  # absolute squared error: big-weight matrices count more
+    "size_relative": lambda p, o: o.error / max(p.energy, 1e-30) * p.numel,  # relative error, weighted by size
+}
+_score = "relative"
+
+
+def set_score(name: str) -> None:
+    """Switch the allocation's matrix score (for ablations); one of _SCORES."""
+    global _score
+    if name not in _SCORES:
+        raise ValueError(f"unknown score {name!r} (known: {', '.join(_SCORES)})")
+    _score = name
 
 
 def effective_sizes(candidates: Iterable, in_features: int) -> list[int]:
