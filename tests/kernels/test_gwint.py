@@ -84,6 +84,7 @@ CASES = [
     (1, 67, 576, 4, 128, True, torch.float16, "gemv", GEMV | dict(split_k=3), 0),
     (1, 67, 576, 4, 128, False, torch.bfloat16, "gemv", GEMV | dict(block_kw=4), 0),
     (1, 67, 576, 8, 576, True, torch.float16, "gemv", GEMV | dict(block_kw=16, split_k=2), 0),
+    (1, 64, 512, 4, 128, False, torch.float16, "gemv", GEMV | dict(split_k=2), 0),  # full tiles: no masks
     (1, 45, 256, 8, 128, False, torch.bfloat16, "gemv", GEMV | dict(split_k=64), 0),
     (1, 33, 256, 4, 32, False, torch.float16, "gemv", GEMV | dict(split_k=2), 1),
     (1, 33, 200, 3, 64, True, torch.bfloat16, "gemv", GEMV | dict(block_kw=4, split_k=2), 2),

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+MAGIC_F32 = 0x4B000000  # float32 2^23; a kernel argument so that it sits in a register (see `_slot`)
 DEQUANT_MIN_M = 4096  # from this many rows on, dequantize once and call cuBLAS (see docs/results/kernels-gwint.md)
 
 
@@ -83,26 +84,20 @@ def _epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_
 
 
 @triton.jit
-def _slot(w, hi, j: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
-    """Code slot j of each int32 word, as float32 2^23 + code * 2^p with p = `_slot_pos(j)`: one AND-OR, no shift.
+def _slot(w, hi, magic, j: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
+    """Code slot j of each int32 word, as float32 2^23 + code * 2^p: one AND-OR, no shift.
 
-    Slots whose bits end at or below bit 23 are masked in place (the code lands in the mantissa, times 2^p);
-    the others come from `hi` = word >> HI, computed once per word.
+    p = j * BITS - HI * (j * BITS + BITS > 23), the code's bit position in the word it is read from:
+    slots whose bits end at or below bit 23 are masked in place (the code lands in the mantissa, times 2^p);
+    the others come from `hi` = word >> HI, computed once per word. `magic` is 0x4B000000 passed at run time:
+    as a register operand, AND and OR fuse into one LOP3 (with two immediates ptxas emits two).
     """
     MASK: tl.constexpr = (1 << BITS) - 1
     if j * BITS + BITS <= 23:
-        f = ((w & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = ((w & (MASK << (j * BITS))) | magic).to(tl.float32, bitcast=True)
     else:
-        f = ((hi & (MASK << (j * BITS - HI))) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = ((hi & (MASK << (j * BITS - HI))) | magic).to(tl.float32, bitcast=True)
     return f
-
-
-@triton.jit
-def _slot_pos(j: tl.constexpr, BITS: tl.constexpr, HI: tl.constexpr):
-    if j * BITS + BITS <= 23:
-        return j * BITS
-    else:
-        return j * BITS - HI
 
 
 @triton.jit
@@ -132,10 +127,11 @@ def _take(a3, j: tl.constexpr, P: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 N, K, KW, G, group_size, k_iters, split_k,
+                 N, K, KW, G, group_size, k_iters, split_k, magic,
                  BITS: tl.constexpr, P: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                 SCALE_MODE: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]
+    # EVEN: every tile of every split is full (no masks on the weight and x loads)
     # Slot j of word row kw holds k = kw * P + j; the P slots are unrolled, so every tensor is a 2D [BKW, BN] tile
     # in the layout of the word load and all reductions over K stay inside a thread until the end.
     pid_n = tl.program_id(0)
@@ -150,7 +146,11 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     for it in range(k_iters):
         kw0 = kw_begin + it * BLOCK_KW
         kw = kw0 + rw  # [BKW]
-        w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :], other=0)
+        if EVEN:
+            w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :])
+        else:
+            w = tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=(kw[:, None] < KW) & n_mask[None, :],
+                        other=0)
         hi = w >> HI
         kb = kw * P
         if SCALE_MODE == 0:  # the whole tile lies in one group
@@ -166,9 +166,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                 zf = tl.load(z_ptr + gs, mask=n_mask[None, :], other=0).to(tl.float32)
         t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(P):
-            pos: tl.constexpr = _slot_pos(j, BITS, HI)
-            f = _slot(w, hi, j, BITS, HI)  # 2^23 + code * 2^pos
-            xj = tl.load(x_ptr + kb + j, mask=(kb + j) < K, other=0.0).to(tl.float32) * (1.0 / (1 << pos))
+            pos = j * BITS - HI * (j * BITS + BITS > 23)  # constexpr
+            f = _slot(w, hi, magic, j, BITS, HI)  # 2^23 + code * 2^pos
+            if EVEN:
+                xj = tl.load(x_ptr + kb + j).to(tl.float32) * (1.0 / (1 << pos))
+            else:
+                xj = tl.load(x_ptr + kb + j, mask=(kb + j) < K, other=0.0).to(tl.float32) * (1.0 / (1 << pos))
             if SCALE_MODE == 2:  # one group per code
                 g = tl.minimum((kb + j) // group_size, G - 1)
                 gs = g[:, None] * N + offs_n[None, :]
@@ -250,19 +253,18 @@ def _gemm_tile_reshaped(acc, w, x_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_m
         v = (v * s).to(DT)
     b = tl.reshape(v, [BLOCK_K, BLOCK_N])
     if DOT_F32:  # the CPU interpreter cannot multiply bf16; it rounds operands to bf16 and multiplies in fp32
-        part = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
-        part = tl.dot(a, b)
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     if SCALE_AFTER:
-        acc += part * s.to(tl.float32)[None, :]
+        acc += tl.dot(a, b) * s.to(tl.float32)[None, :]
     else:
-        acc += part
+        acc = tl.dot(a, b, acc)  # in place: lets the compiler keep wgmma in flight across iterations
     return acc
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                 M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k,
+                 M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k, magic,
                  BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr, SCALE_AFTER: tl.constexpr, SLICED: tl.constexpr,
                  DOT_F32: tl.constexpr,
@@ -302,10 +304,11 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             if not SYM:
                 zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if SCALE_AFTER:
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for j in tl.static_range(P):
-                pos: tl.constexpr = _slot_pos(j, BITS, HI)
-                f = _slot(w, hi, j, BITS, HI)
+                pos = j * BITS - HI * (j * BITS + BITS > 23)  # constexpr
+                f = _slot(w, hi, magic, j, BITS, HI)
                 if SYM:
                     v = f - (8388608.0 + ZC * (1 << pos))  # exact (code - z) * 2^pos
                 else:
@@ -316,13 +319,14 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                     b = (v * (s * (1.0 / (1 << pos)))[None, :]).to(DT)
                 a_j = _take(a3, j, P)
                 if DOT_F32:
-                    part += tl.dot(a_j.to(tl.float32), b.to(tl.float32))
-                else:
+                    a_j = a_j.to(tl.float32)
+                    b = b.to(tl.float32)
+                if SCALE_AFTER:
                     part = tl.dot(a_j, b, part)
+                else:
+                    acc = tl.dot(a_j, b, acc)
             if SCALE_AFTER:
                 acc += part * s[None, :]
-            else:
-                acc += part
         else:
             acc = _gemm_tile_reshaped(acc, w, x_ptr, s_ptr, z_ptr, offs_m, offs_n, m_mask, n_mask, kw0, kw, K, N, G,
                                       group_size, stride_xm, BITS, P, P2, SYM, SCALE_MODE, SCALE_AFTER, DOT_F32,
@@ -426,9 +430,11 @@ def launch_gemv(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
     return _gemv_kernel[(n_blocks, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
-        N, K, KW, G, group_size, k_iters, split,
+        N, K, KW, G, group_size, k_iters, split, MAGIC_F32,
         BITS=bits, P=P, HI=_hi_shift(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
-        SCALE_MODE=_scale_mode(G, group_size, P, bkw), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
+        SCALE_MODE=_scale_mode(G, group_size, P, bkw),
+        EVEN=K == KW * P and KW % bkw == 0 and (KW // bkw) % split == 0 and N % cfg["block_n"] == 0,
+        BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
@@ -446,7 +452,7 @@ def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
     sliced = bool(cfg.get("sliced", False)) and mode == 0 and P == _next_pow2(P) and bkw >= 16
     return _gemm_kernel[(num_m * num_n, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
-        M, N, K, KW, G, group_size, x2.stride(0), out.stride(0), k_iters, split,
+        M, N, K, KW, G, group_size, x2.stride(0), out.stride(0), k_iters, split, MAGIC_F32,
         BITS=bits, P=P, P2=_next_pow2(P), HI=_hi_shift(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
         SCALE_MODE=mode, SCALE_AFTER=bool(cfg.get("scale_after", False)) and mode == 0, SLICED=sliced,
         DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
@@ -521,7 +527,7 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -
         shapes = [(64, 64, 128, 4, 4, 2.0), (64, 128, 64, 4, 4, 2.0), (64, 128, 128, 8, 3, 2.0)]
     else:
         shapes = [(128, 256, 64, 8, 3, 1.0), (128, 128, 64, 8, 3, 1.0), (128, 64, 64, 4, 4, 1.0),
-                  (64, 128, 64, 4, 4, 1.5), (128, 256, 64, 8, 3, 2.0)]
+                  (128, 128, 64, 4, 4, 1.0), (64, 256, 64, 4, 3, 1.0), (128, 256, 64, 8, 3, 2.0)]
     out = []
     for sliced in (False, True):
         if sliced and P != P2:
@@ -531,7 +537,7 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -
             if sliced:
                 bkw = max(bkw, 16)
             bkw = _fit_groups(bkw, P, group_size, K)
-            if bkw * P2 < 16 or (sliced and bkw < 16):
+            if bkw * P2 < 16 or (sliced and (bkw < 16 or bm * bn > 128 * 128)):  # larger sliced tiles spill
                 continue
             tiles = -(-M // bm) * -(-N // bn)
             cfg = dict(block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages, group_m=8,
