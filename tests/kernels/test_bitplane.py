@@ -1,0 +1,195 @@
+"""bitplane: exact packing, the dequantization rule, and every Triton kernel against the torch reference
+(TRITON_INTERPRET=1 on CPU; on a GPU the same tests run the compiled kernels).
+
+Under the interpreter bf16 `tl.dot` operands are upcast (exactly) to fp32 (`DOT_F32`), as in the gwint kernels.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bitsmith.compress.formats import get_format  # noqa: E402
+from bitsmith.kernels import bitplane as bp  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from bitsmith.kernels import gwint_triton  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_kernels = pytest.mark.skipif(not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
+                                   reason="needs a GPU or TRITON_INTERPRET=1")
+TOL = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}  # relative Frobenius error vs the fp32 reference
+
+
+def _make(N, K, bits, gs, kind, offset, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, generator=g)
+    G = bp.num_groups(K, gs)
+    if kind == "bipolar":
+        coef = (torch.rand(G, N, generator=g) * 0.02 + 0.002).to(dtype)
+    else:
+        coef = (torch.randn(bits, G, N, generator=g) * 0.02).to(dtype)
+    off = (torch.randn(G, N, generator=g) * 0.01).to(dtype) if offset else None
+    return codes, bp.pack_planes(codes, bits), coef, off
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits):
+    for N, K in ((3, 1), (5, 32), (7, 33), (2, 97), (4, 256)):
+        codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8)
+        planes = bp.pack_planes(codes, bits)
+        assert planes.dtype == torch.int32 and planes.shape == (bits, math.ceil(K / 32), N)
+        assert torch.equal(bp.unpack_planes(planes, K), codes)
+        words = planes.to(torch.int64) & 0xFFFFFFFF
+        tail = K - (planes.shape[1] - 1) * 32  # real bits in the last word; the padding above them is zero
+        assert int((words[:, -1] >> tail).max()) == 0
+        # bit order: bit j of planes[i, w, n] is bit i of the code of W[n, 32 w + j]
+        n, k = N - 1, K - 1
+        for i in range(bits):
+            assert (int(words[i, k // 32, n]) >> (k % 32)) & 1 == (int(codes[n, k]) >> i) & 1
+
+
+@pytest.mark.parametrize("kind,offset", [("bipolar", False), ("bipolar", True), ("bcq", False), ("bcq", True)])
+def test_tensor_specs_and_dequantize_rule(kind, offset):
+    N, K, bits, gs = 5, 70, 3, 32
+    codes, planes, coef, off = _make(N, K, bits, gs, kind, offset, torch.float16, seed=1)
+    specs = bp.tensor_specs(N, K, bits, gs, kind, offset, torch.float16)
+    got = {"planes": planes, ("scales" if kind == "bipolar" else "alphas"): coef} | ({"offset": off} if offset else {})
+    assert set(specs) == set(got)
+    for name, (shape, dt) in specs.items():
+        assert tuple(got[name].shape) == shape and got[name].dtype == dt
+    w = bp.dequantize(planes, coef, off, kind, gs, K, dtype=torch.float32)
+    for n, k in ((0, 0), (4, 69), (2, 33), (3, 64)):
+        u, g = int(codes[n, k]), k // gs
+        if kind == "bipolar":
+            want = coef[g, n].float().item() * sum((2 * ((u >> i) & 1) - 1) * 2 ** i for i in range(bits))
+            assert want == coef[g, n].float().item() * (2 * u - (2 ** bits - 1))  # odd levels
+        else:
+            want = sum(coef[i, g, n].float().item() * (2 * ((u >> i) & 1) - 1) for i in range(bits))
+        if offset:
+            want += off[g, n].float().item()
+        assert w[n, k].item() == pytest.approx(want, rel=1e-6, abs=1e-9)
+    params = {"in_features": K, "out_features": N, "bits": bits, "group_size": gs, "kind": kind, "offset": offset}
+    fmt = get_format("bitplane")
+    assert torch.equal(fmt.dequantize(got, params), bp.dequantize(planes, coef, off, kind, gs, K))
+    per_group = (1 if kind == "bipolar" else bits) + (1 if offset else 0)
+    assert fmt.bits_per_weight(params, torch.float16) == pytest.approx(
+        (bits * 32 * planes.shape[1] * N + 16 * per_group * 3 * N) / (N * K))
+
+
+def test_packed_linear_module_uses_the_format():
+    from bitsmith.kernels.modules import PackedLinear
+
+    N, K, bits, gs = 6, 64, 2, 32
+    _, planes, coef, _ = _make(N, K, bits, gs, "bcq", False, torch.float32, seed=4)
+    entry = {"format": "bitplane", "format_version": 1, "in_features": K, "out_features": N, "bits": bits,
+             "group_size": gs, "kind": "bcq", "offset": False}
+    mod = PackedLinear(entry, torch.float32, bias=False)
+    mod.planes.copy_(planes)
+    mod.alphas.copy_(coef)
+    x = torch.randn(3, K)
+    w = bp.dequantize(planes, coef, None, "bcq", gs, K)
+    assert torch.allclose(mod(x), x @ w.t(), atol=1e-6)
+
+
+def test_dispatch():
+    x = torch.randn(2, 64).to(torch.float16)
+    assert not bp.use_triton(x.float(), 32, 64)  # fp32 activations: the reference
+    os.environ["BITSMITH_TRITON"] = "1"
+    try:
+        assert bp.use_triton(x, 32, 64)
+        assert not bp.use_triton(x, 48, 96)  # K-tiles would straddle groups: the reference
+        assert bp.use_triton(x, 100, 100)  # one group per row: any K
+    finally:
+        del os.environ["BITSMITH_TRITON"]
+    assert bp.use_triton(x, 32, 64) == ON_GPU
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+def _launch(regime, x, planes, coef, off, bias, kind, gs, K, cfg):
+    M, N = x.shape[0], planes.shape[2]
+    if regime == "dequant":
+        return bp.triton_linear(x, planes, coef, off, kind, gs, K, bias=bias, regime="dequant")
+    out = torch.full((M, N), float("nan"), dtype=x.dtype, device=x.device)  # poison: every element must be written
+    launch = bp.launch_gemv if regime == "gemv" else bp.launch_gemm
+    launch(x, planes, coef, off, bias, out, kind, gs, K, cfg)
+    return out
+
+
+def _case(bits, kind, regime, seed):
+    """A random awkward shape and configuration: odd N, K not a multiple of the tile, partial last groups,
+    split-K (sometimes more splits than K tiles), bias and offset on some."""
+    rnd = random.Random(seed)
+    gs = rnd.choice([32, 64, 128])
+    K = rnd.choice([gs * rnd.randint(1, 3) + rnd.choice([0, 32, 40]), rnd.randint(33, 300)])
+    N = rnd.randint(5, 70)
+    dtype = rnd.choice([torch.float16, torch.bfloat16])
+    strategy = rnd.randint(0, 1)
+    split = rnd.choice([1, 2, 3, 64])
+    if regime == "gemv":
+        M, cfg = 1, dict(block_n=rnd.choice([16, 32]), block_kw=rnd.choice([1, 2, 4]), split_k=split,
+                         strategy=strategy)
+    elif regime == "gemm":
+        M = rnd.randint(2, 40)
+        cfg = dict(block_m=rnd.choice([16, 32]), block_n=rnd.choice([16, 32]), block_kw=rnd.choice([1, 2]),
+                   split_k=split, strategy=strategy, group_m=rnd.choice([1, 8]))
+    else:
+        M, cfg = rnd.randint(1, 9), None
+    return M, N, K, gs, dtype, cfg, rnd.random() < 0.5, rnd.random() < 0.4
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bipolar", "bcq"])
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("regime", ["gemv", "gemm", "dequant"])
+def test_kernel_matches_reference(regime, bits, kind):
+    seed = bits * 100 + len(regime) * 10 + (kind == "bcq")
+    M, N, K, gs, dtype, cfg, with_bias, with_offset = _case(bits, kind, regime, seed)
+    _, planes, coef, off = _make(N, K, bits, gs, kind, with_offset, dtype, seed)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), kind, gs, K,
+                              None if bias is None else bias.float())
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    args = [dev(t) for t in (x, planes, coef, off, bias)]
+    out = _launch(regime, *args, kind, gs, K, cfg)
+    assert out.dtype == dtype and out.shape == (M, N)
+    err = _rel(out.cpu(), ref)
+    assert err < TOL[dtype], f"relative error {err:.2e} (M={M} N={N} K={K} g={gs} {dtype} {cfg})"
+    if cfg is not None and cfg["split_k"] > 1:  # split-K leaves the shared workspace zeroed for the next call
+        for ws, cnt in gwint_triton._WORKSPACES.values():
+            assert not ws.any() and not cnt.any()
+
+
+@needs_kernels
+def test_default_path_and_batch_dims():
+    """`linear` with BITSMITH_TRITON=1 takes the kernels with their default (untuned) configurations."""
+    torch.manual_seed(5)
+    os.environ["BITSMITH_TRITON"] = "1"
+    try:
+        for M, kind, dtype in ((1, "bipolar", torch.float16), (6, "bcq", torch.bfloat16)):
+            N, K, bits, gs = 40, 160, 3, 32
+            _, planes, coef, off = _make(N, K, bits, gs, kind, kind == "bcq", dtype, seed=M)
+            x = torch.randn(2, M, K).to(dtype)
+            ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), kind,
+                                      gs, K)
+            dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+            out = bp.linear(dev(x), dev(planes), dev(coef), dev(off), kind, gs, K)
+            assert out.shape == (2, M, N)
+            assert _rel(out.cpu(), ref) < TOL[dtype]
+    finally:
+        del os.environ["BITSMITH_TRITON"]
