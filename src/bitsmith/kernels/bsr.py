@@ -1,0 +1,513 @@
+"""Block-sparse weights (format `bsr`, version 1): BSR blocks, values in the model dtype or quantized (int8/int4).
+
+Layout, for a Linear with weight W [N, K] (N = out_features, K = in_features) cut into blocks of R x C (R =
+`block_rows` output rows, C = `block_cols` input columns; N % R == 0 and K % C == 0), NB = N / R block rows,
+KB = K / C block columns, `nnz_blocks` = B stored blocks:
+
+    crow_indices  int32 [NB + 1]        block row r holds the stored blocks crow[r] .. crow[r+1]-1 (crow[0] = 0,
+                                        crow[NB] = B, non-decreasing); an empty block row has crow[r] == crow[r+1]
+    col_indices   int32 [B]             block column (0 .. KB-1) of each stored block, strictly increasing within
+                                        a block row
+    values        fp16|bf16|fp32 [B, R, C]      (bits null) each block row-major: values[b, i, j] = W[r R + i, c C + j]
+    qvalues       uint8 [B, R, C]               (bits 8) offset-binary codes: q = code - 128
+                  uint8 [B, R, C / 2]           (bits 4) two codes per byte, "split halves": byte j of a block row
+                                                holds column j in its low nibble and column j + C/2 in its high
+                                                nibble; q = code - 8
+    scales        fp16|bf16 [ceil(K / g), N]    (bits 4|8, g = `group_size` >= C) FineQuant/gwint group scales:
+                                                W[n, k] = q * scales[k // g, n]; g is a multiple of C (or >= K),
+                                                so a block never straddles two groups
+                  fp16|bf16 [B, R, C / g]       (bits 4|8, g < C, g divides C) one scale per block row segment
+                                                of g columns: values[b, i, j] = q * scales[b, i, j // g]
+
+Blocks that are not stored are exactly zero. Dequantization is exact (scales times small integers). The quantized
+values follow FineQuant's rules (symmetric, scale-only, offset-binary codes as in `gwint`): `from_gwint` converts a
+gwint-packed weight whose pruned blocks are zero without changing a single dequantized value, as long as each gwint
+group either spans whole blocks (g % C == 0, or one group per row) or tiles a block (C % g == 0). Scales of groups
+whose blocks were all pruned are still stored in the first layout (they cost 16 / g bits per weight of the matrix).
+
+Params in config.json: in_features, out_features, block_rows, block_cols, nnz_blocks, bits (null, 4 or 8),
+group_size (null unless quantized).
+
+Kernels (Triton, fp16/bf16 activations, CUDA; TRITON_INTERPRET=1 runs them on the CPU for tests). One kernel,
+`_bsr_kernel`: a program owns BLOCK_R consecutive output rows inside one block row (so one crow range) and BLOCK_M
+rows of x, walks its stored blocks and accumulates [BLOCK_M, BLOCK_R] in fp32:
+
+    M == 1        GEMV: no tensor cores; each block tile [BLOCK_R, C] times the gathered x segment [C], reduced
+                  over C on CUDA cores (memory-bound: the stored blocks are read once).
+    M >= 2        `tl.dot` of the gathered x tile [BLOCK_M, C] with the block tile^T when R, C >= 16 (int4: C/2 >= 16),
+                  else the same multiply-reduce as GEMV. Quantized blocks whose rows have one scale each (g >= C)
+                  dot the exact integer codes and scale the [BLOCK_M, BLOCK_R] product once.
+
+Block shapes whose sides are not powers of two run the torch reference. On the CPU, `bitsmith.kernels.bsr_cpu`
+(gather + batched matmul) is used. What was measured: docs/results/blocksparse.md; format notes: docs/formats/bsr.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..compress.formats import PackedFormat, register_format
+
+FORMAT_NAME = "bsr"
+FORMAT_VERSION = 1
+VALUE_BITS = (None, 4, 8)
+
+try:  # Triton is optional at import time (the torch reference and the CPU path work without it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layout helpers
+
+
+def check_params(p: dict) -> str | None:
+    """What is wrong with (untrusted) bsr params, or None."""
+    def pos_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    for key in ("block_rows", "block_cols"):
+        if not pos_int(p.get(key)):
+            return f"bsr {key!r} must be a positive integer, got {p.get(key)!r}"
+    N, K, R, C = p["out_features"], p["in_features"], p["block_rows"], p["block_cols"]
+    if N % R or K % C:
+        return f"bsr block {R}x{C} does not tile the {N}x{K} weight (out_features % rows, in_features % cols)"
+    nnz = p.get("nnz_blocks")
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= (N // R) * (K // C):
+        return f"bsr 'nnz_blocks' must be an integer 0..{(N // R) * (K // C)}, got {nnz!r}"
+    bits, g = p.get("bits"), p.get("group_size")
+    if bits not in VALUE_BITS or isinstance(bits, bool):
+        return f"bsr 'bits' must be null (values in the model dtype), 4 or 8, got {bits!r}"
+    if bits is None:
+        if g is not None:
+            return "bsr 'group_size' is only allowed with quantized values (bits 4 or 8)"
+    else:
+        if not pos_int(g) or not (g % C == 0 or g >= K or C % g == 0):
+            return (f"bsr 'group_size' must be a multiple of block_cols ({C}), at least in_features, or a divisor of"
+                    f" block_cols, got {g!r}")
+        if bits == 4 and C % 2:
+            return f"bsr int4 needs an even block_cols (two codes per byte), got {C}"
+    return None
+
+
+def tensor_specs(params: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of one module's packed tensors (used to build modules on the meta device)."""
+    N, K, R, C = params["out_features"], params["in_features"], params["block_rows"], params["block_cols"]
+    B, bits = params["nnz_blocks"], params.get("bits")
+    specs = {"crow_indices": ((N // R + 1,), torch.int32), "col_indices": ((B,), torch.int32)}
+    if bits is None:
+        specs["values"] = ((B, R, C), dtype)
+    else:
+        specs["qvalues"] = ((B, R, C if bits == 8 else C // 2), torch.uint8)
+        g = params["group_size"]
+        specs["scales"] = ((math.ceil(K / g), N), dtype) if block_scales(params) is False else ((B, R, C // g), dtype)
+    return specs
+
+
+def block_scales(params: dict) -> bool:
+    """Whether the scales are stored per block ([B, R, C/g], g < C) rather than per group ([ceil(K/g), N])."""
+    g, C = params["group_size"], params["block_cols"]
+    return g < C and g < params["in_features"]
+
+
+def block_mask(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """bool [N / R, K / C]: which blocks of w [N, K] hold a nonzero."""
+    R, C = block
+    N, K = w.shape
+    return (w.reshape(N // R, R, K // C, C) != 0).any(dim=3).any(dim=1)
+
+
+def _index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [NB, KB] -> (crow int32 [NB+1], col int32 [B]) in row-major block order."""
+    counts = mask.sum(dim=1)
+    crow = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    col = mask.nonzero()[:, 1]
+    return crow.to(torch.int32), col.to(torch.int32)
+
+
+def _blocks(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w [N, K] -> [NB, KB, R, C] (a view-permute copy)."""
+    R, C = block
+    N, K = w.shape
+    return w.reshape(N // R, R, K // C, C).permute(0, 2, 1, 3)
+
+
+def pack(w: torch.Tensor, block: tuple[int, int], mask: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Dense w [N, K] -> (params, tensors) with values in w's dtype. `mask` [NB, KB] defaults to the nonzero blocks;
+    blocks outside the mask are dropped (they are taken to be zero)."""
+    R, C = block
+    N, K = w.shape
+    if N % R or K % C:
+        raise ValueError(f"block {R}x{C} does not tile a {N}x{K} weight")
+    if mask is None:
+        mask = block_mask(w, block)
+    crow, col = _index(mask)
+    values = _blocks(w, block)[mask].contiguous()  # [B, R, C], row-major block order
+    params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C,
+              "nnz_blocks": int(values.shape[0]), "bits": None, "group_size": None}
+    return params, {"crow_indices": crow, "col_indices": col, "values": values}
+
+
+def pack_codes4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [..., C] in 0..15 -> [..., C/2] bytes, column j low nibble, column j + C/2 high nibble."""
+    half = codes.shape[-1] // 2
+    return (codes[..., :half] | (codes[..., half:] << 4)).to(torch.uint8)
+
+
+def unpack_codes4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., C/2] bytes -> codes uint8 [..., C]."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=-1)
+
+
+def from_gwint(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
+               in_features: int, block: tuple[int, int], mask: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """A gwint-packed weight (symmetric, bits 4 or 8) -> bsr (params, tensors) with the same dequantized values.
+
+    `mask` [NB, KB] defaults to the blocks whose codes are not all the zero code; the dropped blocks must
+    dequantize to zero (they do when the weight was pruned before quantizing: symmetric codes keep zero exact).
+    """
+    from . import gwint
+
+    if zeros is not None:
+        raise ValueError("bsr stores symmetric (scale-only) codes: asymmetric gwint weights have no exact zero")
+    if bits not in (4, 8):
+        raise ValueError(f"bsr quantized values are int4 or int8, got {bits}-bit gwint")
+    R, C = block
+    K = in_features
+    N = qweight.shape[1]
+    if N % R or K % C:
+        raise ValueError(f"block {R}x{C} does not tile a {N}x{K} weight")
+    if not (group_size % C == 0 or group_size >= K or C % group_size == 0):
+        raise ValueError(f"gwint group size {group_size} and block width {C} do not nest (one must divide the other)")
+    if bits == 4 and C % 2:
+        raise ValueError(f"int4 bsr needs an even block width, got {C}")
+    codes = gwint.unpack_codes(qweight, bits, K)  # [N, K]
+    zero_code = 1 << (bits - 1)
+    if mask is None:
+        mask = block_mask(codes.to(torch.int16) - zero_code, block)
+    crow, col = _index(mask)
+    blocks = _blocks(codes, block)[mask]  # [B, R, C] codes
+    params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C,
+              "nnz_blocks": int(blocks.shape[0]), "bits": bits, "group_size": group_size}
+    if block_scales(params):  # g < C: the scales of each block row segment, taken per stored block
+        seg_cols = torch.arange(0, K, group_size, device=qweight.device)  # [K / g]
+        s_full = scales.t()[:, seg_cols // group_size]  # [N, K / g]
+        s_out = s_full.reshape(N // R, R, K // C, C // group_size).permute(0, 2, 1, 3)[mask].contiguous()
+    else:  # g >= C: the group scales as they are
+        s_out = scales.contiguous()
+    qv = blocks if bits == 8 else pack_codes4(blocks)
+    return params, {"crow_indices": crow, "col_indices": col, "qvalues": qv.contiguous(), "scales": s_out}
+
+
+def block_values(tensors: dict, params: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The stored blocks, dequantized: [B, R, C] in `dtype` (default: the values' / scales' dtype)."""
+    bits = params.get("bits")
+    if bits is None:
+        v = tensors["values"]
+        return v if dtype is None else v.to(dtype)
+    q = tensors["qvalues"]
+    codes = q if bits == 8 else unpack_codes4(q)
+    g, R, C = params["group_size"], params["block_rows"], params["block_cols"]
+    s = tensors["scales"]
+    if block_scales(params):
+        per = s.to(torch.float32).repeat_interleave(g, dim=-1)  # [B, R, C]
+    else:  # scales[k0 // g, rows of the block] for every stored block
+        crow = tensors["crow_indices"].to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=s.device), crow[1:] - crow[:-1])
+        grp = tensors["col_indices"].to(torch.int64) * C // g  # [B]
+        n_idx = rows[:, None] * R + torch.arange(R, device=s.device)[None, :]  # [B, R]
+        per = s.to(torch.float32)[grp[:, None], n_idx][:, :, None]  # [B, R, 1]
+    w = (codes.to(torch.float32) - (1 << (bits - 1))) * per
+    return w.to(dtype or s.dtype)
+
+
+def dequantize(tensors: dict, params: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The exact dense weight [N, K]."""
+    N, K, R, C = params["out_features"], params["in_features"], params["block_rows"], params["block_cols"]
+    v = block_values(tensors, params, dtype)
+    crow = tensors["crow_indices"].to(torch.int64)
+    col = tensors["col_indices"].to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(N // R, device=v.device), crow[1:] - crow[:-1])
+    out = torch.zeros(N // R, K // C, R, C, dtype=v.dtype, device=v.device)
+    out[rows, col] = v
+    return out.permute(0, 2, 1, 3).reshape(N, K)
+
+
+def linear_reference(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] through the exact dense weight."""
+    return torch.nn.functional.linear(x, dequantize(tensors, params, x.dtype), bias)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    from .gwint import use_triton as _use
+
+    return triton is not None and _use(x)
+
+
+def linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op packed modules call: Triton on CUDA, the gather path on CPU, the torch reference elsewhere."""
+    R, C = params["block_rows"], params["block_cols"]
+    if use_triton(x) and _pow2(R) and _pow2(C):
+        return triton_linear(x, tensors, params, bias)
+    if x.device.type == "cpu":
+        from . import bsr_cpu
+
+        return bsr_cpu.linear(x, tensors, params, bias)
+    return linear_reference(x, tensors, params, bias)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _mac(acc, xk, w, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+        """acc [BM, BR] += xk [BM, CW] @ w [BR, CW]^T (fp32 accumulate)."""
+        if USE_DOT:
+            if DOT_F32:
+                acc += tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc += tl.dot(xk, tl.trans(w.to(xk.dtype)))
+        else:
+            acc += tl.sum(xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        return acc
+
+    @triton.jit
+    def _dequant_half(codes, s_ptr, s_row, offs_c, c0: tl.constexpr, ZERO: tl.constexpr, GB: tl.constexpr,
+                      GS: tl.constexpr):
+        """codes int32 [BR, CW] of columns c0 + offs_c -> (code - ZERO) * scale, fp32 [BR, CW] (GB > 1 only)."""
+        s = tl.load(s_ptr + s_row[:, None] * GB + ((c0 + offs_c) // GS)[None, :]).to(tl.float32)
+        return (codes - ZERO).to(tl.float32) * s
+
+    @triton.jit
+    def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr,
+                    M, N, group_size, stride_xm, stride_om,
+                    R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BITS: tl.constexpr, GB: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+        # x: [M, K], values [B, R, CW] (CW = C, or C/2 for int4), out: [M, N]
+        # scales: GB == 0: [ceil(K / group_size), N] (a block row has one scale); GB >= 1: [B, R, GB] per block
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        row0 = pid_r * BLOCK_R
+        brow = row0 // R
+        sub = row0 - brow * R
+        start = tl.load(crow_ptr + brow)
+        end = tl.load(crow_ptr + brow + 1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, CW)
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for i in range(start, end):
+            cb = tl.load(col_ptr + i)
+            k0 = cb * C
+            v = tl.load(v_ptr + i * (R * CW) + (sub + offs_r)[:, None] * CW + offs_c[None, :])  # [BR, CW]
+            xk = tl.load(x_rows + (k0 + offs_c)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, CW]
+            if BITS == 0:
+                acc = _mac(acc, xk, v, USE_DOT, DOT_F32)
+            else:
+                s_row = i * R + sub + offs_r  # [BR]: per-block scales of these rows (GB >= 1)
+                ZERO: tl.constexpr = 1 << (BITS - 1)
+                if BITS == 8:
+                    codes = v.to(tl.int32)
+                else:
+                    codes = (v & 0xF).to(tl.int32)
+                if GB <= 1:  # one scale per block row: dot the exact integers, scale the product
+                    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    part = _mac(part, xk, (codes - ZERO).to(tl.float32), USE_DOT, DOT_F32)
+                    if BITS == 4:
+                        xh = tl.load(x_rows + (k0 + CW + offs_c)[None, :], mask=m_mask[:, None], other=0.0)
+                        part = _mac(part, xh, ((v >> 4).to(tl.int32) - ZERO).to(tl.float32), USE_DOT, DOT_F32)
+                    if GB == 0:
+                        s = tl.load(s_ptr + (k0 // group_size) * N + row0 + offs_r).to(tl.float32)  # [BR]
+                    else:
+                        s = tl.load(s_ptr + s_row).to(tl.float32)  # [BR]
+                    acc += part * s[None, :]
+                else:
+                    GS: tl.constexpr = C // GB
+                    acc = _mac(acc, xk, _dequant_half(codes, s_ptr, s_row, offs_c, 0, ZERO, GB, GS), USE_DOT,
+                               DOT_F32)
+                    if BITS == 4:
+                        xh = tl.load(x_rows + (k0 + CW + offs_c)[None, :], mask=m_mask[:, None], other=0.0)
+                        wh = _dequant_half((v >> 4).to(tl.int32), s_ptr, s_row, offs_c, CW, ZERO, GB, GS)
+                        acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
+        offs_n = row0 + offs_r
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _can_dot(params: dict, block_m: int, block_r: int) -> bool:
+    C, bits = params["block_cols"], params.get("bits")
+    cw = C // 2 if bits == 4 else C
+    return block_m >= 16 and block_r >= 16 and cw >= 16
+
+
+def configs(M: int, params: dict) -> list[dict]:
+    """Launch candidates for an [M, K] input, the heuristic default first."""
+    R, C, bits = params["block_rows"], params["block_cols"], params.get("bits")
+    cw = C // 2 if bits == 4 else C
+    out = []
+    if M == 1:
+        for br, warps, stages in ((16, 4, 3), (32, 4, 3), (8, 2, 3), (16, 2, 4), (64, 8, 3), (32, 8, 4), (16, 4, 1)):
+            br = min(br, R)
+            if br * cw > 8192:
+                br = max(1, 8192 // cw)
+            cfg = dict(block_m=1, block_r=br, num_warps=warps, num_stages=stages)
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    bm = min(128, max(16, _next_pow2(M)))
+    if R >= 16 and cw >= 16:
+        for br, warps, stages in ((32, 4, 3), (16, 4, 3), (64, 4, 3), (64, 8, 3), (32, 4, 4), (16, 2, 4), (128, 8, 3)):
+            br = min(br, R)
+            if bm * br > 128 * 64:
+                continue
+            cfg = dict(block_m=bm, block_r=br, num_warps=warps, num_stages=stages)
+            if cfg not in out:
+                out.append(cfg)
+        return out
+    # thin blocks: multiply-reduce on CUDA cores; keep the [BM, BR, CW] product small
+    bm = min(_next_pow2(M), 16)
+    br = min(R, max(1, 4096 // (bm * cw)))
+    while br > 1 and R % br:
+        br //= 2
+    return [dict(block_m=bm, block_r=br, num_warps=4, num_stages=2)]
+
+
+def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None, out: torch.Tensor,
+           cfg: dict) -> torch.Tensor:
+    """x2 [M, K] (contiguous rows) -> out [M, N] with the given launch config."""
+    M = x2.shape[0]
+    N, R, C = params["out_features"], params["block_rows"], params["block_cols"]
+    bits = params.get("bits")
+    br, bm = cfg["block_r"], cfg["block_m"]
+    if R % br:
+        raise ValueError(f"block_r {br} must divide the block height {R}")
+    if bits is None:
+        v, s, gb = tensors["values"], tensors["values"], 1
+    else:
+        v, s = tensors["qvalues"], tensors["scales"]
+        gb = C // params["group_size"] if block_scales(params) else 0
+    grid = (N // br, triton.cdiv(M, bm))
+    _bsr_kernel[grid](
+        x2, tensors["crow_indices"], tensors["col_indices"], v, s, bias if bias is not None else s, out,
+        M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0),
+        R=R, C=C, CW=C // 2 if bits == 4 else C, BLOCK_R=br, BLOCK_M=bm, BITS=bits or 0, GB=gb,
+        USE_DOT=_can_dot(params, bm, br),
+        DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def _tune(key: tuple, candidates: list[dict], run) -> dict:
+    """First call of a key on CUDA: time every candidate (triton.testing.do_bench, median), keep the fastest."""
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if len(candidates) == 1 or _interpreting() or torch.cuda.is_current_stream_capturing():
+        cfg = candidates[0]
+    else:
+        best = None
+        for c in candidates:
+            try:
+                t = triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median")
+            except Exception:  # a candidate that does not compile/launch here is skipped
+                continue
+            if best is None or t < best[0]:
+                best = (t, c)
+        cfg = best[1] if best else candidates[0]
+    _TUNED[key] = cfg
+    return cfg
+
+
+def _m_bucket(M: int) -> int:
+    return 1 if M == 1 else min(128, max(16, _next_pow2(M)))
+
+
+def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16) @ W^T (+ bias) -> [..., N] by `_bsr_kernel`; `config` forces a launch config."""
+    K, N = params["in_features"], params["out_features"]
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    if config is None:
+        density = params["nnz_blocks"] / max(1, (N // params["block_rows"]) * (K // params["block_cols"]))
+        key = (_m_bucket(M), N, K, params["block_rows"], params["block_cols"], params.get("bits"),
+               params.get("group_size"), round(density, 1), x.dtype, bias is not None, str(x.device))
+        cands = configs(M, params)
+        config = _tune(key, cands, lambda c: launch(x2, tensors, params, bias, out, c))
+    launch(x2, tensors, params, bias, out, config)
+    return out.reshape(*lead, N)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the format
+
+
+@register_format
+class BsrFormat(PackedFormat):
+    """Block-sparse rows: stored blocks in the model dtype or int8/int4 with per-segment scales (layout above)."""
+
+    name = FORMAT_NAME
+    version = FORMAT_VERSION
+    loadable_versions = (1,)
+
+    def check_params(self, params):
+        return check_params(params)
+
+    def tensor_specs(self, params, dtype):
+        return tensor_specs(params, dtype)
+
+    def dequantize(self, tensors, params):
+        return dequantize(tensors, params)
+
+    def linear(self, x, tensors, params, bias):
+        return linear(x, tensors, params, bias)
+
+
+def density(params: dict) -> float:
+    """Stored blocks over all blocks."""
+    total = (params["out_features"] // params["block_rows"]) * (params["in_features"] // params["block_cols"])
+    return params["nnz_blocks"] / total if total else 0.0
+
+
+def nbytes(params: dict, dtype: torch.dtype = torch.float16) -> int:
+    """Stored bytes of one module in this format (indexes and scales counted)."""
+    total = 0
+    for shape, dt in tensor_specs(params, dtype).values():
+        total += math.prod(shape) * torch.empty((), dtype=dt).element_size()
+    return total

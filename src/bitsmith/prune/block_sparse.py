@@ -1,0 +1,332 @@
+"""Block-sparse pruning (`block_sparse`, a model pass) and BSR packing (`pack_bsr`, a tensor pass).
+
+`block_sparse` zeroes whole R x C blocks (R output rows by C input columns of W [out, in]) of the targeted Linear
+weights. Scores (`bitsmith.prune.scores`): `magnitude` (weights only) or `activation` (|W| times the input norms on
+calibration text, Wanda-style, summed per block as output energy). Allocation: per `layer`, per block `row`, or
+`global` (one threshold over all layers, each layer's sparsity bounded by min/max_sparsity). `refit: true` re-solves
+the kept weights of every output row by ridge least squares on the calibration inputs (mask fixed).
+
+It is always a model pass (the engine's pass kind is fixed per type): with `score: magnitude` and no refit it runs no
+calibration forward, it only needs the weights. The pruned blocks are exact zeros in the model's weights, so later
+passes see them: `recover` keeps them zero, `finequant` keeps them zero (symmetric codes have an exact zero), and
+`pack_bsr` stores only the nonzero blocks. The block shape of every pruned module is recorded in the run's context
+(`ctx.extra["block_sparse"]`) for `pack_bsr` with `block: auto`.
+
+    passes:
+      - {type: block_sparse, sparsity: 0.5, block: [16, 16], score: activation, refit: true, text: calib.txt}
+      - {type: recover, steps: 100, text: calib.txt}
+      - {type: finequant, bits: 4, group_size: 128}      # optional: int4 values
+      - {type: pack_bsr}                                   # -> format bsr (values dense, or int4/int8 from gwint)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal, Optional, Union
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from ..compress import calibration
+from ..compress.errors import PlanError, RecipeError
+from ..compress.formats import PackedTensor
+from ..compress.inventory import inventory_from_model, select
+from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
+from ..kernels import bsr
+from . import scores as S
+
+EXTRA_KEY = "block_sparse"  # ctx.extra[EXTRA_KEY][module] = {"block": (R, C), "sparsity": s}
+REPORT_KEY = "block_sparse.report"
+
+
+def _block_field(v):
+    if isinstance(v, str):
+        parts = v.lower().replace(" ", "").split("x")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            return (int(parts[0]), int(parts[1]))
+        return v
+    return v
+
+
+class CalibrationFields(TargetedPass):
+    """Calibration text settings shared by the model passes of this package."""
+
+    text: Optional[str] = Field(None, description="calibration text: a UTF-8 file or a local `datasets` folder;"
+                                                  " default: the small sample bundled with bitsmith")
+    text_field: str = "text"
+    split: Optional[str] = None
+    samples: int = Field(32, ge=1, description="calibration sequences")
+    seq_len: int = Field(256, ge=2, description="tokens per calibration sequence")
+    seed: int = 0
+    batch_size: int = Field(4, ge=1)
+    tokenizer: Optional[str] = Field(None, description="folder with the tokenizer; default: the input checkpoint")
+
+
+class BlockSparse(CalibrationFields):
+    """Zero the lowest-scored R x C blocks of the targeted Linear weights."""
+
+    type: Literal["block_sparse"] = "block_sparse"
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of the targeted weights set to zero")
+    block: tuple[int, int] = Field((16, 16), description="[rows, cols] of W [out_features, in_features]")
+    score: Literal["magnitude", "activation"] = "activation"
+    scope: Literal["layer", "row", "global"] = "layer"
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="scope global: least sparsity of any layer")
+    max_sparsity: float = Field(0.98, gt=0.0, le=1.0, description="scope global: most sparsity of any layer")
+    refit: bool = Field(False, description="re-solve the kept weights by least squares on calibration inputs")
+    ridge: float = Field(0.01, ge=0.0, description="refit: ridge, relative to the mean diagonal of X^T X")
+
+    kind: ClassVar[PassKind] = PassKind.MODEL
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _block(cls, v):
+        return _block_field(v)
+
+    @field_validator("block")
+    @classmethod
+    def _block_positive(cls, v):
+        if v[0] < 1 or v[1] < 1:
+            raise ValueError(f"block sides must be positive integers, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.scope == "global" and not self.min_sparsity <= self.sparsity <= self.max_sparsity:
+            raise ValueError(f"sparsity {self.sparsity} must lie within [min_sparsity {self.min_sparsity},"
+                             f" max_sparsity {self.max_sparsity}]")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.score == "activation" or self.refit
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+
+def _check_divisible(cfg, modules, where: str) -> None:
+    R, C = cfg.block
+    bad = [f"{m.name} {list(m.shape)}" for m in modules
+           if m.shape is None or len(m.shape) != 2 or m.shape[0] % R or m.shape[1] % C]
+    if bad:
+        raise PlanError(f"{where}: block {R}x{C} does not tile {len(bad)} targeted weights (out % {R}, in % {C}):"
+                        f" {', '.join(bad[:6])}; choose a block that divides them or add them to `ignore`")
+
+
+def plan_block_sparse(cfg: BlockSparse, view, inventory) -> None:
+    where = f"{cfg.type}"
+    chosen, _ = select(inventory, cfg.targets, cfg.ignore, where)
+    if not chosen:
+        raise PlanError(f"{where}: no module to prune (every match is ignored or tied)")
+    _check_divisible(cfg, chosen, where)
+    if cfg.needs_calibration:
+        calibration.check_text_source(cfg.text, where)
+
+
+# -------------------------------------------------------------------------------------------------------- apply
+
+def targeted_linears(model: torch.nn.Module, cfg, where: str) -> dict[str, torch.nn.Module]:
+    chosen, _ = select(inventory_from_model(model), cfg.targets, cfg.ignore, where)
+    named = dict(model.named_modules())
+    return {m.name: named[m.name] for m in chosen}
+
+
+def resolve_tokenizer(cfg, model, ctx, where: str):
+    path = cfg.tokenizer or (getattr(ctx, "input_path", None) if ctx is not None else None)
+    if path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        from pathlib import Path
+
+        if name and Path(name).is_dir():
+            path = name
+    return calibration.load_tokenizer(path, where)
+
+
+def calibrate(model, cfg: CalibrationFields, names, tokenizer, *, gram=False, device=None, progress=False,
+              desc="calibration"):
+    """Sample the calibration tokens of `cfg` and collect input statistics of `names`."""
+    batches = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
+                                              text_field=cfg.text_field, split=cfg.split, where=desc)
+    return calibration.collect_stats(model, names, batches, batch_size=cfg.batch_size, gram=gram, device=device,
+                                     progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, stats=None, progress: bool = False,
+                log=None, where: str = "block_sparse") -> dict:
+    """Prune `model` in place as `cfg` says; returns a report (per-module sparsity, output errors, seconds).
+
+    `stats` ({module: LinearStats} from `calibration.collect_stats` on the dense model, with Gram matrices when
+    refitting) can be passed in to reuse one calibration for several prunings; otherwise it is collected here.
+    """
+    t0 = time.time()
+    modules = targeted_linears(model, cfg, where)
+    R, C = cfg.block
+    bad = [f"{n} {list(m.weight.shape)}" for n, m in modules.items()
+           if m.weight.dim() != 2 or m.weight.shape[0] % R or m.weight.shape[1] % C]
+    if bad:
+        raise PlanError(f"{where}: block {R}x{C} does not tile {', '.join(bad[:6])}; choose another block or"
+                        " ignore them")
+    if cfg.needs_calibration and stats is None:
+        if tokenizer is None:
+            raise RecipeError(f"{where}: score {cfg.score!r}{' with refit' if cfg.refit else ''} needs calibration"
+                              " text and a tokenizer")
+        stats = calibrate(model, cfg, list(modules), tokenizer, gram=cfg.refit, progress=progress, desc=where)
+    t1 = time.time()
+    act = cfg.score == "activation"
+    scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in modules.items()}
+    masks = S.allocate(scores, cfg.sparsity, cfg.scope, min_sparsity=cfg.min_sparsity,
+                       max_sparsity=cfg.max_sparsity)
+    report = {"modules": {}, "block": list(cfg.block), "score": cfg.score, "scope": cfg.scope, "refit": cfg.refit}
+    pruned = total = 0
+    for n, m in modules.items():
+        w = m.weight
+        keep = masks[n]
+        masked = w.to(torch.float32) * S.expand(keep, cfg.block)
+        entry = {"sparsity": round(S.sparsity_of(keep), 4)}
+        gram = stats[n].gram if (stats is not None and n in stats) else None
+        if gram is not None:
+            entry["out_err"] = round(S.output_error(masked, w, gram), 6)
+        if cfg.refit:
+            new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge)
+            entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
+        else:
+            new = masked
+        w.copy_(new.to(w.dtype))
+        report["modules"][n] = entry
+        pruned += int((~keep).sum()) * R * C
+        total += w.numel()
+    report["sparsity"] = pruned / total if total else 0.0
+    report["calibration_s"] = round(t1 - t0, 2)
+    report["seconds"] = round(time.time() - t0, 2)
+    if log is not None:
+        sp = [e["sparsity"] for e in report["modules"].values()]
+        msg = (f"{where}: {len(modules)} matrices, {R}x{C} blocks, {cfg.score} scores, {cfg.scope} allocation:"
+               f" {report['sparsity']:.1%} of their weights zeroed (per matrix {min(sp):.1%}..{max(sp):.1%})")
+        errs = [e["out_err"] for e in report["modules"].values() if "out_err" in e]
+        if errs:
+            msg += f"; mean relative output error {sum(errs) / len(errs):.4f}"
+        refits = [e["out_err_refit"] for e in report["modules"].values() if "out_err_refit" in e]
+        if refits:
+            msg += f" -> {sum(refits) / len(refits):.4f} after refit"
+        log(msg)
+    return report
+
+
+def apply_block_sparse(cfg: BlockSparse, model: torch.nn.Module, ctx) -> None:
+    where = "block_sparse"
+    progress = bool(getattr(ctx, "progress", False))
+    device = getattr(ctx, "device", None)
+    tokenizer = resolve_tokenizer(cfg, model, ctx, where) if cfg.needs_calibration else None
+    # Calibration on a CPU runs in float32 (bf16 matmuls are slower there and round the statistics).
+    dtype = next(model.parameters()).dtype
+    upcast = cfg.needs_calibration and (device is None or str(device) == "cpu") and dtype != torch.float32
+    if upcast:
+        model.to(torch.float32)
+    try:
+        report = prune_model(model, cfg, tokenizer=tokenizer, progress=progress,
+                             log=ctx.log if ctx is not None else None, where=where)
+    finally:
+        if upcast:
+            model.to(dtype)
+    if ctx is not None:
+        rec = ctx.extra.setdefault(EXTRA_KEY, {})
+        for n, e in report["modules"].items():
+            rec[n] = {"block": tuple(cfg.block), "sparsity": e["sparsity"]}
+        ctx.extra.setdefault(REPORT_KEY, []).append(report)
+
+
+register_pass(BlockSparse, apply=apply_block_sparse, plan=plan_block_sparse)
+
+
+# ---------------------------------------------------------------------------------------------------- pack_bsr
+
+class PackBsr(TargetedPass):
+    """Store the targeted weights in the `bsr` format: only their nonzero blocks (values dense, or int4/int8 when a
+    `finequant` pass packed them just before)."""
+
+    type: Literal["pack_bsr"] = "pack_bsr"
+    block: Union[Literal["auto"], tuple[int, int]] = Field(
+        "auto", description="[rows, cols]; auto: the block that block_sparse used on that module in this recipe")
+    min_sparsity: float = Field(0.0, ge=0.0, le=1.0,
+                                description="leave a weight as it is when fewer of its blocks are zero")
+
+    kind: ClassVar[PassKind] = PassKind.TENSOR
+    packs: ClassVar[bool] = True
+    accepts_packed: ClassVar[bool] = True  # converts a gwint-packed weight (finequant) into quantized bsr
+
+    @field_validator("block", mode="before")
+    @classmethod
+    def _block(cls, v):
+        return _block_field(v)
+
+    @field_validator("block")
+    @classmethod
+    def _block_positive(cls, v):
+        if v != "auto" and (v[0] < 1 or v[1] < 1):
+            raise ValueError(f"block sides must be positive integers, got {list(v)}")
+        return v
+
+
+def plan_pack_bsr(cfg: PackBsr, modules) -> dict[str, str]:
+    skipped = {}
+    for m in modules:
+        if m.shape is None or len(m.shape) != 2:
+            skipped[m.name] = f"weight is not a matrix (shape {list(m.shape or [])})"
+        elif cfg.block != "auto" and (m.shape[0] % cfg.block[0] or m.shape[1] % cfg.block[1]):
+            skipped[m.name] = f"block {cfg.block[0]}x{cfg.block[1]} does not tile its {list(m.shape)} weight"
+    return skipped
+
+
+def _block_for(cfg: PackBsr, state: TensorState, ctx) -> tuple[int, int] | None:
+    record = (getattr(ctx, "extra", None) or {}).get(EXTRA_KEY) if ctx is not None else None
+    if cfg.block == "auto":
+        if not record:
+            raise PlanError("pack_bsr: block auto needs a block_sparse pass earlier in the same recipe (none pruned"
+                            " anything in this run); set `block: [rows, cols]` to pack weights pruned before")
+        hit = record.get(state.module)
+        return None if hit is None else tuple(hit["block"])
+    if record and state.module in record and tuple(record[state.module]["block"]) != tuple(cfg.block):
+        got = record[state.module]["block"]
+        raise PlanError(f"pack_bsr: block {list(cfg.block)} differs from the {list(got)} blocks block_sparse pruned"
+                        f" {state.module} with; use block: auto")
+    return tuple(cfg.block)
+
+
+def apply_pack_bsr(cfg: PackBsr, state: TensorState, ctx=None) -> TensorState:
+    block = _block_for(cfg, state, ctx)
+    if block is None:
+        state.facts["pack_bsr"] = {"left": "not pruned by block_sparse in this run"}
+        return state
+    w = state.tensor  # [N, K], the dense value (dequantized when packed)
+    N, K = w.shape
+    if N % block[0] or K % block[1]:
+        state.facts["pack_bsr"] = {"left": f"block {block} does not tile {list(w.shape)}"}
+        return state
+    mask = bsr.block_mask(w, block)
+    sparsity = S.sparsity_of(mask)
+    if sparsity < cfg.min_sparsity:
+        state.facts["pack_bsr"] = {"left": f"block sparsity {sparsity:.3f} < min_sparsity {cfg.min_sparsity}"}
+        return state
+    packed = state.packed
+    if packed is None:
+        params, tensors = bsr.pack(w, block, mask)
+    elif packed.format == "gwint":
+        p = packed.params
+        if not p.get("symmetric", True) or p["bits"] not in (4, 8):
+            raise PlanError(f"pack_bsr: {state.module} is packed as {p['bits']}-bit"
+                            f" {'symmetric' if p.get('symmetric', True) else 'asymmetric'} gwint; the bsr format"
+                            " takes symmetric int4 or int8 (finequant bits 4|8, symmetric: true)")
+        try:
+            params, tensors = bsr.from_gwint(packed.tensors["qweight"], packed.tensors["scales"], None, p["bits"],
+                                             p["group_size"], K, block, mask)
+        except ValueError as e:
+            raise PlanError(f"pack_bsr: {state.module}: {e}") from None
+    else:
+        raise PlanError(f"pack_bsr: {state.module} is packed as {packed.format!r}; pack_bsr converts dense weights"
+                        " or gwint (finequant) ones")
+    state.packed = PackedTensor(bsr.FORMAT_NAME, params, tensors)
+    state.facts["pack_bsr"] = {"block": list(block), "sparsity": round(sparsity, 4), "bits": params["bits"]}
+    return state
+
+
+register_pass(PackBsr, apply=apply_pack_bsr, plan=plan_pack_bsr)

@@ -1,0 +1,178 @@
+"""`recover`: a short distillation of a compressed model toward the original one, its zeros held fixed (a model pass).
+
+The student is the model as the earlier passes left it (pruned, reshaped...); the teacher is the input checkpoint
+(or `teacher:`, a model folder), loaded once more. On calibration text (`text`, sampled like every calibration in
+bitsmith: `samples` windows of `seq_len` tokens, seeded), each step minimizes KL(teacher || student) of the
+next-token distributions at every position (temperature `temperature`, scaled by T^2), averaged over `batch_size`
+sequences that go through the model `micro_batch` at a time (gradient accumulation: the memory of one step is that of
+a micro-batch's logits, which matters with large vocabularies). AdamW, `lr` with a linear warm-up over the first 5%
+of the steps and a cosine decay to 10%, gradients clipped to norm 1.
+
+Only the weights of the targeted modules (default: every Linear but the output head) train; everything else is
+frozen. Every exact zero of a trained weight at the start stays zero: the masks are re-applied after each optimizer
+step, so block-sparse masks survive (and a dense weight, which has no zeros, trains freely). Training runs in float32
+(the weights return to their dtype at the end) through `accelerate` (device placement; `accelerate launch` for
+several processes). The loss at the start and at the end goes to the log and to `ctx.extra["recover.report"]`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..compress import calibration
+from ..compress.errors import RecipeError
+from ..compress.passes import PassKind, register_pass
+from .block_sparse import CalibrationFields, resolve_tokenizer, targeted_linears
+
+REPORT_KEY = "recover.report"
+
+
+class Recover(CalibrationFields):
+    """Distill the model toward the original (teacher logits), keeping every zero of the trained weights."""
+
+    type: Literal["recover"] = "recover"
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW)")
+    samples: int = Field(256, ge=1, description="calibration sequences drawn (cycled when steps need more)")
+    micro_batch: int = Field(1, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    temperature: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    teacher: Optional[str] = Field(None, description="teacher model folder; default: the input checkpoint")
+
+    kind: ClassVar[PassKind] = PassKind.MODEL
+
+
+def plan_recover(cfg: Recover, view, inventory) -> None:
+    calibration.check_text_source(cfg.text, cfg.type)
+    if cfg.teacher is not None and not (Path(cfg.teacher).expanduser() / "config.json").is_file():
+        raise RecipeError(f"recover: teacher {cfg.teacher!r} is not a model folder (no config.json)")
+    if cfg.micro_batch > cfg.batch_size:
+        raise RecipeError(f"recover: micro_batch ({cfg.micro_batch}) must not exceed batch_size ({cfg.batch_size})")
+
+
+def load_teacher(cfg: Recover, ctx, device) -> torch.nn.Module:
+    from ..compress.checkpoint import CheckpointReader
+    from ..compress.sources import CheckpointSource, materialize
+
+    path = cfg.teacher or (getattr(ctx, "input_path", None) if ctx is not None else None)
+    if path is None:
+        raise RecipeError("recover: no teacher: run it through `bitsmith compress` (the input checkpoint is the"
+                          " teacher) or set `teacher:` to the original model's folder")
+    source = CheckpointSource(CheckpointReader(Path(path).expanduser()))
+    if source.view.packed_modules:
+        raise RecipeError(f"recover: the teacher {path} holds packed weights; give an unpacked original model")
+    return materialize(source, device)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    warm = max(1, round(0.05 * steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student), times T^2 (float32)."""
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.Tensor, cfg: Recover, params,
+            *, progress: bool = False, log=None) -> dict:
+    """Train `params` (a {name: Parameter} of `student`) toward `teacher` on token `batches` [S, L]; zeros fixed."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    dev = next(student.parameters()).device
+    accelerator = Accelerator(cpu=dev.type == "cpu")
+    masks = {n: (p.detach() != 0) for n, p in params.items()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    student, opt = accelerator.prepare(student, opt)
+    teacher.to(accelerator.device).eval()
+    student.train()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    order = torch.randperm(batches.shape[0], generator=g)
+    losses = []
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="recover", disable=not progress, leave=False)
+    try:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+            idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % batches.shape[0]
+            batch = batches[order[idx]]
+            total = 0.0
+            for mb in batch.split(cfg.micro_batch):
+                ids = mb.to(accelerator.device)
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                s_logits = student(input_ids=ids, use_cache=False).logits
+                loss = kl_loss(s_logits, t_logits, cfg.temperature) * (mb.shape[0] / batch.shape[0])
+                accelerator.backward(loss)
+                total += loss.item()
+                del t_logits, s_logits, loss
+            accelerator.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.mul_(masks[n])
+            losses.append(total)
+            bar.set_postfix(kl=f"{total:.4f}", refresh=False)
+    finally:
+        bar.close()
+        for p in params.values():
+            p.requires_grad_(False)
+        student.eval()
+    k = max(1, len(losses) // 10)
+    report = {"steps": cfg.steps, "kl_first": sum(losses[:k]) / k, "kl_last": sum(losses[-k:]) / k,
+              "seconds": round(time.time() - t0, 1), "s_per_step": round((time.time() - t0) / cfg.steps, 2),
+              "tokens": cfg.steps * cfg.batch_size * batches.shape[1]}
+    if log is not None:
+        log(f"recover: {cfg.steps} steps, KL {report['kl_first']:.4f} -> {report['kl_last']:.4f}"
+            f" ({report['s_per_step']} s/step)")
+    return report
+
+
+def recover_model(model: torch.nn.Module, cfg: Recover, teacher: torch.nn.Module, tokenizer, *,
+                  progress: bool = False, log=None, where: str = "recover") -> dict:
+    """Distill `model` in place toward `teacher` as `cfg` says (float32 training); returns the report."""
+    modules = targeted_linears(model, cfg, where)
+    params = {f"{n}.weight": m.weight for n, m in modules.items()}
+    batches = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
+                                              text_field=cfg.text_field, split=cfg.split, where=where)
+    dtype = next(model.parameters()).dtype
+    teacher_dtype = next(teacher.parameters()).dtype
+    model.to(torch.float32)
+    teacher.to(torch.float32)
+    try:
+        return distill(model, teacher, batches, cfg, params, progress=progress, log=log)
+    finally:
+        model.to(dtype)
+        teacher.to(teacher_dtype)
+
+
+def apply_recover(cfg: Recover, model: torch.nn.Module, ctx) -> None:
+    device = getattr(ctx, "device", None) or next(model.parameters()).device
+    tokenizer = resolve_tokenizer(cfg, model, ctx, "recover")
+    teacher = load_teacher(cfg, ctx, device)
+    report = recover_model(model, cfg, teacher, tokenizer, progress=bool(getattr(ctx, "progress", False)),
+                           log=ctx.log if ctx is not None else None)
+    del teacher
+    if ctx is not None:
+        ctx.extra.setdefault(REPORT_KEY, []).append(report)
+
+
+register_pass(Recover, apply=apply_recover, plan=plan_recover)
