@@ -34,7 +34,7 @@ def rotations(set_bytes: int, device=None, factor: float = 3.0, most: int = 64) 
     return max(2, min(most, math.ceil(factor * l2_bytes(device) / max(set_bytes, 1))))
 
 
-def graph_time_us(calls: list[Callable[[], object]], min_calls: int = 48, replays: int = 25) -> float:
+def graph_time_us(calls: list[Callable[[], object]], min_calls: int = 32, replays: int = 15) -> float:
     """Median microseconds per call over CUDA-graph replays; `calls` are the same op on rotated input sets."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
