@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--size-gb", type=float, default=4.0)
     ap.add_argument("--recipe", default="int8")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override passed to bitsmith compress")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     src, out = args.workdir / "synthetic", args.workdir / "out"
@@ -86,6 +88,8 @@ def main() -> None:
     total = generate(src, args.size_gb)
     print(f"generated {total / 1e9:.2f} GB in {time.time() - t0:.0f} s", flush=True)
     cmd = [sys.executable, "-m", "bitsmith.cli", "compress", args.recipe, str(src), "-o", str(out), "--no-progress"]
+    for o in args.overrides:
+        cmd += ["--set", o]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -94,6 +98,7 @@ def main() -> None:
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     result = {"input_gb": round(total / 1e9, 3), "output_gb": round(out_bytes / 1e9, 3), "recipe": args.recipe,
+              "overrides": args.overrides,
               "peak_rss_gb": round(peak_kb * 1024 / 1e9, 3), "seconds": round(wall, 1),
               "input_gb_per_s": round(total / 1e9 / wall, 3)}
     print(json.dumps(result))

@@ -8,6 +8,7 @@ one tensor at a time through that chain and writes it, so memory stays near the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ import torch
 from .. import __version__
 from .checkpoint import CheckpointReader
 from .errors import PlanError
-from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD, PackedTensor, check_module_entry
+from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD, check_module_entry
 from .inventory import Inventory, build_inventory, select
 from .passes import PassConfig, PassKind, handler_for
 from .recipe import Recipe
@@ -148,8 +149,7 @@ class Summary:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> tuple[Source, list[FusedStep]]:
-    steps_all: list[FusedStep] = []
+def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> Source:
     pending: list[FusedStep] = []
 
     def flush(src: Source) -> Source:
@@ -162,16 +162,14 @@ def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> tuple[S
     for pp in plan.passes:
         handler = handler_for(pp.config)
         if pp.config.kind is PassKind.TENSOR:
-            step = FusedStep(pp.config, handler, pp.targets, pp.index)
-            pending.append(step)
-            steps_all.append(step)
+            pending.append(FusedStep(pp.config, handler, pp.targets, pp.index))
         elif pp.config.kind is PassKind.CHECKPOINT:
             source = handler.apply(pp.config, flush(source), ctx)
         else:
             model = materialize(flush(source), ctx.device)
             handler.apply(pp.config, model, ctx)
             source = ModelSource(model.to("cpu"), source)
-    return flush(source), steps_all
+    return flush(source)
 
 
 def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: bool = False,
@@ -186,10 +184,15 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
     plan = make_plan(recipe, source)
     if plan_only:
         return plan
-    writer = CheckpointWriter(Path(output), shard_bytes, overwrite)  # checks the output before any work
+    key = resume_key(reader, recipe, shard_bytes)
+    expected = 4 * len(plan.final_view.tensors)  # a packed weight becomes at most 4 tensors
+    writer = CheckpointWriter(Path(output), shard_bytes, overwrite, resume_key=key,  # checks the output first
+                              expected_tensors=expected)
     ctx = PassContext(input_path=reader.path, device=device, progress=progress, plan=plan)
     with writer:
-        final, steps = _build_source_chain(plan, source, ctx)
+        if writer.completed:
+            log.warning(f"resuming: {len(writer.completed)} tensors already written by an interrupted run")
+        final = _build_source_chain(plan, source, ctx)
         names = final.names()
         shapes = final.view.tensors
         total = sum(_nbytes(*shapes[n]) for n in names if n in shapes)
@@ -198,16 +201,25 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         with tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True,
                   leave=False) as bar:
             for n_done, name in enumerate(names, 1):
-                state = final.read(name)
-                if state.packed is not None:
-                    modules[state.module] = _write_packed(writer, state.module, state.packed)
-                    linear_before += _nbytes(*shapes.get(name, (tuple(state.tensor.shape), state.tensor.dtype)))
-                    linear_after += state.packed.nbytes
-                else:
-                    writer.add_tensor(name, state.tensor)
+                record = writer.completed.get(name)
+                if record is None:
+                    state = final.read(name)
+                    if state.packed is None:
+                        record = {}
+                        writer.add_group(name, {name: state.tensor}, record)
+                    else:
+                        record = {"module": state.module, "entry": check_module_entry(state.module,
+                                                                                     state.packed.module_entry()),
+                                  "bytes_before": _nbytes(*shapes[name]), "bytes_after": state.packed.nbytes}
+                        writer.add_group(name, {f"{state.module}.{k}": t for k, t in state.packed.tensors.items()},
+                                         record)
+                    del state
+                if record:
+                    modules[record["module"]] = record["entry"]
+                    linear_before += record["bytes_before"]
+                    linear_after += record["bytes_after"]
                 bar.update(_nbytes(*shapes[name]) if name in shapes else 0)
                 bar.set_postfix(tensors=f"{n_done}/{len(names)}", refresh=False)
-                del state
         writer.finish_shards()
         config = dict(final.view.config)
         if modules:
@@ -222,10 +234,9 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         writer.write_text("recipe.yaml", _recipe_record(recipe))
         per_pass = []
         for pp in plan.passes:
-            step = next((s for s in steps if s.index == pp.index), None)
+            changed = len(pp.targets) if pp.config.kind is PassKind.TENSOR else None  # each target is read once
             per_pass.append({"index": pp.index, "type": pp.config.type, "kind": pp.config.kind.value,
-                             "changed": step.changed if step else None, "skipped": len(pp.skipped),
-                             "skipped_modules": pp.skipped})
+                             "changed": changed, "skipped": len(pp.skipped), "skipped_modules": pp.skipped})
         summary = Summary(Path(output), 0.0, reader.total_bytes, writer.bytes_written, linear_before, linear_after,
                           len(names), per_pass)
         summary.seconds = round(time.time() - start, 3)
@@ -249,11 +260,12 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def _write_packed(writer: CheckpointWriter, module: str, packed: PackedTensor) -> dict:
-    entry = check_module_entry(module, packed.module_entry())
-    for suffix, t in packed.tensors.items():
-        writer.add_tensor(f"{module}.{suffix}", t)
-    return entry
+def resume_key(reader: CheckpointReader, recipe: Recipe, shard_bytes: int) -> str:
+    """Fingerprint of everything the output bytes depend on: a run with the same key may resume another's shards."""
+    files = sorted({i.file for i in reader.tensors.values()} | {"config.json"})
+    stats = [(f, (reader.path / f).stat().st_size, (reader.path / f).stat().st_mtime_ns) for f in files]
+    blob = json.dumps([__version__, recipe.to_yaml(), str(reader.path.resolve()), stats, shard_bytes])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _recipe_record(recipe: Recipe) -> str:

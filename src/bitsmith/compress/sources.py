@@ -65,7 +65,6 @@ class FusedStep:
     handler: PassHandler
     targets: dict[str, tuple[str, str]]  # weight tensor name -> (module name, module class)
     index: int  # position in the recipe
-    changed: int = 0
 
 
 class SweepSource:
@@ -86,7 +85,6 @@ class SweepSource:
                 continue
             state.module, state.module_class = hit
             state = step.handler.apply(step.config, state, self.ctx)
-            step.changed += 1
         return state
 
     def side_files(self) -> dict[str, Path | bytes]:
