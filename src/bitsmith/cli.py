@@ -187,7 +187,11 @@ def eval_ppl(model, text_path, tokens, window, stride, device, record, as_json):
         raise BitsmithError(f"--text {text_path}: no such file")
     result = evaluate_path(str(model), str(text_path), tokens, window, stride, device)
     if record:
+        from .compress.card import write_model_card
+
         record_result(Path(model), {**result, "metric": "perplexity", "text": text_path.name})
+        if (Path(model) / "bitsmith.json").is_file():  # a bitsmith output: refresh its card with the new figures
+            write_model_card(Path(model))
     if as_json:
         _echo_json(result)
     else:
@@ -234,7 +238,8 @@ def push(folder, repo_id, private, revision):
     """Push a compressed FOLDER to the Hugging Face Hub as REPO_ID (checked first; card included)."""
     from .compress.hub import push_folder
 
-    click.echo(push_folder(folder, repo_id, private=private, revision=revision))
+    r = push_folder(folder, repo_id, private=private, revision=revision)
+    click.echo(f"{r}  ({len(r.uploaded)} uploaded, {len(r.unchanged)} unchanged, {len(r.deleted)} removed)")
 
 
 # --- bench -----------------------------------------------------------------------------------------------------------

@@ -119,7 +119,8 @@ def resolve_model_path(model: str | os.PathLike, allow_download: bool = True) ->
 
     try:
         return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                  "*.jinja", "*.py"]))
+                                                                  "*.jinja", "*.md", "LICENSE*", "NOTICE*",
+                                                                  "USE_POLICY*"]))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{model}: not a local folder, and the Hugging Face Hub cannot be reached (offline?) and the repo is not"
