@@ -7,18 +7,14 @@
 
 __version__ = "0.1.0"
 
-# Note: the function `bitsmith.compress` shadows the subpackage of the same name as an attribute; import engine modules
-# with `from bitsmith.compress.checkpoint import ...`. Nothing here imports pydantic, so the kernels and the loader work
-# in environments that only have torch/triton/transformers (pass configs are imported on first use).
-def _register_transformers() -> None:
-    from .compress.hf_integration import register
+# `bitsmith.compress` is the engine subpackage, and calling it runs `api.compress` (see compress/__init__.py).
+# Nothing here imports pydantic, so the kernels and the loader work in environments that only have
+# torch/triton/transformers (pass configs are imported on first use).
+from . import compress  # noqa: E402
+from .api import apply, load, load_tokenizer  # noqa: E402
+from .compress.hf_integration import register as _register_transformers  # noqa: E402
 
-    register()
-
-
-_register_transformers()  # imports the `compress` subpackage first, so the function below takes the attribute
-
-from .api import apply, compress, load, load_tokenizer  # noqa: E402
+_register_transformers()
 
 __all__ = ["__version__", "compress", "apply", "load", "load_tokenizer", "FineQuant"]
 
