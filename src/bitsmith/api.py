@@ -12,7 +12,8 @@ from torch import nn
 
 
 def compress(recipe, model: str | Path, output: str | Path, *, overrides: Sequence[str] = (), overwrite: bool = False,
-             shard_size: str | int = "5GB", allow_pickle: bool = False, device: str = "cpu", progress: bool = True):
+             shard_size: str | int = "5GB", allow_pickle: bool = False, device: str = "cpu", progress: bool = True,
+             workers: int = 1):
     """Apply a recipe (bundled name, YAML path, or a `Recipe`) to a checkpoint folder (or Hub id); returns a Summary."""
     from .compress.pipeline import run
     from .compress.recipe import Recipe, load_recipe
@@ -21,7 +22,7 @@ def compress(recipe, model: str | Path, output: str | Path, *, overrides: Sequen
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(str(recipe), list(overrides))
     return run(recipe, model, output, overwrite=overwrite, shard_bytes=parse_size(shard_size),
-               allow_pickle=allow_pickle, device=device, progress=progress)
+               allow_pickle=allow_pickle, device=device, progress=progress, workers=workers)
 
 
 def apply(model: nn.Module, passes: Sequence) -> nn.Module:

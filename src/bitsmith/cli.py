@@ -53,14 +53,16 @@ def main(verbose: bool) -> None:
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin weights (pickle: trusted sources only).")
 @click.option("--device", default="cpu", show_default=True, help="Device for model passes (cpu, cuda, cuda:1).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Processes computing tensors in parallel (output identical to 1); tensor passes only.")
 @click.option("--plan", "plan_only", is_flag=True, help="Validate and print the plan; read no weights, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME", help="Push the result to the Hub.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--revision", default=None, help="With --push-to-hub: branch to push to.")
-def compress(recipe, model, output, overrides, overwrite, shard_size, allow_pickle, device, plan_only, as_json,
-             no_progress, push_repo, private, revision):
+def compress(recipe, model, output, overrides, overwrite, shard_size, allow_pickle, device, workers, plan_only,
+             as_json, no_progress, push_repo, private, revision):
     """Apply RECIPE (a bundled name or a YAML file) to MODEL (a folder or Hub id), writing OUTPUT."""
     from .compress.pipeline import run
     from .compress.recipe import load_recipe
@@ -68,7 +70,9 @@ def compress(recipe, model, output, overrides, overwrite, shard_size, allow_pick
 
     r = load_recipe(recipe, list(overrides))
     result = run(r, model, output, overwrite=overwrite, shard_bytes=parse_size(shard_size), allow_pickle=allow_pickle,
-                 device=device, progress=not no_progress and not as_json, plan_only=plan_only)
+                 device=device, progress=not no_progress and not as_json, plan_only=plan_only, workers=workers)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if plan_only:
         click.echo(result.describe())
         return

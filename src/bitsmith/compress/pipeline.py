@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from .checkpoint import CheckpointReader
 from .errors import PlanError
-from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD, check_module_entry
+from .formats import QUANT_CONFIG_VERSION, QUANT_METHOD
 from .inventory import Inventory, build_inventory, select
 from .passes import PassConfig, PassKind, handler_for
 from .recipe import Recipe
@@ -172,11 +172,34 @@ def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> Source:
     return flush(source)
 
 
+def _tensor_only(plan: Plan) -> bool:
+    return all(pp.config.kind is PassKind.TENSOR for pp in plan.passes)
+
+
+def build_sweep(model: str, recipe_yaml: str, allow_pickle: bool, device: str):
+    """Rebuild the source chain in another process (a worker): (source, shapes, nbytes)."""
+    from .recipe import parse_recipe
+
+    reader = CheckpointReader(model, allow_pickle=allow_pickle)
+    source = CheckpointSource(reader)
+    plan = make_plan(parse_recipe(recipe_yaml, "<recipe>"), source)
+    final = _build_source_chain(plan, source, PassContext(input_path=reader.path, device=device, progress=False,
+                                                          plan=plan))
+    return final, final.view.tensors, _nbytes
+
+
 def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: bool = False,
         shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False, device: str = "cpu",
-        progress: bool = True, plan_only: bool = False) -> Summary | Plan:
-    """Compress `model` with `recipe` into `output`. Everything is validated before the first weight is read."""
+        progress: bool = True, plan_only: bool = False, workers: int = 1) -> Summary | Plan | None:
+    """Compress `model` with `recipe` into `output`. Everything is validated before the first weight is read.
+
+    `workers` > 1 computes tensors in that many processes; under torchrun / accelerate launch (WORLD_SIZE > 1) the
+    ranks share the tensors and rank 0 writes (other ranks return None). Either way the bytes are those of a
+    single-process run. Both need a recipe of tensor passes only.
+    """
     from tqdm.auto import tqdm
+
+    from . import parallel
 
     start = time.time()
     reader = CheckpointReader(model, allow_pickle=allow_pickle)
@@ -184,10 +207,25 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
     plan = make_plan(recipe, source)
     if plan_only:
         return plan
+    rank, world = parallel.dist_world()
+    if (workers > 1 or world > 1) and not _tensor_only(plan):
+        raise PlanError(f"{recipe.source}: --workers and multi-rank runs need a recipe of tensor passes only"
+                        f" (this one has {', '.join(p.config.type for p in plan.passes if p.config.kind is not PassKind.TENSOR)})")
+    if world > 1:
+        parallel.init_distributed(device)
+        if rank != 0:
+            return _serve_rank(plan, source, reader, device, progress)
     key = resume_key(reader, recipe, shard_bytes)
     expected = 4 * len(plan.final_view.tensors)  # a packed weight becomes at most 4 tensors
-    writer = CheckpointWriter(Path(output), shard_bytes, overwrite, resume_key=key,  # checks the output first
-                              expected_tensors=expected)
+    try:
+        writer = CheckpointWriter(Path(output), shard_bytes, overwrite, resume_key=key,  # checks the output first
+                                  expected_tensors=expected)
+    except Exception:
+        if world > 1:  # release the other ranks, which wait for their share of the work
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([None], src=0)
+        raise
     ctx = PassContext(input_path=reader.path, device=device, progress=progress, plan=plan)
     with writer:
         if writer.completed:
@@ -195,6 +233,17 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         final = _build_source_chain(plan, source, ctx)
         names = final.names()
         shapes = final.view.tensors
+        todo = [n for n in names if n not in writer.completed]
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([todo], src=0)
+            groups = parallel.ranks(final, shapes, todo, _nbytes, device)
+        elif workers > 1:
+            groups = parallel.workers(workers, build_sweep, (str(reader.path), recipe.to_yaml(), allow_pickle,
+                                                             device), todo)
+        else:
+            groups = parallel.serial(final, shapes, todo, _nbytes)
         total = sum(_nbytes(*shapes[n]) for n in names if n in shapes)
         modules: dict[str, dict] = dict(final.view.packed_modules)
         linear_before = linear_after = 0
@@ -203,17 +252,10 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
             for n_done, name in enumerate(names, 1):
                 record = writer.completed.get(name)
                 if record is None:
-                    state = final.read(name)
-                    if state.packed is None:
-                        record = {}
-                        writer.add_group(name, {name: state.tensor}, record)
-                    else:
-                        record = {"module": state.module, "entry": check_module_entry(state.module,
-                                                                                     state.packed.module_entry()),
-                                  "bytes_before": _nbytes(*shapes[name]), "bytes_after": state.packed.nbytes}
-                        writer.add_group(name, {f"{state.module}.{k}": t for k, t in state.packed.tensors.items()},
-                                         record)
-                    del state
+                    produced, record, tensors = next(groups)
+                    assert produced == name, (produced, name)  # producers keep the order
+                    writer.add_group(name, tensors, record)
+                    del tensors
                 if record:
                     modules[record["module"]] = record["entry"]
                     linear_before += record["bytes_before"]
@@ -258,6 +300,23 @@ def _nbytes(shape, dtype) -> int:
     for d in shape:
         n *= d
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _serve_rank(plan: Plan, source: Source, reader: CheckpointReader, device: str, progress: bool) -> None:
+    """A rank other than 0: compute this rank's share of the tensors rank 0 asks for, send them, write nothing."""
+    import torch.distributed as dist
+
+    from . import parallel
+
+    final = _build_source_chain(plan, source, PassContext(input_path=reader.path, device=device, progress=False,
+                                                          plan=plan))
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:  # rank 0 stopped before any work (its error is reported there)
+        return None
+    for _ in parallel.ranks(final, final.view.tensors, box[0], _nbytes, device):
+        pass
+    return None
 
 
 def resume_key(reader: CheckpointReader, recipe: Recipe, shard_bytes: int) -> str:
