@@ -102,7 +102,7 @@ class GwintFormat:
         return dict(qweight=qweight, scales=scales, zeros=zeros, bits=bits, group_size=gs, in_features=K)
 
     @staticmethod
-    def call(x: torch.Tensor, w: dict, out_regime: str | None = None) -> torch.Tensor:
+    def call(x: torch.Tensor, w: dict) -> torch.Tensor:
         return gwint.linear(x, w["qweight"], w["scales"], w["zeros"], w["bits"], w["group_size"], w["in_features"])
 
     @staticmethod
