@@ -1,0 +1,73 @@
+"""recover: distillation toward the input model keeps the zeros and lowers the KL; errors without a teacher."""
+
+import math
+
+import pytest
+import torch
+
+import bitsmith
+from bitsmith.compress.errors import RecipeError
+from bitsmith.compress.recipe import parse_recipe
+from bitsmith.prune.recover import Recover, lr_at
+
+
+def test_recover_keeps_masks_and_lowers_kl(tiny_lm, calib_text, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    r = parse_recipe(
+        "version: 1\npasses:\n"
+        "  - {type: block_sparse, sparsity: 0.7, block: [16, 16], score: magnitude}\n"
+        f"  - {{type: recover, steps: 6, lr: 0.005, text: {calib_text}, samples: 4, seq_len: 32, batch_size: 2}}\n")
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="bitsmith"):
+        bitsmith.compress(r, tiny_lm, tmp_path / "out", progress=False)
+    line = next(rec.message for rec in caplog.records if rec.message.startswith("recover:"))
+    first, last = (float(v) for v in line.split("KL ")[1].split(" (")[0].split(" -> "))
+    assert last < first
+    before = load_file(tiny_lm / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    w = after["model.layers.0.mlp.up_proj.weight"]  # [96, 64]
+    zero_blocks = (w.reshape(6, 16, 4, 16) == 0).all(-1).all(1)
+    assert float(zero_blocks.float().mean()) == pytest.approx(0.7, abs=0.05)  # still block-sparse after training
+    assert not torch.equal(w, before["model.layers.0.mlp.up_proj.weight"])
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # only the targeted Linears train
+
+
+def test_recover_needs_a_teacher_outside_compress(tiny_lm, calib_text):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    with pytest.raises(RecipeError, match="teacher"):
+        bitsmith.apply(model, [Recover(steps=1, text=str(calib_text))])
+
+
+def test_recover_with_explicit_teacher_in_memory(tiny_lm, calib_text):
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.prune.block_sparse import BlockSparse
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    bitsmith.apply(model, [BlockSparse(sparsity=0.5, block=(4, 4), score="magnitude"),
+                           Recover(steps=2, text=str(calib_text), teacher=str(tiny_lm), samples=4, seq_len=32,
+                                   batch_size=2, micro_batch=2)])
+    w = model.model.layers[1].self_attn.o_proj.weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_lr_schedule():
+    steps, peak = 100, 1e-4
+    lrs = [lr_at(i, steps, peak) for i in range(steps)]
+    assert lrs[0] == pytest.approx(peak / 5) and max(lrs) == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 94 / 95))))
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_recover_config_checks(tiny_lm, tmp_path):
+    with pytest.raises(RecipeError, match="micro_batch"):
+        bitsmith.compress(parse_recipe("version: 1\npasses:\n  - {type: recover, batch_size: 2, micro_batch: 4}\n"),
+                          tiny_lm, tmp_path / "o", progress=False)
+    with pytest.raises(RecipeError, match="teacher"):
+        bitsmith.compress(parse_recipe(f"version: 1\npasses:\n  - {{type: recover, teacher: {tmp_path}}}\n"),
+                          tiny_lm, tmp_path / "o", progress=False)
