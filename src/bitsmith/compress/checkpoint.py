@@ -56,6 +56,19 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check one safetensors header; raise CheckpointError naming the file on any inconsistency."""
     size = path.stat().st_size
@@ -70,9 +83,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"{where}: truncated or corrupt safetensors header (declares {header_len} header bytes, file has {size})"
             )
         try:
-            header = json.loads(f.read(header_len))
+            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{where}: corrupt safetensors header (not JSON: {e})") from None
+        except _DuplicateKey as e:
+            raise CheckpointError(f"{where}: corrupt safetensors header (tensor {e.args[0]!r} appears twice)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - header_len
@@ -88,10 +103,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(
                 f"{where}: tensor {name!r}: unknown dtype {code!r} (known: {', '.join(SAFETENSORS_DTYPES)})"
             )
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CheckpointError(f"{where}: tensor {name!r}: bad shape {list(shape)}")
         info = TensorInfo(name, shape, SAFETENSORS_DTYPES[code], path.name, 8 + header_len + begin)
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (begin, end)) or \
+                not 0 <= begin <= end <= data_len:
             raise CheckpointError(
                 f"{where}: tensor {name!r}: data offsets [{begin}, {end}] outside the file's {data_len} data bytes"
                 " (truncated or corrupt file)"
@@ -178,8 +194,10 @@ class CheckpointReader:
     def _read_sharded(self, index_path: Path) -> dict[str, TensorInfo]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: malformed index ({e})") from None
+        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: malformed index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: malformed index ('weight_map' is not an object)")
         infos: dict[str, TensorInfo] = {}
         by_file: dict[str, dict[str, TensorInfo]] = {}
         for name, file in weight_map.items():

@@ -93,8 +93,11 @@ def make_plan(recipe: Recipe, source: Source) -> Plan:
                 inventory = build_inventory(view.config, view.tensors, set(view.packed_modules))
         elif cfg.kind is PassKind.TENSOR:
             chosen, skipped = select(inventory, cfg.targets, cfg.ignore, where)
+            for m in chosen:
+                if m.shape is not None and 0 in m.shape:
+                    skipped[m.name] = f"empty weight (shape {list(m.shape)})"
             if handler.plan is not None:
-                skipped.update(handler.plan(cfg, chosen))
+                skipped.update(handler.plan(cfg, [m for m in chosen if m.name not in skipped]))
             already = [m.name for m in chosen if m.name in packed_by and m.name not in skipped]
             if already and not getattr(cfg, "accepts_packed", False):
                 raise PlanError(

@@ -84,6 +84,11 @@ class SweepSource:
             if hit is None:
                 continue
             state.module, state.module_class = hit
+            if state.tensor.is_floating_point() and not bool(torch.isfinite(state.tensor).all()):
+                bad = int((~torch.isfinite(state.tensor)).sum())
+                raise CheckpointError(f"tensor {name!r}: {bad} NaN/Inf values; passes[{step.index}]"
+                                      f" ({step.config.type}) cannot transform it (fix the checkpoint, or add the"
+                                      f" module to the pass's ignore list)")
             state = step.handler.apply(step.config, state, self.ctx)
         return state
 
