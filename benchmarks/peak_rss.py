@@ -3,8 +3,12 @@
     python benchmarks/peak_rss.py --workdir /tmp/rss --size-gb 4 --recipe int8
 
 Generates random bf16 weights of real Llama shapes (sized to about --size-gb), sharded like the Hub does, then runs
-the CLI in a child process and reports its peak resident set size (ru_maxrss), wall time and input throughput.
+the CLI in a child process and reports its peak resident set size, wall time and input throughput.
 The synthetic folder is deleted afterwards unless --keep.
+
+Measurement note: Linux carries a process's high-water RSS across fork+exec into the child's ru_maxrss, so the
+generation runs in its own child process and this parent never imports torch: the compress child's ru_maxrss is
+then its own peak (the parent is a few tens of MB).
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_heads_ratio: int = 1):
@@ -41,6 +43,9 @@ def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_hea
 
 
 def generate(folder: Path, size_gb: float, shard_gb: float = 1.0) -> int:
+    import torch
+    from safetensors.torch import save_file
+
     hidden, intermediate, vocab = 2560, 6912, 32000
     per_layer = 2 * (4 * hidden * hidden + 3 * hidden * intermediate)
     layers = max(1, int((size_gb * 1e9 - 4 * vocab * hidden) / per_layer))
@@ -81,11 +86,17 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override passed to bitsmith compress")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--generate-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate_only:
+        print(generate(args.generate_only, args.size_gb))
+        return
     src, out = args.workdir / "synthetic", args.workdir / "out"
     shutil.rmtree(args.workdir, ignore_errors=True)
     t0 = time.time()
-    total = generate(src, args.size_gb)
+    gen = subprocess.run([sys.executable, __file__, "--workdir", str(args.workdir), "--size-gb", str(args.size_gb),
+                          "--generate-only", str(src)], capture_output=True, text=True, check=True)
+    total = int(gen.stdout.strip().splitlines()[-1])
     print(f"generated {total / 1e9:.2f} GB in {time.time() - t0:.0f} s", flush=True)
     cmd = [sys.executable, "-m", "bitsmith.cli", "compress", args.recipe, str(src), "-o", str(out), "--no-progress"]
     for o in args.overrides:
