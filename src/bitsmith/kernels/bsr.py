@@ -272,8 +272,97 @@ def _pow2(n: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _q_f32(codes, ZERO: tl.constexpr):
+        """int32 codes (< 2^23) -> exact float32 (code - ZERO), by the exponent trick (no int->float convert)."""
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+
+    @triton.jit
+    def _bsr_gemv_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, group_size,
+                         R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
+                         NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # M == 1. x: [K]; values [B, R, CW]; out: [N]. A program owns BLOCK_R rows of one block row and reads
+        # NBLK stored blocks per step as one [BLOCK_R, NBLK, CW] tile (bytes in flight), reducing in fp32.
+        # scales: GB == 0 -> [ceil(K / group_size), N]; GB >= 1 -> [B, R, GB] (per block row segment)
+        pid = tl.program_id(0)
+        row0 = pid * BLOCK_R
+        brow = row0 // R
+        sub = row0 - brow * R
+        start = tl.load(crow_ptr + brow)
+        end = tl.load(crow_ptr + brow + 1)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_j = tl.arange(0, NBLK)
+        offs_c = tl.arange(0, CW)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for i in range(start, end, NBLK):
+            blk = i + offs_j  # [NBLK]
+            valid = blk < end
+            cb = tl.load(col_ptr + blk, mask=valid, other=0)
+            v = tl.load(v_ptr + blk[None, :, None] * (R * CW) + (sub + offs_r)[:, None, None] * CW
+                        + offs_c[None, None, :], mask=valid[None, :, None], other=0)  # [BR, NBLK, CW]
+            xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None],
+                         other=0.0).to(tl.float32)  # [NBLK, CW]
+            if BITS == 0:
+                acc += tl.sum(tl.sum(v.to(tl.float32) * xk[None, :, :], axis=2), axis=1)
+            else:
+                ZERO: tl.constexpr = 1 << (BITS - 1)
+                if BITS == 8:
+                    q = _q_f32(v.to(tl.int32), ZERO)
+                else:
+                    q = _q_f32((v & 0xF).to(tl.int32), ZERO)
+                if GB <= 1:  # one scale per (row, block): reduce over the block's columns first
+                    part = tl.sum(q * xk[None, :, :], axis=2)  # [BR, NBLK]
+                    if BITS == 4:
+                        xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
+                                     other=0.0).to(tl.float32)
+                        part += tl.sum(_q_f32((v >> 4).to(tl.int32), ZERO) * xh[None, :, :], axis=2)
+                    if GB == 0:
+                        sc = tl.load(s_ptr + ((cb * C) // group_size)[None, :] * N + (row0 + offs_r)[:, None],
+                                     mask=valid[None, :], other=0.0)
+                    else:
+                        sc = tl.load(s_ptr + blk[None, :] * R + (sub + offs_r)[:, None], mask=valid[None, :],
+                                     other=0.0)
+                    acc += tl.sum(part * sc.to(tl.float32), axis=1)
+                else:
+                    GS: tl.constexpr = C // GB
+                    srow = (blk[None, :, None] * R + (sub + offs_r)[:, None, None]) * GB
+                    sc = tl.load(s_ptr + srow + (offs_c // GS)[None, None, :], mask=valid[None, :, None], other=0.0)
+                    acc += tl.sum(tl.sum(q * sc.to(tl.float32) * xk[None, :, :], axis=2), axis=1)
+                    if BITS == 4:
+                        xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
+                                     other=0.0).to(tl.float32)
+                        sh = tl.load(s_ptr + srow + ((CW + offs_c) // GS)[None, None, :], mask=valid[None, :, None],
+                                     other=0.0)
+                        qh = _q_f32((v >> 4).to(tl.int32), ZERO)
+                        acc += tl.sum(tl.sum(qh * sh.to(tl.float32) * xh[None, :, :], axis=2), axis=1)
+        offs_n = row0 + offs_r
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, HIGH: tl.constexpr,
+                      R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr):
+        """Codes [BR, KK] of the (low or high half) columns cc of blocks blk -> float32 weights [BR, KK]."""
+        ZERO: tl.constexpr = 1 << (BITS - 1)
+        if BITS == 8:
+            q = _q_f32(v.to(tl.int32), ZERO)
+        elif HIGH:
+            q = _q_f32((v >> 4).to(tl.int32), ZERO)
+        else:
+            q = _q_f32((v & 0xF).to(tl.int32), ZERO)
+        if GB == 0:
+            sc = tl.load(s_ptr + ((cb * C) // group_size)[None, :] * N + (row0 + offs_r)[:, None],
+                         mask=valid[None, :], other=0.0)
+        else:
+            GS: tl.constexpr = C // GB
+            col = cc + CW if HIGH else cc
+            sc = tl.load(s_ptr + (blk[None, :] * R + (sub + offs_r)[:, None]) * GB + (col // GS)[None, :],
+                         mask=valid[None, :], other=0.0)
+        return q * sc.to(tl.float32)
+
+    @triton.jit
     def _mac(acc, xk, w, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
-        """acc [BM, BR] += xk [BM, CW] @ w [BR, CW]^T (fp32 accumulate)."""
+        """acc [BM, BR] += xk [BM, KK] @ w [BR, KK]^T (fp32 accumulate)."""
         if USE_DOT:
             if DOT_F32:
                 acc += tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)))
@@ -284,20 +373,14 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _dequant_half(codes, s_ptr, s_row, offs_c, c0: tl.constexpr, ZERO: tl.constexpr, GB: tl.constexpr,
-                      GS: tl.constexpr):
-        """codes int32 [BR, CW] of columns c0 + offs_c -> (code - ZERO) * scale, fp32 [BR, CW] (GB > 1 only)."""
-        s = tl.load(s_ptr + s_row[:, None] * GB + ((c0 + offs_c) // GS)[None, :]).to(tl.float32)
-        return (codes - ZERO).to(tl.float32) * s
-
-    @triton.jit
-    def _bsr_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr,
-                    M, N, group_size, stride_xm, stride_om,
-                    R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BITS: tl.constexpr, GB: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):
-        # x: [M, K], values [B, R, CW] (CW = C, or C/2 for int4), out: [M, N]
-        # scales: GB == 0: [ceil(K / group_size), N] (a block row has one scale); GB >= 1: [B, R, GB] per block
+    def _bsr_mm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr,
+                       M, N, group_size, stride_xm, stride_om,
+                       R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_M: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
+                       USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # x: [M, K], values [B, R, CW], out: [M, N]. A program owns BLOCK_R rows of one block row and BLOCK_M rows
+        # of x; each step gathers NBLK stored blocks into one K-tile of KK = NBLK * CW columns:
+        # w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and x [BLOCK_M, KK] (the blocks' x segments).
         pid_r = tl.program_id(0)
         pid_m = tl.program_id(1)
         row0 = pid_r * BLOCK_R
@@ -308,42 +391,31 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         offs_r = tl.arange(0, BLOCK_R)
-        offs_c = tl.arange(0, CW)
+        KK: tl.constexpr = NBLK * CW
+        kk = tl.arange(0, KK)
+        jj = kk // CW
+        cc = kk % CW
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for i in range(start, end):
-            cb = tl.load(col_ptr + i)
-            k0 = cb * C
-            v = tl.load(v_ptr + i * (R * CW) + (sub + offs_r)[:, None] * CW + offs_c[None, :])  # [BR, CW]
-            xk = tl.load(x_rows + (k0 + offs_c)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, CW]
+        for i in range(start, end, NBLK):
+            blk = i + jj  # [KK]
+            valid = blk < end
+            cb = tl.load(col_ptr + blk, mask=valid, other=0)
+            v = tl.load(v_ptr + blk[None, :] * (R * CW) + (sub + offs_r)[:, None] * CW + cc[None, :],
+                        mask=valid[None, :], other=0)  # [BR, KK]
+            xk = tl.load(x_rows + (cb * C + cc)[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
             if BITS == 0:
                 acc = _mac(acc, xk, v, USE_DOT, DOT_F32)
             else:
-                s_row = i * R + sub + offs_r  # [BR]: per-block scales of these rows (GB >= 1)
-                ZERO: tl.constexpr = 1 << (BITS - 1)
-                if BITS == 8:
-                    codes = v.to(tl.int32)
-                else:
-                    codes = (v & 0xF).to(tl.int32)
-                if GB <= 1:  # one scale per block row: dot the exact integers, scale the product
-                    part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    part = _mac(part, xk, (codes - ZERO).to(tl.float32), USE_DOT, DOT_F32)
-                    if BITS == 4:
-                        xh = tl.load(x_rows + (k0 + CW + offs_c)[None, :], mask=m_mask[:, None], other=0.0)
-                        part = _mac(part, xh, ((v >> 4).to(tl.int32) - ZERO).to(tl.float32), USE_DOT, DOT_F32)
-                    if GB == 0:
-                        s = tl.load(s_ptr + (k0 // group_size) * N + row0 + offs_r).to(tl.float32)  # [BR]
-                    else:
-                        s = tl.load(s_ptr + s_row).to(tl.float32)  # [BR]
-                    acc += part * s[None, :]
-                else:
-                    GS: tl.constexpr = C // GB
-                    acc = _mac(acc, xk, _dequant_half(codes, s_ptr, s_row, offs_c, 0, ZERO, GB, GS), USE_DOT,
-                               DOT_F32)
-                    if BITS == 4:
-                        xh = tl.load(x_rows + (k0 + CW + offs_c)[None, :], mask=m_mask[:, None], other=0.0)
-                        wh = _dequant_half((v >> 4).to(tl.int32), s_ptr, s_row, offs_c, CW, ZERO, GB, GS)
-                        acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
+                w = _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, False,
+                                  R, C, CW, BITS, GB)
+                acc = _mac(acc, xk, w, USE_DOT, DOT_F32)
+                if BITS == 4:
+                    xh = tl.load(x_rows + (cb * C + CW + cc)[None, :], mask=m_mask[:, None] & valid[None, :],
+                                 other=0.0)
+                    wh = _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, True,
+                                       R, C, CW, BITS, GB)
+                    acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
         offs_n = row0 + offs_r
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
@@ -359,42 +431,59 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _can_dot(params: dict, block_m: int, block_r: int) -> bool:
-    C, bits = params["block_cols"], params.get("bits")
-    cw = C // 2 if bits == 4 else C
-    return block_m >= 16 and block_r >= 16 and cw >= 16
+def _cw(params: dict) -> int:
+    C = params["block_cols"]
+    return C // 2 if params.get("bits") == 4 else C
+
+
+def _can_dot(params: dict, block_m: int, block_r: int, nblk: int) -> bool:
+    return block_m >= 16 and block_r >= 16 and nblk * _cw(params) >= 16
 
 
 def configs(M: int, params: dict) -> list[dict]:
-    """Launch candidates for an [M, K] input, the heuristic default first."""
-    R, C, bits = params["block_rows"], params["block_cols"], params.get("bits")
-    cw = C // 2 if bits == 4 else C
+    """Launch candidates for an [M, K] input, the heuristic default first.
+
+    nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
+    for the tensor cores (M >= 2) whatever the block width.
+    """
+    R, bits = params["block_rows"], params.get("bits")
+    cw = _cw(params)
+    elt = 1 if bits else 2  # bytes per stored code/value (int4: two codes per byte, counted per byte)
     out = []
+
+    def add(cfg):
+        if cfg not in out:
+            out.append(cfg)
+
     if M == 1:
-        for br, warps, stages in ((16, 4, 3), (32, 4, 3), (8, 2, 3), (16, 2, 4), (64, 8, 3), (32, 8, 4), (16, 4, 1)):
+        for br, kk_bytes, warps, stages in ((16, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 4), (32, 256, 8, 3),
+                                            (16, 1024, 8, 3), (8, 1024, 4, 2)):
             br = min(br, R)
-            if br * cw > 8192:
-                br = max(1, 8192 // cw)
-            cfg = dict(block_m=1, block_r=br, num_warps=warps, num_stages=stages)
-            if cfg not in out:
-                out.append(cfg)
+            nblk = _next_pow2(max(1, kk_bytes // (cw * elt)))
+            while br * nblk * cw > 16384 and nblk > 1:
+                nblk //= 2
+            add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages))
         return out
     bm = min(128, max(16, _next_pow2(M)))
-    if R >= 16 and cw >= 16:
-        for br, warps, stages in ((32, 4, 3), (16, 4, 3), (64, 4, 3), (64, 8, 3), (32, 4, 4), (16, 2, 4), (128, 8, 3)):
+    if R >= 16:
+        for br, kk, warps, stages in ((32, 128, 4, 3), (64, 64, 8, 3), (16, 128, 4, 4), (64, 128, 8, 3),
+                                      (32, 64, 4, 4)):
             br = min(br, R)
-            if bm * br > 128 * 64:
+            nblk = _next_pow2(max(1, kk // cw))
+            if bm * br > 128 * 64 or not _can_dot(params, bm, br, nblk):
                 continue
-            cfg = dict(block_m=bm, block_r=br, num_warps=warps, num_stages=stages)
-            if cfg not in out:
-                out.append(cfg)
-        return out
-    # thin blocks: multiply-reduce on CUDA cores; keep the [BM, BR, CW] product small
+            add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages))
+        if out:
+            return out
+    # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
     bm = min(_next_pow2(M), 16)
-    br = min(R, max(1, 4096 // (bm * cw)))
-    while br > 1 and R % br:
+    br = min(R, 16)
+    nblk = _next_pow2(max(1, 64 // cw))
+    while bm * br * nblk * cw > 8192 and nblk > 1:
+        nblk //= 2
+    while bm * br * nblk * cw > 8192 and br > 1:
         br //= 2
-    return [dict(block_m=bm, block_r=br, num_warps=4, num_stages=2)]
+    return [dict(block_m=bm, block_r=br, nblk=nblk, num_warps=4, num_stages=2)]
 
 
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None, out: torch.Tensor,
@@ -403,7 +492,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     M = x2.shape[0]
     N, R, C = params["out_features"], params["block_rows"], params["block_cols"]
     bits = params.get("bits")
-    br, bm = cfg["block_r"], cfg["block_m"]
+    br, bm, nblk = cfg["block_r"], cfg["block_m"], cfg.get("nblk", 1)
     if R % br:
         raise ValueError(f"block_r {br} must divide the block height {R}")
     if bits is None:
@@ -411,14 +500,18 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     else:
         v, s = tensors["qvalues"], tensors["scales"]
         gb = C // params["group_size"] if block_scales(params) else 0
+    b = bias if bias is not None else s
+    common = dict(R=R, C=C, CW=_cw(params), BLOCK_R=br, NBLK=nblk, BITS=bits or 0, GB=gb, HAS_BIAS=bias is not None,
+                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if bm == 1 and M == 1:
+        _bsr_gemv_kernel[(N // br,)](x2, tensors["crow_indices"], tensors["col_indices"], v, s, b, out, N,
+                                     params.get("group_size") or 1, **common)
+        return out
     grid = (N // br, triton.cdiv(M, bm))
-    _bsr_kernel[grid](
-        x2, tensors["crow_indices"], tensors["col_indices"], v, s, bias if bias is not None else s, out,
-        M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0),
-        R=R, C=C, CW=C // 2 if bits == 4 else C, BLOCK_R=br, BLOCK_M=bm, BITS=bits or 0, GB=gb,
-        USE_DOT=_can_dot(params, bm, br),
-        DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    _bsr_mm_kernel[grid](
+        x2, tensors["crow_indices"], tensors["col_indices"], v, s, b, out,
+        M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), BLOCK_M=bm,
+        USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, **common)
     return out
 
 

@@ -1,0 +1,358 @@
+"""Speed of the `bsr` kernels: the Triton kernel on the GPU (vs fp16 cuBLAS and PyTorch's Triton BSR), the CPU path.
+
+    PYTHONPATH=src python benchmarks/blocksparse_kernels.py --gpu --check --out $OUT
+    PYTHONPATH=src python benchmarks/blocksparse_kernels.py --cpu [--threads 2] [--reps 15]
+
+GPU: timing through the shared harness (`bitsmith.kernels.bench.graph_time_us`: CUDA graphs, input sets rotated so
+the weights come from HBM), shapes N x K (--shapes, default 8192x8192 and 28672x8192), M in --ms, and the formats
+below (--formats), each a random block mask of exactly that sparsity (uniform over blocks) and random values.
+cuBLAS fp16 (`F.linear` on the dense weight) and `torch.sparse._triton_ops.bsr_dense_mm` (fp16 values, same mask)
+run in the same process. --check first runs a correctness sweep: every launch candidate, fp16/bf16, dense, int8
+and int4 values, both scale layouts, thin and square blocks, empty and full block rows, outputs poisoned with NaN,
+and a CUDA-graph replay. rows.json, table.md and bench.log go to --out.
+
+CPU: dense `F.linear` (float32) vs `bitsmith.kernels.bsr_cpu.gather_linear` vs torch's CSR/BSR sparse matmul, the
+best of --reps timings each (the machine is shared: the minimum is the least disturbed run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DEV = "cuda"  # the GPU sweep's device ("cpu" only for a TRITON_INTERPRET=1 smoke test of this script)
+
+# name -> (sparsity, block, bits, group_size)
+FORMATS = {
+    "s90-b64": (0.9, (64, 64), None, None),
+    "s90-b32": (0.9, (32, 32), None, None),
+    "s80-b64": (0.8, (64, 64), None, None),
+    "s80-b32": (0.8, (32, 32), None, None),
+    "s80-b32-w4": (0.8, (32, 32), 4, 128),
+    "s80-b32-w8": (0.8, (32, 32), 8, 128),
+    "s80-b64-w4": (0.8, (64, 64), 4, 128),
+    "s50-b16": (0.5, (16, 16), None, None),
+    "s50-b32": (0.5, (32, 32), None, None),
+    "s80-b16": (0.8, (16, 16), None, None),
+    "s80-b16-w4": (0.8, (16, 16), 4, 128),
+}
+
+
+def random_mask(NB: int, KB: int, sparsity: float, gen: torch.Generator, device) -> torch.Tensor:
+    keep = round((1 - sparsity) * NB * KB)
+    idx = torch.randperm(NB * KB, generator=gen, device=device)[:keep]
+    m = torch.zeros(NB * KB, dtype=torch.bool, device=device)
+    m[idx] = True
+    return m.view(NB, KB)
+
+
+def make(N: int, K: int, spec: tuple, dtype, device, gen: torch.Generator) -> tuple[dict, dict, torch.Tensor]:
+    """(params, tensors, mask) of one random weight in the given format."""
+    from bitsmith.kernels import bsr
+
+    sparsity, (R, C), bits, g = spec
+    mask = random_mask(N // R, K // C, sparsity, gen, device)
+    crow, col = bsr._index(mask)
+    B = int(mask.sum())
+    params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C, "nnz_blocks": B,
+              "bits": bits, "group_size": g}
+    t = {"crow_indices": crow, "col_indices": col}
+    if bits is None:
+        t["values"] = (torch.randn(B, R, C, generator=gen, device=device) / math.sqrt(K * (1 - sparsity))).to(dtype)
+    else:
+        cw = C if bits == 8 else C // 2
+        t["qvalues"] = torch.randint(0, 256, (B, R, cw), generator=gen, device=device, dtype=torch.int32
+                                     ).to(torch.uint8)
+        s0 = 1.0 / ((1 << (bits - 1)) * math.sqrt(K * (1 - sparsity)))
+        shape = (math.ceil(K / g), N) if not bsr.block_scales(params) else (B, R, C // g)
+        t["scales"] = ((torch.rand(*shape, generator=gen, device=device) + 0.5) * s0).to(dtype)
+    return params, t, mask
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+def check(log) -> int:
+    from bitsmith.kernels import bsr
+
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    tol = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
+    cases = [  # N, K, sparsity, block, bits, group, dtype, bias
+        (1024, 768, 0.7, (16, 16), None, None, torch.float16, False),
+        (1024, 768, 0.5, (32, 32), None, None, torch.bfloat16, True),
+        (2048, 1024, 0.9, (64, 64), None, None, torch.float16, True),
+        (1024, 1024, 0.8, (32, 32), 4, 128, torch.float16, False),
+        (1024, 1024, 0.8, (64, 64), 4, 128, torch.bfloat16, True),
+        (1024, 1024, 0.6, (32, 32), 8, 128, torch.float16, True),
+        (1024, 1024, 0.6, (64, 64), 4, 16, torch.float16, False),
+        (1024, 1024, 0.6, (32, 64), 8, 32, torch.bfloat16, False),
+        (512, 256, 0.5, (1, 4), None, None, torch.float16, False),
+        (512, 256, 0.5, (4, 1), 8, 64, torch.float16, True),
+        (512, 512, 0.5, (16, 64), None, None, torch.float16, False),
+        (512, 512, 0.5, (64, 16), 4, 128, torch.float16, False),
+    ]
+    failures = 0
+    t0 = time.time()
+    for N, K, sp, block, bits, g, dtype, use_bias in cases:
+        params, t, mask = make(N, K, (sp, block, bits, g), dtype, DEV, gen)
+        # one empty and one full block row
+        if mask.shape[0] > 2:
+            full = torch.ones_like(mask)
+            full[0] = False
+            full[2:-1] = mask[2:-1]
+            params, t, mask = _with_mask(params, t, full, dtype, gen)
+        wd = bsr.dequantize(t, params, torch.float32)
+        bias = torch.randn(N, device=DEV, generator=gen).to(dtype) if use_bias else None
+        for M in (1, 3, 33, 200):
+            for cfg in bsr.configs(M, params)[:3]:
+                x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
+                ref = x.float() @ wd.t() + (bias.float() if use_bias else 0)
+                out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+                bsr.launch(x, t, params, bias, out, cfg)
+                err = rel_err(out, ref)
+                if not err < tol[dtype]:
+                    failures += 1
+                    log(f"FAIL {N}x{K} {block} bits={bits} g={g} {dtype} M={M} {cfg}: {err:.2e}")
+        log(f"checked {N}x{K} s={sp} {block} bits={bits} g={g} {str(dtype)[6:]} bias={use_bias}"
+            f" ({time.time() - t0:.0f}s)")
+    # CUDA-graph replay of the public op with fresh inputs
+    if DEV != "cuda":
+        return failures
+    params, t, _ = make(4096, 4096, FORMATS["s80-b32-w4"], torch.float16, DEV, gen)
+    wd = bsr.dequantize(t, params, torch.float32)
+    for M in (1, 16, 128):
+        x = torch.randn(M, 4096, device=DEV, dtype=torch.float16)
+        bsr.triton_linear(x, t, params)
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            bsr.triton_linear(x, t, params)
+        torch.cuda.current_stream().wait_stream(st)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=st):
+            y = bsr.triton_linear(x, t, params)
+        for _ in range(3):
+            x.copy_(torch.randn(M, 4096, device=DEV).half())
+            graph.replay()
+            torch.cuda.synchronize()
+            err = rel_err(y, x.float() @ wd.t())
+            if not err < tol[torch.float16]:
+                failures += 1
+                log(f"FAIL graph replay M={M}: {err:.2e}")
+    log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+    return failures
+
+
+def _with_mask(params, t, mask, dtype, gen):
+    """Re-make a random weight of `params`' kind with this exact mask."""
+    from bitsmith.kernels import bsr
+
+    crow, col = bsr._index(mask)
+    B = int(mask.sum())
+    p = {**params, "nnz_blocks": B}
+    R, C = p["block_rows"], p["block_cols"]
+    nt = {"crow_indices": crow, "col_indices": col}
+    if p["bits"] is None:
+        nt["values"] = torch.randn(B, R, C, device=DEV, generator=gen).to(dtype) * 0.05
+    else:
+        cw = C if p["bits"] == 8 else C // 2
+        nt["qvalues"] = torch.randint(0, 256, (B, R, cw), device=DEV, generator=gen, dtype=torch.int32
+                                      ).to(torch.uint8)
+        if bsr.block_scales(p):
+            nt["scales"] = (torch.rand(B, R, C // p["group_size"], device=DEV, generator=gen) * 0.01).to(dtype)
+        else:
+            nt["scales"] = t["scales"]
+    return p, nt, mask
+
+
+def bench_gpu(shapes, ms, formats, log) -> list[dict]:
+    from bitsmith.kernels import bench, bsr
+
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+    except Exception as e:  # pragma: no cover
+        bsr_dense_mm = None
+        log(f"torch bsr_dense_mm unavailable: {e}")
+    dtype = torch.float16
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rows = []
+    bw = bench.copy_bandwidth_gbs()
+    log(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s")
+    rows.append(dict(kernel="d2d-copy", GBs=bw))
+    for N, K in shapes:
+        wbytes = N * K * 2
+        R_sets = bench.rotations(wbytes)
+        ws = [torch.randn(N, K, device=DEV, generator=gen, dtype=dtype) for _ in range(R_sets)]
+        base = {}
+        for M in ms:
+            xs = [torch.randn(M, K, device=DEV, generator=gen, dtype=dtype) for _ in range(R_sets)]
+            base[M] = bench.graph_time_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
+            rows.append(dict(kernel="cublas-fp16", N=N, K=K, M=M, us=base[M], speedup=1.0))
+            log(f"{N}x{K} M={M} cuBLAS fp16 {base[M]:.1f} us")
+        del ws
+        torch.cuda.empty_cache()
+        for fname in formats:
+            spec = FORMATS[fname]
+            p0, t0, m0 = make(N, K, spec, dtype, DEV, gen)
+            set_bytes = sum(v.numel() * v.element_size() for v in t0.values())
+            n_sets = bench.rotations(set_bytes)
+            sets = [(p0, t0, m0)] + [make(N, K, spec, dtype, DEV, gen) for _ in range(n_sets - 1)]
+            wd = bsr.dequantize(t0, p0, torch.float32)
+            peers = []
+            if bsr_dense_mm is not None and spec[2] is None:
+                try:
+                    for p, t, m in sets:
+                        dense = bsr.dequantize(t, p, dtype)
+                        peers.append(dense.to_sparse_bsr(spec[1]))
+                        del dense
+                except Exception as e:
+                    log(f"  torch BSR peer unavailable for {fname}: {type(e).__name__}: {e}")
+                    peers = []
+            for M in ms:
+                xs = [torch.randn(M, K, device=DEV, generator=gen, dtype=dtype) for _ in range(n_sets)]
+                xc = torch.randn(M, K, device=DEV, generator=gen, dtype=dtype)
+                err = rel_err(bsr.triton_linear(xc, t0, p0), xc.float() @ wd.t())
+                us = bench.graph_time_us([lambda x=x, s=s: bsr.triton_linear(x, s[1], s[0]) for x, s in zip(xs, sets)])
+                key = (bsr._m_bucket(M), N, K, spec[1][0], spec[1][1], spec[2], spec[3])
+                cfg = next((v for k, v in bsr._TUNED.items() if k[:7] == key), None)
+                nb = set_bytes + 2 * M * (K + N)
+                rows.append(dict(kernel="bitsmith", format=fname, N=N, K=K, M=M, us=us, speedup=base[M] / us,
+                                 GBs=nb / us / 1e3, rel_err=err, config=cfg, weight_bytes=set_bytes))
+                log(f"{N}x{K} M={M} {fname} bitsmith {us:.1f} us ({base[M] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f}"
+                    f" GB/s, err {err:.1e}) cfg {cfg}")
+                if peers:
+                    try:
+                        xts = [x.t().contiguous() for x in xs]
+                        perr = rel_err(bsr_dense_mm(peers[0], xc.t().contiguous()).t(), xc.float() @ wd.t())
+                        try:
+                            pus = bench.graph_time_us([lambda xt=xt, b=b: bsr_dense_mm(b, xt)
+                                                       for xt, b in zip(xts, peers)])
+                            how = "graph"
+                        except Exception:
+                            import triton
+
+                            pus = triton.testing.do_bench(lambda: bsr_dense_mm(peers[0], xts[0]),
+                                                          return_mode="median") * 1e3
+                            how = "do_bench"
+                        rows.append(dict(kernel="torch-bsr", format=fname, N=N, K=K, M=M, us=pus,
+                                         speedup=base[M] / pus, rel_err=perr, timing=how))
+                        log(f"{N}x{K} M={M} {fname} torch bsr_dense_mm {pus:.1f} us ({base[M] / pus:.2f}x, {how},"
+                            f" err {perr:.1e})")
+                    except Exception as e:
+                        log(f"  torch BSR failed at M={M}: {type(e).__name__}: {e}")
+            del sets, peers, wd, t0
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = {(r["N"], r["K"], r["M"]): r["us"] for r in rows if r["kernel"] == "cublas-fp16"}
+    by = {(r["kernel"], r["format"], r["N"], r["K"], r["M"]): r for r in rows if "format" in r}
+    keys = sorted({(r["format"], r["N"], r["K"], r["M"]) for r in rows if r["kernel"] == "bitsmith"},
+                  key=lambda k: (k[0], k[1] * k[2], k[3]))
+    out = ["| format | N x K | M | cuBLAS fp16 us | bitsmith us (x cuBLAS) | torch BSR us (x cuBLAS) | err |",
+           "|---|---|--:|--:|--:|--:|--:|"]
+    for f, N, K, M in keys:
+        b = by[("bitsmith", f, N, K, M)]
+        p = by.get(("torch-bsr", f, N, K, M))
+        pc = "-" if p is None else f"{p['us']:.1f} ({p['speedup']:.2f}x)"
+        out.append(f"| {f} | {N}x{K} | {M} | {base[(N, K, M)]:.1f} | {b['us']:.1f} ({b['speedup']:.2f}x) | {pc} |"
+                   f" {b['rel_err']:.1e} |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------------ CPU
+
+def bench_cpu(reps: int, log) -> list[dict]:
+    from bitsmith.kernels import bsr, bsr_cpu
+
+    def best(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts) * 1e3
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for N, K in ((2048, 2048), (1536, 576), (576, 1536)):
+        for sparsity in (0.5, 0.7, 0.9):
+            for block in ((16, 16), (32, 32), (64, 64), (4, 4), (1, 4)):
+                if N % block[0] or K % block[1]:
+                    continue
+                p, t, _ = make(N, K, (sparsity, block, None, None), torch.float32, "cpu", gen)
+                w = bsr.dequantize(t, p)
+                csr = w.to_sparse_csr()
+                for M in (1, 16, 128):
+                    x = torch.randn(M, K, generator=gen)
+                    d = best(lambda: F.linear(x, w))
+                    gth = best(lambda: bsr_cpu.gather_linear(x, t, p))
+                    c = best(lambda: torch.mm(csr, x.t()))
+                    r = dict(N=N, K=K, sparsity=sparsity, block=f"{block[0]}x{block[1]}", M=M, dense_ms=d,
+                             gather_ms=gth, csr_ms=c, gather_x=d / gth, csr_x=d / c,
+                             dispatch="gather" if bsr_cpu.use_gather(p) else "dense")
+                    rows.append(r)
+                    log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--shapes", default="8192x8192,28672x8192")
+    ap.add_argument("--ms", default="1,16,128")
+    ap.add_argument("--formats", default="s90-b64,s90-b32,s80-b64,s80-b32,s80-b32-w4,s80-b64-w4,"
+                                         "s80-b32-w8,s80-b16-w4,s50-b16,s50-b32")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bsr-bench"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "bench.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {}
+    if args.gpu:
+        import triton
+
+        log(f"torch {torch.__version__}, triton {triton.__version__}")
+        if args.check:
+            result["check_failures"] = check(log)
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        rows = bench_gpu(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), log)
+        result["gpu"] = rows
+        log("\n" + table(rows))
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table(rows) + "\n")
+    if args.cpu:
+        log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        result["cpu"] = bench_cpu(args.reps, log)
+    with open(os.path.join(args.out, "rows.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return 1 if result.get("check_failures") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
