@@ -201,100 +201,219 @@ class BitplaneFormat(PackedFormat):
 if triton is not None:
     from .gwint_triton import _epilogue, _interpreting, _num_sms, _split, _tune, _workspace
 
-    _SIGN = tl.constexpr(-2147483648)  # 0x80000000 as int32
+    MAGIC_F32 = 0x4B000000  # float32 2^23, passed at run time so that AND + OR fuse into one LOP3
 
     @triton.jit
-    def _pm_x(nx, w, sh):
-        """+x where the bit is 1, -x where it is 0, without int->float conversion.
+    def _slot_pos(j, NB: tl.constexpr):
+        """Bit position p_j [1, 32, 1] at which slot j's NB-bit value is assembled: j itself while the value fits
+        below bit 23 (the float32 mantissa), else j - 16 (read from the word shifted right by 16)."""
+        return tl.where(j <= 23 - NB, j, j - 16)
 
-        nx: bits of -x, int32 [BKW, 32]; w: words [BKW, BN]; sh = 31 - j. Moves bit j to the sign position and
-        xors it into -x: bit 1 flips -x back to +x. -> float32 [BKW, 32, BN]
+    @triton.jit
+    def _plane_f(w, i: tl.constexpr, f, p, hi_sel):
+        """OR bit j of plane word w (shifted to position p_j + i) into f. w [BKW, BN] -> f [BKW, 32, BN].
+
+        No per-weight shift: the word is pre-shifted once (by i, or by i - 16 for the high slots) and each slot
+        only masks its bit in place. With j per register constant, ptxas emits one LOP3 (AND + OR) per weight.
         """
-        flip = (w[:, None, :] << sh[None, :, None]) & _SIGN
-        return (nx[:, :, None] ^ flip).to(tl.float32, bitcast=True)
+        lo = (w << i)[:, None, :]
+        hi = ((w >> 16) << i)[:, None, :]
+        return f | (tl.where(hi_sel, hi, lo) & (1 << (p + i)))
 
     @triton.jit
-    def _pm_a(na, w, sh):
-        """+alpha / -alpha by the bit: na = bits of -alpha, int32 [BN] -> float32 [BKW, 32, BN]."""
-        flip = (w[:, None, :] << sh[None, :, None]) & _SIGN
-        return (na[None, None, :] ^ flip).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _u_tile(wp, plane_stride, wmask, j, BITS: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr):
-        """u = sum_i 2^i b_i as int32 [BKW, 32, BN]."""
-        u = tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.int32)
-        for i in tl.static_range(BITS):
+    def _plane_words(wp, i: tl.constexpr, plane_stride, wmask, magic, SHIFT: tl.constexpr, MERGE: tl.constexpr,
+                     EVEN: tl.constexpr):
+        """Load plane i's words [BKW, BN] and pre-shift them once per word: lo = w << SHIFT (slots read in place)
+        and hi = (w >> 16) << SHIFT (slots 16.. read from the high half). With MERGE the float32 exponent of 2^23
+        is put into bits 23..30, so that one AND per weight leaves 2^23 + bit * 2^p."""
+        if EVEN:
+            w = tl.load(wp + i * plane_stride)
+        else:
             w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-            u = u | (((w[:, None, :] >> j[None, :, None]) & 1) << i)
+        lo = w << SHIFT
+        hi = (w >> 16) << SHIFT
+        if MERGE:
+            lo = (lo & 0x007FFFFF) | magic
+            hi = (hi & 0x007FFFFF) | magic
+        return lo, hi
+
+    @triton.jit
+    def _or_slot(f, v1, v2, v3, v4, v5, v6, v7, p: tl.constexpr, BITS: tl.constexpr):
+        """f = (plane-0 word, exponent merged) & (2^p | exponent) | sum_i (plane-i word & 2^(p+i)): one LOP3 per
+        plane and weight; bit i of u lands at bit p + i of the float32 mantissa."""
+        f = f & ((1 << p) | 0x4B000000)
+        if BITS > 1:
+            f = f | (v1 & (1 << (p + 1)))
+        if BITS > 2:
+            f = f | (v2 & (1 << (p + 2)))
+        if BITS > 3:
+            f = f | (v3 & (1 << (p + 3)))
+        if BITS > 4:
+            f = f | (v4 & (1 << (p + 4)))
+        if BITS > 5:
+            f = f | (v5 & (1 << (p + 5)))
+        if BITS > 6:
+            f = f | (v6 & (1 << (p + 6)))
+        if BITS > 7:
+            f = f | (v7 & (1 << (p + 7)))
+        return f
+
+    @triton.jit
+    def _all_planes(wp, plane_stride, wmask, magic, BITS: tl.constexpr, EVEN: tl.constexpr):
+        """Every plane's pre-shifted words (lo_i = w_i << i, hi_i = (w_i >> 16) << i; plane 0 carries the
+        exponent); planes >= BITS repeat plane 0 and are never read."""
+        l0, h0 = _plane_words(wp, 0, plane_stride, wmask, magic, 0, True, EVEN)
+        l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = l0, h0, l0, h0, l0, h0, l0, h0, l0, h0, l0, h0, \
+            l0, h0
+        if BITS > 1:
+            l1, h1 = _plane_words(wp, 1, plane_stride, wmask, magic, 1, False, EVEN)
+        if BITS > 2:
+            l2, h2 = _plane_words(wp, 2, plane_stride, wmask, magic, 2, False, EVEN)
+        if BITS > 3:
+            l3, h3 = _plane_words(wp, 3, plane_stride, wmask, magic, 3, False, EVEN)
+        if BITS > 4:
+            l4, h4 = _plane_words(wp, 4, plane_stride, wmask, magic, 4, False, EVEN)
+        if BITS > 5:
+            l5, h5 = _plane_words(wp, 5, plane_stride, wmask, magic, 5, False, EVEN)
+        if BITS > 6:
+            l6, h6 = _plane_words(wp, 6, plane_stride, wmask, magic, 6, False, EVEN)
+        if BITS > 7:
+            l7, h7 = _plane_words(wp, 7, plane_stride, wmask, magic, 7, False, EVEN)
+        return l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7
+
+    @triton.jit
+    def _u_slot(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, j: tl.constexpr,
+                BITS: tl.constexpr):
+        """u_j = sum_i 2^i b_ij exactly, float32 [BKW, BN]: BITS LOP3 and one FFMA per weight."""
+        if j <= 23 - BITS:
+            f = _or_slot(l0, l1, l2, l3, l4, l5, l6, l7, j, BITS)
+            u = f.to(tl.float32, bitcast=True) * (1.0 / (1 << j)) - 8388608.0 / (1 << j)
+        else:
+            f = _or_slot(h0, h1, h2, h3, h4, h5, h6, h7, j - 16, BITS)
+            u = f.to(tl.float32, bitcast=True) * (1.0 / (1 << (j - 16))) - 8388608.0 / (1 << (j - 16))
         return u
 
     @triton.jit
+    def _u_tree(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, j0: tl.constexpr,
+                step: tl.constexpr, LEVEL: tl.constexpr, BITS: tl.constexpr):
+        """Slots j0, j0 + step, ... (2^LEVEL of them) joined into trailing axes of size 2, the last one j & 1:
+        [BKW, BN, 2, ..., 2] that reshapes to [BKW, BN, 2^LEVEL] in slot order."""
+        if LEVEL == 0:
+            return _u_slot(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, j0, BITS)
+        else:
+            a = _u_tree(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, j0, step * 2, LEVEL - 1,
+                        BITS)
+            b = _u_tree(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, j0 + step, step * 2,
+                        LEVEL - 1, BITS)
+            return tl.join(a, b)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     N, K, KW, G, group_size, k_iters, split_k,
+                     N, K, KW, G, group_size, k_iters, split_k, magic,
                      BITS: tl.constexpr, BCQ: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     STRATEGY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+                     STRATEGY: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         # x: [K]; planes: [BITS, KW, N] int32; c: scales [G, N] or alphas [BITS, G, N]; out: [N]
+        # 2D tiles [BKW words, BN]; the 32 slots of a word (k = 32 kw + j) are unrolled, so every reduction over K
+        # is a chain of FMAs inside a thread until the final sum over word rows.
+        # STRATEGY 0 (rebuild, bipolar): one LOP3 per plane assembles 2^23 + u * 2^p_j (u = sum_i 2^i b_i), then
+        #   one FADD (exact) and one FFMA with x_j 2^-p_j per weight.
+        # STRATEGY 1 (plane-wise): the same per plane (u = b_i), each plane accumulated separately and combined
+        #   per tile with 2^i (bipolar) or alpha_i (BCQ): BITS x (LOP3 + FADD + FFMA) per weight.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rw = tl.arange(0, BLOCK_KW)
-        j = tl.arange(0, 32)
-        sh = 31 - j
         plane_stride = KW * N
         coef_stride = G * N
+        L: tl.constexpr = (1 << BITS) - 1
+        NB: tl.constexpr = BITS if STRATEGY == 0 else 1  # bits assembled per slot
         acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
         kw_begin = pid_k * k_iters * BLOCK_KW
         for it in range(k_iters):
             kw0 = kw_begin + it * BLOCK_KW
             kw = kw0 + rw
+            kb = kw * 32
             wmask = (kw[:, None] < KW) & n_mask[None, :]
             wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
-            k = kw[:, None] * 32 + j[None, :]  # [BKW, 32]
-            xv = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            g = tl.minimum((kw0 * 32) // group_size, G - 1)  # the whole tile lies in group g
-            if BCQ:
-                if STRATEGY == 1:  # plane-wise: acc += alpha_i * sum_j (+-x_j)
-                    nx = (-xv).to(tl.int32, bitcast=True)
-                    for i in tl.static_range(BITS):
-                        w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-                        a = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0)
-                        acc += tl.sum(_pm_x(nx, w, sh), axis=1) * a.to(tl.float32)[None, :]
-                else:  # rebuild w = sum_i +-alpha_i, one multiply-add with x
-                    wv = tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.float32)
-                    for i in tl.static_range(BITS):
-                        w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-                        a = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0)
-                        wv += _pm_a((-a.to(tl.float32)).to(tl.int32, bitcast=True), w, sh)
-                    acc += tl.sum(wv * xv[:, :, None], axis=1)
+            if EVEN:
+                xsum = tl.sum(tl.load(x_ptr + kb[:, None] + tl.arange(0, 32)[None, :]).to(tl.float32), axis=1)
             else:
-                s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                if STRATEGY == 1:  # plane-wise: sum_i 2^i sum_j (+-x_j) = sum_j q_j x_j
-                    nx = (-xv).to(tl.int32, bitcast=True)
-                    t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-                    for i in tl.static_range(BITS):
-                        w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-                        t += tl.sum(_pm_x(nx, w, sh), axis=1) * (1 << i)
-                    acc += t * s[None, :]
-                else:  # rebuild u = sum_i 2^i b_i in registers; sum_j q_j x_j = 2 sum_j u_j x_j - (2^b - 1) sum_j x_j
-                    u = _u_tile(wp, plane_stride, wmask, j, BITS, BLOCK_KW, BLOCK_N)
-                    v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact u, no int->float cvt
-                    p = 2.0 * tl.sum(v * xv[:, :, None], axis=1) - ((1 << BITS) - 1) * tl.sum(xv, axis=1)[:, None]
-                    acc += p * s[None, :]
+                kk = kb[:, None] + tl.arange(0, 32)[None, :]
+                xsum = tl.sum(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), axis=1)
+            g = tl.minimum((kw0 * 32) // group_size, G - 1)  # the whole tile lies in group g
+            for i in tl.static_range(BITS if STRATEGY == 1 else 1):
+                if STRATEGY == 0:
+                    l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = _all_planes(
+                        wp, plane_stride, wmask, magic, BITS, EVEN)
+                else:
+                    l0, h0 = _plane_words(wp, i, plane_stride, wmask, magic, 0, True, EVEN)
+                    l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = l0, h0, l0, h0, l0, h0, l0, h0, \
+                        l0, h0, l0, h0, l0, h0
+                t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(32):
+                    if j <= 23 - NB:
+                        f = _or_slot(l0, l1, l2, l3, l4, l5, l6, l7, j, NB)
+                        xscale = 1.0 / (1 << j)
+                    else:
+                        f = _or_slot(h0, h1, h2, h3, h4, h5, h6, h7, j - 16, NB)
+                        xscale = 1.0 / (1 << (j - 16))
+                    if EVEN:
+                        xj = tl.load(x_ptr + kb + j).to(tl.float32) * xscale
+                    else:
+                        xj = tl.load(x_ptr + kb + j, mask=kb + j < K, other=0.0).to(tl.float32) * xscale
+                    t += (f.to(tl.float32, bitcast=True) - 8388608.0) * xj[:, None]  # u_j x_j
+                if STRATEGY == 0:
+                    s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += (2.0 * t - L * xsum[:, None]) * s[None, :]
+                elif BCQ:
+                    a = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += (2.0 * t - xsum[:, None]) * a[None, :]
+                else:
+                    s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += (2.0 * t - xsum[:, None]) * (s * (1 << i))[None, :]
             if HAS_OFFSET:
                 o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                acc += tl.sum(xv, axis=1)[:, None] * o[None, :]
+                acc += xsum[:, None] * o[None, :]
         res = tl.sum(acc, axis=0)  # [BN]
         _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
                   HAS_BIAS)
 
     @triton.jit
+    def _weight_tile(wp, plane_stride, wmask, c_ptr, coef_stride, g, N, offs_n, n_mask, magic,
+                     BITS: tl.constexpr, BCQ: tl.constexpr, STRATEGY: tl.constexpr, BLOCK_KW: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """Bipolar: u = sum_i 2^i b_i (exact small integers), float32 [BKW, 32, BN].
+        BCQ (STRATEGY 0): w = sum_i alpha_i (2 b_i - 1), float32 [BKW, 32, BN]."""
+        j = tl.arange(0, 32)[None, :, None]
+        if BCQ:
+            p = _slot_pos(j, 1)
+            hi_sel = j > 22
+            inv = 1.0 / (1 << p).to(tl.float32)
+            wv = tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(BITS):
+                w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
+                f = _plane_f(w, 0, tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.int32) + magic, p, hi_sel)
+                d = (f.to(tl.float32, bitcast=True) - 8388608.0) * (2.0 * inv) - 1.0  # 2 b - 1, exact
+                a = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                wv += d * a[None, None, :]
+            return wv
+        else:  # slots unrolled as 2D tiles (constant masks, one LOP3 per plane), joined into [BKW, 32, BN]
+            l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = _all_planes(
+                wp, plane_stride, wmask, magic, BITS, False)
+            t = _u_tree(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, 0, 1, 5, BITS)
+            t = tl.reshape(t, [BLOCK_KW, BLOCK_N, 32])
+            return tl.permute(t, (0, 2, 1))  # u, exact
+
+    @triton.jit
     def _gemm_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k,
+                     M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k, magic,
                      BITS: tl.constexpr, BCQ: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                      STRATEGY: tl.constexpr, DOT_F32: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr):
         # x: [M, K]; planes: [BITS, KW, N] int32; c: scales [G, N] or alphas [BITS, G, N]; out: [M, N]
+        # Bipolar: dot with u (exact in fp16/bf16), then 2 s and the -(2^b - 1) s rowsum(x) term per group.
+        # BCQ STRATEGY 0: rebuild w = sum_i alpha_i d_i, one dot; STRATEGY 1: one dot per +-1 plane, times alpha_i.
         BLOCK_K: tl.constexpr = BLOCK_KW * 32
         DT = x_ptr.dtype.element_ty
         pid = tl.program_id(0)
@@ -312,7 +431,6 @@ if triton is not None:
         n_mask = offs_n < N
         rw = tl.arange(0, BLOCK_KW)
         rk = tl.arange(0, BLOCK_K)
-        j = tl.arange(0, 32)
         plane_stride = KW * N
         coef_stride = G * N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -328,46 +446,31 @@ if triton is not None:
             if DOT_F32:  # the CPU interpreter cannot multiply bf16: fp32 dot of the (exact) bf16 operands
                 a = a.to(tl.float32)
             g = tl.minimum((kw0 * 32) // group_size, G - 1)
-            if BCQ:
-                if STRATEGY == 1:  # one dot per +-1 plane, alpha_i applied to the [BM, BN] partial
-                    for i in tl.static_range(BITS):
-                        w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-                        ai = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0)
-                        # bit 1 -> +1.0, bit 0 -> -1.0 (sign bit 15 of the 16-bit float set)
-                        d16 = (((w[:, None, :] >> j[None, :, None]) & 1) ^ 1) << 15
-                        if DT == tl.float16:
-                            d16 = d16 | 0x3C00
-                        else:
-                            d16 = d16 | 0x3F80
-                        d = d16.to(tl.int16).to(DT, bitcast=True)
-                        d = tl.reshape(d, [BLOCK_K, BLOCK_N])
-                        if DOT_F32:
-                            d = d.to(tl.float32)
-                        acc += tl.dot(a, d) * ai.to(tl.float32)[None, :]
-                else:  # rebuild w = sum_i +-alpha_i (fp32), one dot
-                    wv = tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.float32)
-                    sh = 31 - j
-                    for i in tl.static_range(BITS):
-                        w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
-                        ai = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0)
-                        wv += _pm_a((-ai.to(tl.float32)).to(tl.int32, bitcast=True), w, sh)
-                    b = tl.reshape(wv, [BLOCK_K, BLOCK_N])
+            if BCQ and STRATEGY == 1:  # one dot per +-1 plane, alpha_i applied to the [BM, BN] partial
+                j = tl.arange(0, 32)[None, :, None]
+                p = _slot_pos(j, 1)
+                inv = 1.0 / (1 << p).to(tl.float32)
+                for i in tl.static_range(BITS):
+                    w = tl.load(wp + i * plane_stride, mask=wmask, other=0)
+                    f = _plane_f(w, 0, tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.int32) + magic, p, j > 22)
+                    d = (f.to(tl.float32, bitcast=True) - 8388608.0) * (2.0 * inv) - 1.0  # +-1
+                    d = tl.reshape(d, [BLOCK_K, BLOCK_N])
                     if not DOT_F32:
-                        b = b.to(DT)
-                    acc += tl.dot(a, b)
-            else:  # sum_k x q = 2 sum_k x u - (2^b - 1) sum_k x, u exact in fp16/bf16; scale after the dot
-                u = _u_tile(wp, plane_stride, wmask, j, BITS, BLOCK_KW, BLOCK_N)
-                if DT == tl.float16 and not DOT_F32:
-                    uf = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-                else:
-                    uf = ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0)
-                    if not DOT_F32:
-                        uf = uf.to(DT)
-                b = tl.reshape(uf, [BLOCK_K, BLOCK_N])
-                s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                rs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
-                part = 2.0 * tl.dot(a, b) - ((1 << BITS) - 1) * rs[:, None]
-                acc += part * s[None, :]
+                        d = d.to(DT)
+                    ai = tl.load(c_ptr + i * coef_stride + g * N + offs_n, mask=n_mask, other=0.0)
+                    acc += tl.dot(a, d) * ai.to(tl.float32)[None, :]
+            else:
+                wt = _weight_tile(wp, plane_stride, wmask, c_ptr, coef_stride, g, N, offs_n, n_mask, magic,
+                                  BITS, BCQ, STRATEGY, BLOCK_KW, BLOCK_N)
+                b = tl.reshape(wt, [BLOCK_K, BLOCK_N])
+                if not DOT_F32:
+                    b = b.to(DT)
+                if BCQ:
+                    acc = tl.dot(a, b, acc)
+                else:  # sum_k x q = 2 sum_k x u - (2^b - 1) sum_k x; scale after the dot
+                    s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    rs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
+                    acc += (2.0 * tl.dot(a, b) - ((1 << BITS) - 1) * rs[:, None]) * s[None, :]
             if HAS_OFFSET:
                 o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                 acc += tl.sum(a.to(tl.float32), axis=1)[:, None] * o[None, :]
@@ -375,7 +478,7 @@ if triton is not None:
                   split_k, HAS_BIAS)
 
     @triton.jit
-    def _dequant_kernel(pl_ptr, c_ptr, o_ptr, out_ptr, N, K, KW, G, group_size,
+    def _dequant_kernel(pl_ptr, c_ptr, o_ptr, out_ptr, N, K, KW, G, group_size, magic,
                         BITS: tl.constexpr, BCQ: tl.constexpr, HAS_OFFSET: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
         # -> out: W^T [K, N] in the output dtype; BLOCK_KW * 32 divides group_size (or G == 1)
@@ -383,24 +486,17 @@ if triton is not None:
         kw = kw0 + tl.arange(0, BLOCK_KW)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        j = tl.arange(0, 32)
         wmask = (kw[:, None] < KW) & n_mask[None, :]
         wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
         g = tl.minimum((kw0 * 32) // group_size, G - 1)
-        if BCQ:
-            v = tl.zeros([BLOCK_KW, 32, BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(BITS):
-                w = tl.load(wp + i * KW * N, mask=wmask, other=0)
-                ai = tl.load(c_ptr + i * G * N + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                v += _pm_a((-ai).to(tl.int32, bitcast=True), w, 31 - j)
-        else:
-            u = _u_tile(wp, KW * N, wmask, j, BITS, BLOCK_KW, BLOCK_N)
+        v = _weight_tile(wp, KW * N, wmask, c_ptr, G * N, g, N, offs_n, n_mask, magic, BITS, BCQ, 0, BLOCK_KW,
+                         BLOCK_N)
+        if not BCQ:
             s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            q = 2.0 * ((u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - ((1 << BITS) - 1)
-            v = q * s[None, None, :]
+            v = (2.0 * v - ((1 << BITS) - 1)) * s[None, None, :]
         if HAS_OFFSET:
             v += tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, None, :]
-        k = kw[:, None] * 32 + j[None, :]
+        k = kw[:, None] * 32 + tl.arange(0, 32)[None, :]
         mask = (k < K)[:, :, None] & n_mask[None, None, :]
         tl.store(out_ptr + k[:, :, None] * N + offs_n[None, None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -433,10 +529,12 @@ def launch_gemv(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
     k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
     n_blocks = -(-N // cfg["block_n"])
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
-    _gemv_kernel[(n_blocks, split)](
-        x2, planes, coef, o, b, out, ws, cnt, N, K, KW, G, group_size, k_iters, split,
+    strategy = cfg.get("strategy", 0) if not bcq else 1  # BCQ has no rebuild variant at M == 1
+    even = K % (32 * bkw) == 0 and N % cfg["block_n"] == 0 and KW % (bkw * k_iters) == 0
+    return _gemv_kernel[(n_blocks, split)](
+        x2, planes, coef, o, b, out, ws, cnt, N, K, KW, G, group_size, k_iters, split, MAGIC_F32,
         BITS=bits, BCQ=bcq, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
-        STRATEGY=cfg.get("strategy", 0), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
+        STRATEGY=strategy, EVEN=even, BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
@@ -449,9 +547,9 @@ def launch_gemm(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
     k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
     num_m, num_n = -(-M // bm), -(-N // bn)
     ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
-    _gemm_kernel[(num_m * num_n, split)](
+    return _gemm_kernel[(num_m * num_n, split)](
         x2, planes, coef, o, b, out, ws, cnt, M, N, K, KW, G, group_size, x2.stride(0), out.stride(0),
-        k_iters, split,
+        k_iters, split, MAGIC_F32,
         BITS=bits, BCQ=bcq, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
         STRATEGY=cfg.get("strategy", 0), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
@@ -464,7 +562,7 @@ def dequantize_t(planes, coef, offset, kind, group_size, K, dtype, block_n=64, b
     bkw = _fit_kw(block_kw, group_size, K)
     out = torch.empty((K, N), dtype=dtype, device=planes.device)
     _dequant_kernel[(-(-KW // bkw), -(-N // block_n))](
-        planes, coef, o, out, N, K, KW, G, group_size,
+        planes, coef, o, out, N, K, KW, G, group_size, MAGIC_F32,
         BITS=bits, BCQ=bcq, HAS_OFFSET=offset is not None, BLOCK_N=block_n, BLOCK_KW=bkw)
     return out
 
@@ -473,11 +571,12 @@ def _split_for(tiles: int, k_tiles: int, sms: int, waves: float) -> int:
     return max(1, min(k_tiles, round(waves * sms / max(tiles, 1))))
 
 
-def gemv_configs(N: int, K: int, bits: int, group_size: int, kind: str, sms: int) -> list[dict]:
+def gemv_configs(N: int, K: int, bits: int, group_size: int, kind: str, sms: int,
+                 strategies: tuple[int, ...] | None = None) -> list[dict]:
     """Candidates for M == 1, the default first (defaults from docs/results/bitplane.md)."""
     KW = num_words(K)
     out = []
-    for strategy in ((0, 1) if kind == "bipolar" else (1, 0)):
+    for strategy in strategies or ((0, 1) if kind == "bipolar" else (1,)):
         for bn, bkw, warps in ((128, 4, 4), (64, 4, 4), (256, 2, 8)):
             bkw = _fit_kw(bkw, group_size, K)
             tiles, k_tiles = -(-N // bn), -(-KW // bkw)
@@ -514,11 +613,12 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, kind: str, 
 
 
 def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=None, config: dict | None = None,
-                  regime: str | None = None):
+                  regime: str | None = None, candidates: list[dict] | None = None):
     """Triton path of `linear`: x [..., K] fp16/bf16 -> [..., N] in x's dtype.
 
     `config` / `regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); by default the
-    regime follows M and the configuration is tuned once per (shape, format) on the GPU.
+    regime follows M and the configuration is tuned once per (shape, format) on the GPU among `candidates`
+    (default: `gemv_configs` / `gemm_configs`).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed")
@@ -550,13 +650,13 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         def go(c):
             launch_gemv(x2, *args, out, kind, group_size, K, c)
 
-        cands = [config] if config is not None else gemv_configs(N, K, bits, group_size, kind, sms)
+        cands = [config] if config is not None else candidates or gemv_configs(N, K, bits, group_size, kind, sms)
         cfg = config or _tune(("gemv",) + key, cands, go)
     else:
         def go(c):
             launch_gemm(x2, *args, out, kind, group_size, K, c)
 
-        cands = [config] if config is not None else gemm_configs(M, N, K, bits, group_size, kind, sms)
+        cands = [config] if config is not None else candidates or gemm_configs(M, N, K, bits, group_size, kind, sms)
         cfg = config or _tune(("gemm", 1 << (M - 1).bit_length()) + key, cands, go)
     go(cfg)
     return out.reshape(*lead, N)

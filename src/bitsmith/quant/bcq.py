@@ -24,8 +24,8 @@ from pydantic import Field, field_validator
 
 from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
 from . import bits_spec
-from .bipolar import (check_group_size, coef_dtype, effective_group_size, grouped, pack_result, plan_matrices,
-                      ungroup)
+from .bipolar import (check_group_size, coef_dtype, column_importance, effective_group_size, grouped, pack_result,
+                      plan_matrices, ungroup)
 from .bits_spec import BitsSpec
 
 
@@ -90,8 +90,8 @@ def _solve(wg, mask, codes, pats, with_offset: bool):
 
 def _sq_err(wg, mask, codes, alphas, off, pats):
     vals = _values(alphas, off, pats)
-    d = (wg - vals.gather(-1, codes)) * mask
-    return (d * d).sum(-1)  # [N, G]
+    d = wg - vals.gather(-1, codes)
+    return (d * d * mask).sum(-1)  # [N, G]
 
 
 def _keep_better(best, cand):
@@ -102,17 +102,21 @@ def _keep_better(best, cand):
             torch.where(b1, cand[2], best[2]), None if cand[3] is None else torch.where(better, cand[3], best[3]))
 
 
-def quantize_bcq(w: torch.Tensor, bits: int, group_size: int, iters: int = 15, offset: bool = False,
-                 coef_dtype: torch.dtype = torch.float16, init: str = "both"
+def quantize_bcq(w: torch.Tensor, bits: int, group_size: int, iters: int = 10, offset: bool = False,
+                 coef_dtype: torch.dtype = torch.float16, init: str = "both", col_weight: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w [N, K] -> (codes uint8 [N, K] (bit i = plane i), alphas [b, G, N], offset [G, N] or None).
 
     init: "greedy" (the paper's start), "bipolar" (alpha_i = 2^i s from the bipolar scale search) or "both" (ALS
     from each; the better fit per group is kept, so BCQ is never worse than bipolar-INT at equal group size).
+    col_weight [K]: per-input-channel weights of the squared error (weighted least squares; the nearest-value
+    assignment does not depend on them).
     """
     N, K = w.shape
     wg, mask = grouped(w, group_size)
     maskf = mask.to(torch.float32)
+    if col_weight is not None:
+        maskf = maskf * grouped(col_weight.view(1, K).to(torch.float32), group_size)[0]
     pats = _patterns(bits, w.device)
     count = maskf.sum(-1)  # [1, G]
     starts = []
@@ -129,7 +133,7 @@ def quantize_bcq(w: torch.Tensor, bits: int, group_size: int, iters: int = 15, o
     if init in ("bipolar", "both"):  # bipolar-INT is BCQ with alpha_i = 2^i s: start from its searched scale
         from .bipolar import quantize_bipolar
 
-        _, s = quantize_bipolar(w, bits, group_size, True, torch.float32)
+        _, s = quantize_bipolar(w, bits, group_size, True, torch.float32, col_weight)
         alphas = s.t().unsqueeze(-1) * (2.0 ** torch.arange(bits, device=w.device))
         starts.append((alphas, torch.zeros_like(s.t()) if offset else None))
     best = None
@@ -163,6 +167,8 @@ class BCQ(TargetedPass):
     init: Literal["greedy", "bipolar", "both"] = Field(
         "both", description="ALS start: the greedy residual fit, the bipolar-INT fit (alpha_i = 2^i s), or both "
                             "(the better per group is kept)")
+    importance: Literal["none", "columns"] = Field(
+        "columns", description="weight the squared error per input channel by 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
     kind = PassKind.TENSOR
@@ -183,8 +189,9 @@ def apply_bcq(cfg: BCQ, state: TensorState, ctx=None) -> TensorState:
     w = state.tensor  # [N, K]
     bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())
     g = effective_group_size(cfg.group_size, w.shape[1])
+    cw = column_importance(w) if cfg.importance == "columns" else None
     codes, alphas, off = quantize_bcq(w, bits, g, cfg.iters, cfg.offset, coef_dtype(cfg.scale_dtype, w),
-                                      cfg.init)
+                                      cfg.init, cw)
     return pack_result(state, "bcq", bits, g, codes, alphas, off, "bcq", {"offset": cfg.offset})
 
 

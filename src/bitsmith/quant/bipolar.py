@@ -4,7 +4,9 @@ Each weight is s * q with q in the odd levels +-1, +-3, ..., +-(2^b - 1) (no zer
 `group_size` consecutive input weights of an output row (the last group may be partial). Naive rounding takes
 s = max|w| / (2^b - 1); `scale_search` (the default) picks, per group, the scale that minimises the squared error
 over a grid of shrink factors, then refines it by least squares (s = <w, q> / <q, q> for the chosen levels, kept
-only where it lowers the error). Per-layer bit widths: `bits: {default: 3, "re:.*down_proj": 4}`
+only where it lowers the error). With `importance: columns` (the default) the squared error is weighted per input
+channel by 1 / mean|W[:, k]|^2: no calibration data, but it tracks the channels with large activations, where
+bipolar's missing zero level costs most (docs/results/bitplane.md). Per-layer bit widths: `bits: {default: 3, "re:.*down_proj": 4}`
 (see `bitsmith.quant.bits_spec`).
 """
 
@@ -99,20 +101,36 @@ def _levels(wg: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round((wg / s.unsqueeze(-1) + L) * 0.5), 0, L)
 
 
-def _err(wg, mask, s, u, bits):
+def _err(wg, weight, s, u, bits):
     L = (1 << bits) - 1
-    d = (wg - s.unsqueeze(-1) * (2.0 * u - L)) * mask
-    return (d * d).sum(-1)
+    d = wg - s.unsqueeze(-1) * (2.0 * u - L)
+    return (d * d * weight).sum(-1)
+
+
+def column_importance(w: torch.Tensor) -> torch.Tensor:
+    """A weights-only guess of how much each input channel's error costs: 1 / (mean |W[:, k]|)^2, mean 1.
+
+    Trained LLMs meet input channels with large activations with small weight columns; an error of a given size
+    in such a column costs more. Used as per-column weights of the squared error (`importance: columns`).
+    """
+    col = w.float().abs().mean(0)
+    h = 1.0 / (col.clamp_min(col.mean() * 1e-3) ** 2)
+    return h / h.mean()
 
 
 def quantize_bipolar(w: torch.Tensor, bits: int, group_size: int, scale_search: bool = True,
-                     scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale_dtype: torch.dtype = torch.float16, col_weight: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (codes u uint8 [N, K], scales [G, N] in scale_dtype); W^ = s (2u - (2^b - 1)).
 
+    The search minimises the squared error, weighted per input channel by `col_weight` [K] when given.
     Scales are rounded to scale_dtype before the final rounding of the weights, so the codes fit the stored scales.
     """
     N, K = w.shape
     wg, mask = grouped(w, group_size)
+    if col_weight is not None:
+        cw, _ = grouped(col_weight.view(1, K).to(torch.float32), group_size)
+        mask = mask * cw  # [1, G, g], zero on padding
     L = (1 << bits) - 1
     amax = wg.abs().amax(-1).clamp_min(1e-12)  # [N, G]
     base = amax / L
@@ -133,8 +151,8 @@ def quantize_bipolar(w: torch.Tensor, bits: int, group_size: int, scale_search: 
         for d in SEARCH_FINE.tolist():
             consider(base * (center + d).clamp(0.02, 1.0))
         for _ in range(2):  # least-squares refinement of the scale for the chosen levels
-            q = (2.0 * _levels(wg, best_s, bits) - L) * mask
-            consider(((wg * q).sum(-1) / (q * q).sum(-1).clamp_min(1e-12)).clamp_min(1e-12))
+            q = 2.0 * _levels(wg, best_s, bits) - L
+            consider(((mask * wg * q).sum(-1) / (mask * q * q).sum(-1).clamp_min(1e-12)).clamp_min(1e-12))
     s = best_s.to(scale_dtype).to(torch.float32)
     s = torch.where(s > 0, s, torch.full_like(s, torch.finfo(scale_dtype).tiny))  # fp16 underflow of tiny groups
     u = _levels(wg, s, bits)
@@ -152,6 +170,8 @@ class Bipolar(TargetedPass):
     bits: BitsSpec = Field(4, description="1..8, or {default: b, <module pattern>: b, ...} per layer")
     group_size: Union[int, Literal["channel"]] = Field(128, description="weights per scale along the input")
     scale_search: bool = Field(True, description="per-group scale search (MSE) instead of max|w| / (2^b - 1)")
+    importance: Literal["none", "columns"] = Field(
+        "columns", description="search weights per input channel: 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
     kind = PassKind.TENSOR
@@ -193,7 +213,8 @@ def apply_bipolar(cfg: Bipolar, state: TensorState, ctx=None) -> TensorState:
     N, K = w.shape
     bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())
     g = effective_group_size(cfg.group_size, K)
-    codes, scales = quantize_bipolar(w, bits, g, cfg.scale_search, coef_dtype(cfg.scale_dtype, w))
+    cw = column_importance(w) if cfg.importance == "columns" and cfg.scale_search else None
+    codes, scales = quantize_bipolar(w, bits, g, cfg.scale_search, coef_dtype(cfg.scale_dtype, w), cw)
     return pack_result(state, "bipolar", bits, g, codes, scales, None, "bipolar")
 
 

@@ -1,0 +1,370 @@
+"""GPU check and benchmark of the bit-plane kernels (bipolar-INT and BCQ) against fp16 cuBLAS and gemlite.
+
+    PYTHONPATH=src:.whl/gemlite-0.6.0.post2 python3 benchmarks/bitplane_kernels.py --out $OUT
+
+Uses the timing of `bitsmith.kernels.bench` (the gwint harness): each timed call is the public op
+(`bitplane.linear`, tuned once per shape) on one of R rotated input sets whose total exceeds the L2 3x, captured
+round-robin in one CUDA graph, median replay time per call. cuBLAS (`F.linear`, fp16 weights) and gemlite
+(`GemLiteLinearTriton`, w2 / w4 g128, fp16) are timed the same way in the same process. Weights are synthetic:
+random planes and random scales / alphas of the real shapes.
+
+Steps: (1) compile every kernel variant in parallel worker processes (fills Triton's cache); (2) correctness of every
+regime on awkward shapes, bits 1..8, both kinds, fp16 and bf16, against the fp32 dequantized reference;
+(3) timings: M = 1 / 16 / 128 at 8192x8192 and 28672x8192 for bipolar 2/3/4 bits, BCQ 3 bits, gemlite w2/w4 and
+cuBLAS; the 1..8-bit curve at M = 1; dequantize + cuBLAS at M = 128. Writes rows.json, tune.json, table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K) = (out, in)
+SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1 (the script's own test)
+MS = [1, 16, 128]
+G = 128
+
+
+DEVICE = "cuda"
+
+
+def make(kind, N, K, bits, dtype, gen, offset=False, gs=G):
+    from bitsmith.kernels import bitplane as bp
+
+    device = DEVICE
+    gs = min(gs, K)
+    KW = bp.num_words(K)
+    if K % 32 == 0:  # every bit of every word is a weight: random words are random planes
+        planes = torch.randint(-2**31, 2**31, (bits, KW, N), dtype=torch.int64, device=device, generator=gen)
+        planes = planes.to(torch.int32)
+    else:
+        codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device=device, generator=gen)
+        planes = bp.pack_planes(codes, bits)
+    Gn = bp.num_groups(K, gs)
+    s0 = 1.0 / ((1 << bits) * math.sqrt(K))  # outputs O(1) for unit-variance x
+    if kind == "bipolar":
+        coef = ((torch.rand(Gn, N, device=device, generator=gen) + 0.5) * s0).to(dtype)
+    else:
+        coef = (torch.randn(bits, Gn, N, device=device, generator=gen) * s0 * 2).to(dtype)
+    off = (torch.randn(Gn, N, device=device, generator=gen) * s0).to(dtype) if offset else None
+    return dict(planes=planes, coef=coef, offset=off, kind=kind, group_size=gs, K=K)
+
+
+def call(x, w, **kw):
+    from bitsmith.kernels import bitplane as bp
+
+    return bp.triton_linear(x, w["planes"], w["coef"], w["offset"], w["kind"], w["group_size"], w["K"], **kw)
+
+
+def reference(x, w, bias=None):
+    from bitsmith.kernels import bitplane as bp
+
+    wf = bp.dequantize(w["planes"], w["coef"], w["offset"], w["kind"], w["group_size"], w["K"], torch.float32)
+    out = x.float() @ wf.t()
+    return out if bias is None else out + bias.float()
+
+
+def nbytes(w):
+    return sum(t.numel() * t.element_size() for t in (w["planes"], w["coef"], w["offset"]) if t is not None)
+
+
+def rel(out, ref):
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------ compile in parallel
+
+def _candidates(kind, bits, M, N, K):
+    from bitsmith.kernels import bitplane as bp
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if M == 1:
+        strategies = None if bits in (2, 3, 4) or kind == "bcq" else (0,)
+        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies)]
+    return [("gemm", c) for c in bp.gemm_configs(M, N, K, bits, G, kind, sms)]
+
+
+def timing_tasks():
+    tasks = []
+    for bits in range(1, 9):
+        for M in ((1, 16, 128) if bits in (2, 3, 4) else (1,)):
+            tasks.append(("bipolar", bits, M))
+    for M in MS:
+        tasks.append(("bcq", 3, M))
+    return tasks
+
+
+def _warm(task):
+    """Compile every candidate of one (kind, bits, M) at the benchmark's N, K (same specialisation); the task
+    ("check",) runs the correctness sweep instead (its compiles overlap the others')."""
+    try:
+        if task[0] == "check":
+            return ("check", check(lambda m: print(m, flush=True)))
+        return ("warm", _warm_one(*task))
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return (task[0] if task[0] == "check" else "warm", 1 if task[0] == "check" else 0)
+
+
+def _warm_one(kind, bits, M):
+    torch.cuda.set_device(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    N, K = SHAPES[0]
+    w = make(kind, N, K, bits, torch.float16, gen)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16, generator=gen)
+    n = 0
+    for regime, cfg in _candidates(kind, bits, M, N, K):
+        call(x, w, config=cfg, regime=regime)
+        n += 1
+    torch.cuda.synchronize()
+    return n
+
+
+def warm(log, workers=12, with_check=True) -> int:
+    """-> check failures (0 without the check)."""
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    tasks = ([("check",)] if with_check else []) + timing_tasks()
+    with ctx.Pool(workers) as pool:
+        res = pool.map(_warm, tasks, chunksize=1)
+    n = sum(v for k, v in res if k == "warm")
+    failures = sum(v for k, v in res if k == "check")
+    log(f"compiled {n} timing candidates in {time.time() - t0:.0f} s ({workers} processes), check failures"
+        f" {failures if with_check else 'n/a'}")
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+
+def check(log) -> int:
+    from bitsmith.kernels import bitplane as bp
+    from bitsmith.kernels import gwint_triton
+
+    tol = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 132
+    failures = checked = 0
+    t0 = time.time()
+    cases = []  # (kind, bits, dtype, N, K, gs, offset, bias)
+    for bits in range(1, 9):
+        cases.append(("bipolar", bits, torch.float16, 4099, 576, 128, False, bits % 2 == 0))
+        cases.append(("bcq", bits, torch.float16, 1000, 608, 64, bits % 3 == 0, False))
+    cases += [("bipolar", 3, torch.bfloat16, 515, 1024, 128, True, True), ("bcq", 3, torch.bfloat16, 515, 576, 576,
+                                                                            False, True)]
+    for kind, bits, dtype, N, K, gs, with_off, with_bias in cases:
+        if SMOKE:
+            N, K = 40, K // 4 + 32
+        w = make(kind, N, K, bits, dtype, gen, offset=with_off, gs=gs)
+        bias = torch.randn(N, device=DEVICE, generator=gen).to(dtype) if with_bias else None
+        for M in ((1, 3, 33) if SMOKE else (1, 3, 16, 33, 128, 300)):
+            x = torch.randn(M, K, device=DEVICE, dtype=dtype, generator=gen)
+            ref = reference(x, w, bias)
+            if M == 1:
+                plans = [("gemv", c) for c in bp.gemv_configs(N, K, bits, gs, kind, sms)[::2]]
+            else:
+                plans = [("gemm", c) for c in bp.gemm_configs(M, N, K, bits, gs, kind, sms)[:1]]
+                if kind == "bcq" and M <= 64:
+                    plans.append(("gemm", dict(plans[0][1], strategy=1 - plans[0][1]["strategy"])))
+            if M == 300:
+                plans.append(("dequant", None))
+            for regime, cfg in plans:
+                out = call(x, w, bias=bias, config=cfg, regime=regime)
+                e = rel(out, ref)
+                checked += 1
+                if not e < tol[dtype]:
+                    failures += 1
+                    log(f"FAIL {kind} b{bits} {str(dtype)[6:]} N{N} K{K} g{gs} M{M} {regime} {cfg}: {e:.2e}")
+    for ws, cnt in gwint_triton._WORKSPACES.values():
+        if ws.any() or cnt.any():
+            failures += 1
+            log("FAIL split-K workspace not left zeroed")
+    if DEVICE != "cuda":
+        log(f"check: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
+        return failures
+    # CUDA-graph replay of the public op on fresh inputs
+    w = make("bipolar", 4099, 576, 3, torch.float16, gen)
+    xs = torch.randn(1, 576, device="cuda", dtype=torch.float16, generator=gen)
+    call(xs, w)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        og = call(xs, w)
+    xs.copy_(torch.randn(1, 576, device="cuda", dtype=torch.float16, generator=gen))
+    g.replay()
+    torch.cuda.synchronize()
+    e = rel(og, reference(xs, w))
+    checked += 1
+    if not e < tol[torch.float16]:
+        failures += 1
+        log(f"FAIL graph replay: {e:.2e}")
+    log(f"check: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
+    return failures
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def bench(log, rows: list[dict]) -> list[dict]:
+    from bitsmith.kernels import bench as hb
+    from bitsmith.kernels import bitplane as bp
+    from bitsmith.kernels import gwint_triton
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.float16
+    bw = hb.copy_bandwidth_gbs()
+    log(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s")
+    rows.append(dict(kernel="d2d-copy", GBs=bw))
+    for N, K in SHAPES:
+        R = hb.rotations(N * K * 2)
+        ws = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
+        base = {}
+        for M in MS:
+            xs = [torch.randn(M, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
+            base[M] = hb.graph_time_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
+            rows.append(dict(kernel="cublas-fp16", N=N, K=K, M=M, us=base[M], speedup=1.0))
+            log(f"{N}x{K} M={M} cublas {base[M]:.1f} us")
+        del ws
+        torch.cuda.empty_cache()
+
+        def timed(label, kind, bits, M, fn_make, extra=None):
+            w0 = fn_make()
+            R = hb.rotations(nbytes(w0))
+            wsets = [w0] + [fn_make() for _ in range(R - 1)]
+            xs = [torch.randn(M, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
+            xc = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
+            cands = [c for _, c in _candidates(kind, bits, M, N, K)]
+            out = call(xc, w0, candidates=cands, **(extra or {}))  # tunes once per shape
+            err = rel(out, reference(xc, w0))
+            us = hb.graph_time_us([lambda x=x, w=w: call(x, w, candidates=cands, **(extra or {}))
+                                   for x, w in zip(xs, wsets)])
+            key_m = ("gemv",) if M == 1 else ("gemm", 1 << (M - 1).bit_length())
+            cfg = gwint_triton._TUNED.get(key_m + ("bitplane", kind, bits, G, False, False, dtype, N, K))
+            if extra and extra.get("regime") == "dequant":
+                cfg = "dequant+cublas"
+            nb = nbytes(w0) + 2 * M * (K + N)
+            row = dict(kernel=label, N=N, K=K, M=M, bits=bits, us=us, GBs=nb / us / 1e3, speedup=base[M] / us,
+                       rel_err=err, config=cfg)
+            rows.append(row)
+            log(f"{N}x{K} M={M} {label} b{bits}: {us:.1f} us ({base[M] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f} GB/s)"
+                f" err {err:.1e} cfg {cfg}")
+            del wsets
+            torch.cuda.empty_cache()
+
+        for bits in (2, 3, 4):
+            for M in MS:
+                timed("bipolar", "bipolar", bits, M, lambda: make("bipolar", N, K, bits, dtype, gen))
+        if (N, K) == SHAPES[0]:
+            for bits in (1, 5, 6, 7, 8):
+                timed("bipolar", "bipolar", bits, 1, lambda: make("bipolar", N, K, bits, dtype, gen))
+            timed("bipolar-dequant", "bipolar", 4, 128, lambda: make("bipolar", N, K, 4, dtype, gen),
+                  dict(regime="dequant"))
+        for M in MS:
+            timed("bcq", "bcq", 3, M, lambda: make("bcq", N, K, 3, dtype, gen))
+        # gemlite peers on gwint-layout weights of the same shape
+        for gbits in (2, 4):
+            fmt = hb.GwintFormat(f"w{gbits}g128", gbits, 128)
+            try:
+                w0 = fmt.make(N, K, dtype, device, gen)
+                R = hb.rotations(fmt.nbytes(w0))
+                wsets = [w0] + [fmt.make(N, K, dtype, device, gen) for _ in range(R - 1)]
+                made = [hb.gemlite_peer(fmt, w) for w in wsets]
+                if made[0] is None:
+                    raise RuntimeError("gemlite not importable")
+                wf = hb.gwint.dequantize(w0["qweight"], w0["scales"], None, gbits, 128, K, dtype=torch.float32)
+            except Exception as e:
+                log(f"gemlite w{gbits} unavailable: {type(e).__name__}: {e}")
+                continue
+            for M in MS:
+                try:
+                    xs = [torch.randn(M, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
+                    xc = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
+                    err = rel(made[0]["fn"](xc), xc.float() @ wf.t())
+                    us = hb.graph_time_us([lambda x=x, m=m: m["fn"](x) for x, m in zip(xs, made)])
+                except Exception as e:
+                    log(f"gemlite w{gbits} M={M} failed: {type(e).__name__}: {e}")
+                    continue
+                nb = fmt.nbytes(w0) + 2 * M * (K + N)
+                rows.append(dict(kernel="gemlite", N=N, K=K, M=M, bits=gbits, us=us, GBs=nb / us / 1e3,
+                                 speedup=base[M] / us, rel_err=err))
+                log(f"{N}x{K} M={M} gemlite w{gbits}: {us:.1f} us ({base[M] / us:.2f}x cuBLAS) err {err:.1e}")
+            del wsets, made
+            torch.cuda.empty_cache()
+    rows.append(dict(kernel="tune-log", log=[dict(r, key=[str(k) for k in r["key"]])
+                                             for r in gwint_triton.TUNE_LOG if "bitplane" in r["key"]]))
+    return rows
+
+
+def table(rows) -> str:
+    base = {(r["N"], r["K"], r["M"]): r["us"] for r in rows if r["kernel"] == "cublas-fp16"}
+    lines = ["| kernel | bits | N x K | M | us | x cuBLAS fp16 | GB/s | rel. err |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kernel"] in ("bipolar", "bcq", "gemlite", "bipolar-dequant"):
+            lines.append(f"| {r['kernel']} | {r['bits']} | {r['N']}x{r['K']} | {r['M']} | {r['us']:.1f} |"
+                         f" {r['speedup']:.2f} | {r['GBs']:.0f} | {r['rel_err']:.1e} |")
+    lines.append("")
+    lines.append("cuBLAS fp16 us: " + ", ".join(f"{n}x{k} M={m}: {u:.1f}" for (n, k, m), u in base.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/bitplane-bench")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--smoke", action="store_true", help="check only, tiny shapes, CPU interpreter")
+    args = ap.parse_args(argv)
+    global DEVICE, SMOKE
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE, SMOKE, args.no_bench = "cpu", True, True
+    os.makedirs(args.out, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t0 = time.time()
+    failures = 0
+    parallel = not args.no_bench and args.workers > 1
+    if parallel:
+        failures = warm(log, args.workers, with_check=not args.no_check)
+    if not args.no_check and not parallel:
+        try:
+            failures = check(log)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            failures = 1
+    rows: list[dict] = []
+    if not args.no_bench:
+        try:
+            bench(log, rows)
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+    with open(os.path.join(args.out, "rows.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    if rows:
+        t = table(rows)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(t + "\n")
+        print(t)
+    log(f"total {time.time() - t0:.0f} s, check failures: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
