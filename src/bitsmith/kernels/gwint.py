@@ -62,27 +62,37 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32).t().contiguous()  # [words, N]
 
 
+def _unpack_padded(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """qweight int32 [W, N] -> codes int32 [N, W * P] (codes past K included)."""
+    P = codes_per_word(bits)
+    shifts = torch.arange(P, dtype=torch.int32, device=qweight.device) * bits
+    # arithmetic shifts of negative words are harmless: the mask keeps only the code's own bits
+    codes = (qweight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [W, N, P]
+    return codes.permute(1, 0, 2).reshape(qweight.shape[1], -1)  # [N, W * P]
+
+
 def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """qweight int32 [ceil(K/P), N] -> codes uint8 [N, K]."""
-    P = codes_per_word(bits)
-    w = qweight.to(torch.int64) & 0xFFFFFFFF  # [words, N], unsigned view
-    shifts = torch.arange(P, dtype=torch.int64, device=qweight.device) * bits
-    codes = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [words, N, P]
-    codes = codes.permute(1, 0, 2).reshape(qweight.shape[1], -1)[:, :in_features]  # [N, K]
-    return codes.to(torch.uint8)
+    return _unpack_padded(qweight, bits)[:, :in_features].to(torch.uint8)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
                in_features: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Exact float weight [N, K] (computed in float32, returned in `dtype`, default the scales' dtype)."""
-    codes = unpack_codes(qweight, bits, in_features).to(torch.float32)  # [N, K]
-    group_of_k = torch.arange(in_features, device=qweight.device) // group_size  # [K]
-    s = scales.to(torch.float32).t()[:, group_of_k]  # [N, K]
+    G, N = scales.shape
+    codes = _unpack_padded(qweight, bits)  # [N, W * P]
+    Kg = G * group_size
+    if codes.shape[1] >= Kg:
+        codes = codes[:, :Kg]
+    else:  # the packed width is shorter than whole groups: pad with zero codes (sliced off below)
+        codes = torch.nn.functional.pad(codes, (0, Kg - codes.shape[1]))
+    w = codes.view(N, G, group_size).to(torch.float32)  # groups broadcast, no per-element gather
     if zeros is None:
-        z = float(1 << (bits - 1))
+        w -= float(1 << (bits - 1))
     else:
-        z = zeros.to(torch.float32).t()[:, group_of_k]
-    return ((codes - z) * s).to(dtype or scales.dtype)
+        w -= zeros.t().to(torch.float32).unsqueeze(-1)
+    w *= scales.t().to(torch.float32).unsqueeze(-1)
+    return w.view(N, Kg)[:, :in_features].to(dtype or scales.dtype)
 
 
 def linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
