@@ -6,16 +6,17 @@ Generates random bf16 weights of real Llama shapes (sized to about --size-gb), s
 the CLI in a child process and reports its peak resident set size, wall time and input throughput.
 The synthetic folder is deleted afterwards unless --keep.
 
-Measurement note: Linux carries a process's high-water RSS across fork+exec into the child's ru_maxrss, so the
-generation runs in its own child process and this parent never imports torch: the compress child's ru_maxrss is
-then its own peak (the parent is a few tens of MB).
+Measurement note: the peak is the compress child's own ru_maxrss, read with os.wait4 on that child alone
+(RUSAGE_CHILDREN would report the largest of all children, the generator included). Linux also carries a process's
+high-water RSS across fork+exec into the child, so this parent never imports torch (it stays a few tens of MB) and
+the generation runs in a child of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -102,11 +103,14 @@ def main() -> None:
     for o in args.overrides:
         cmd += ["--set", o]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = open(args.workdir / "compress.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
     wall = time.time() - t0
-    if proc.returncode != 0:
-        sys.exit(f"compress failed:\n{proc.stdout}\n{proc.stderr}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if os.waitstatus_to_exitcode(status) != 0:
+        log.seek(0)
+        sys.exit(f"compress failed:\n{log.read()}")
+    peak_kb = usage.ru_maxrss
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     result = {"input_gb": round(total / 1e9, 3), "output_gb": round(out_bytes / 1e9, 3), "recipe": args.recipe,
               "overrides": args.overrides,
