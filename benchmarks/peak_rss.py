@@ -56,24 +56,28 @@ def generate(folder: Path, size_gb: float, shard_gb: float = 1.0) -> int:
               "num_key_value_heads": 20, "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
               "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    gen = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    # Lay the shards out from the shapes first, then generate and save one shard at a time (memory: one shard).
+    layout: list[list[tuple[str, tuple]]] = [[]]
     size = total = 0
     for name, shape in llama_shapes(hidden, intermediate, layers, vocab):
-        t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
-        n = t.numel() * 2
+        n = 2
+        for d in shape:
+            n *= d
         if size and size + n > shard_gb * 1e9:
-            shards.append({})
+            layout.append([])
             size = 0
-        shards[-1][name] = t
+        layout[-1].append((name, shape))
         size += n
         total += n
+    gen = torch.Generator().manual_seed(0)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i, entries in enumerate(layout):
+        fname = f"model-{i + 1:05d}-of-{len(layout):05d}.safetensors"
+        shard = {name: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) if len(shape) == 2
+                 else torch.ones(shape, dtype=torch.bfloat16) for name, shape in entries}
         save_file(shard, folder / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
-        shard.clear()
+        del shard
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}))
     return total
