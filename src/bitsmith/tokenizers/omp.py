@@ -34,6 +34,7 @@ import torch
 # An atom whose squared distance to the span of the atoms already picked is below this fraction of its squared norm
 # counts as dependent (float32 round-off is ~1e-7).
 _DEPENDENT = 1e-5
+_CPU_SUB_BATCH = 16
 
 
 def refresh_steps(k: int) -> frozenset[int]:
@@ -182,11 +183,12 @@ def _omp_exact(A, sq, inv_norm, Y, k, tol):
     return idx, f.coefs(k, t)
 
 
-def _omp_screened(A, Ab, inv_norm, Y, k, M, tol, refresh, sub=16):
+def _omp_screened(A, Ab, inv_norm, Y, k, M, tol, refresh):
     """Search each target's M atoms most correlated with its residual, re-chosen at the steps in `refresh` by one
-    bf16 GEMM over all atoms for the whole batch. Between refreshes, targets go `sub` at a time, so their candidates'
-    bf16 rows ([sub, M, d]) stay in cache for the steps of the segment."""
+    bf16 GEMM over all atoms for the whole batch. Between refreshes, on the CPU, targets go 16 at a time, so their
+    candidates' bf16 rows ([16, M, d]) stay in cache for the steps of the segment; a GPU takes the whole batch."""
     b, d = Y.shape
+    sub = _CPU_SUB_BATCH if Y.device.type == "cpu" else b
     f = _Factor(b, k, Y.norm(dim=1), tol)
     idx = torch.zeros(b, k, dtype=torch.int64, device=Y.device)
     Q = torch.zeros(b, k, d, device=Y.device)

@@ -55,7 +55,7 @@ class TransplantTokenizer(PassConfig):
     k: int = Field(64, ge=1, le=1024, description="omp: atoms (shared tokens) per new token")
     candidates: Optional[int] = Field(
         256, ge=1, description="omp: atoms searched per step after each re-ranking (null: all, the exact search)")
-    batch_size: int = Field(256, ge=1, description="omp: new tokens solved together")
+    batch_size: int = Field(1024, ge=1, description="omp: new tokens solved together")
     token_map: dict[str, str] = Field(
         default_factory=dict, description="donor token -> base token whose rows it copies (beyond the roles)")
 

@@ -1,0 +1,200 @@
+"""Tokenizer transplantation on a real base/donor pair: OMP against the mean, zero and subword baselines.
+
+For one direction (the base model gets the donor's tokenizer), this script
+1. cuts the same held-out excerpts from the given texts for every row (FILE:START, START in characters, snapped to
+   line starts, `--chars` long), so that bits per character compare across tokenizers;
+2. runs `transplant_tokenizer` with each method (a folder per method under --out; an existing finished folder is
+   reused, so an interrupted run can go on);
+3. scores the base model and every transplanted folder with `bitsmith.compress.evaluate.evaluate_path` (bits per
+   character of the whole excerpt, window --window, non-overlapping) and writes a greedy sample of each;
+4. shows how a line with numbers tokenizes with the base's and with the donor's tokenizer;
+5. writes --out/results.json and prints a markdown table.
+
+`speed` times OMP alone on random embeddings of given shapes (for a GPU machine the models cannot travel to):
+
+    python benchmarks/transplant_eval.py speed --case smol-gets-gemma:46145:215891:640 --candidates 256,all
+
+    python benchmarks/transplant_eval.py --base ~/.cache/bitsmith/examples/smollm2-135m \
+        --donor ~/.cache/bitsmith/examples/gemma3-270m --out /tmp/tp/smol-gets-gemma \
+        --text /work/shared/data/austen/northangerabbey.txt:200000 --text /work/shared/data/kjv_bible.txt:2000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DIGITS = "In 1811 she paid £3,250.75 for 12 acres; by 2024 the 7th edition sold 1,000,000 copies."
+PROMPTS = ("It is a truth universally acknowledged, that", "And God said,")
+
+
+def excerpt(spec: str, chars: int) -> tuple[str, str]:
+    path, _, start = spec.rpartition(":") if spec.rsplit(":", 1)[-1].isdigit() else (spec, "", "0")
+    text = Path(path).read_text(encoding="utf-8")
+    s = int(start)
+    s = text.find("\n", s) + 1 if s else 0  # start at a line start
+    cut = text[s:s + chars]
+    end = cut.rfind("\n")
+    cut = cut[:end + 1] if end > 0 else cut
+    return f"{Path(path).stem}@{s}", cut
+
+
+def generate(folder: Path, prompts) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        x = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            y = model.generate(**x, max_new_tokens=24, do_sample=False)
+        out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def tokens_of(folder: Path, text: str) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [tok.decode([i]) for i in ids]
+
+
+def speed(argv: list[str]) -> int:
+    """`speed`: time batched OMP on random embeddings of given shapes (the real pair's models cannot travel to a GPU
+    machine, their shapes can). Imports omp.py by file path, so it runs where only torch is installed."""
+    import importlib.util
+
+    import torch
+
+    ap = argparse.ArgumentParser(prog="transplant_eval.py speed")
+    ap.add_argument("--case", action="append", required=True,
+                    help="NAME:ATOMS:TARGETS:DIM, e.g. smol-gets-gemma:46145:215891:640")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--candidates", default="256,all", help="comma list of ints and/or 'all'")
+    ap.add_argument("--batch-size", default="256", help="comma list")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    spec = importlib.util.spec_from_file_location(
+        "bitsmith_omp", Path(__file__).resolve().parents[1] / "src/bitsmith/tokenizers/omp.py")
+    omp_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(omp_mod)
+    device = torch.device(args.device) if args.device else omp_mod.default_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), torch {torch.__version__}, k {args.k}", flush=True)
+    out = []
+    for case in args.case:
+        label, n, m, d = case.split(":")
+        n, m, d = int(n), int(m), int(d)
+        g = torch.Generator().manual_seed(0)
+        atoms, targets = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+        for cand in args.candidates.split(","):
+            c = None if cand == "all" else int(cand)
+            for bs in map(int, args.batch_size.split(",")):
+                omp_mod.omp(atoms, targets[:bs], args.k, candidates=c, batch_size=bs, device=device)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                res = omp_mod.omp(atoms, targets, args.k, candidates=c, batch_size=bs, device=device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                sec = time.perf_counter() - t0
+                row = {"case": label, "atoms": n, "targets": m, "dim": d, "k": args.k, "candidates": cand,
+                       "batch_size": bs, "seconds": round(sec, 2), "targets_per_s": round(m / sec, 1),
+                       "residual_mean": round(float(res.residual.mean()), 4), "device": name}
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "speed":
+        return speed(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--donor", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--text", action="append", required=True, help="FILE[:START_CHAR]; give two or more")
+    ap.add_argument("--chars", type=int, default=12000)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--methods", default="omp,mean,zero,subword")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--candidates", default="256", help="an int, or 'all' for the exact search")
+    ap.add_argument("--omp-label", default="omp", help="folder/row name of the omp run (to compare settings)")
+    args = ap.parse_args()
+
+    import bitsmith
+    from bitsmith.compress.evaluate import evaluate_path
+    from bitsmith.compress.recipe import parse_recipe
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for spec in args.text:
+        name, body = excerpt(spec, args.chars)
+        p = args.out / "texts" / f"{name}.txt"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(body, encoding="utf-8")
+        texts[name] = p
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.update({"base": args.base.name, "donor": args.donor.name, "chars": args.chars, "window": args.window,
+                    "texts": {n: str(p.name) for n, p in texts.items()}})
+    rows = results.setdefault("rows", {})
+    folders = {"base": args.base}
+    candidates = None if args.candidates == "all" else int(args.candidates)
+    for method in args.methods.split(","):
+        label = args.omp_label if method == "omp" else method
+        folder = args.out / label
+        folders[label] = folder
+        if not (folder / "transplant_report.json").exists():
+            kw = {"donor": str(args.donor), "method": method}
+            if method == "omp":
+                kw.update(k=args.k, candidates=candidates)
+            body = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in kw.items())
+            recipe = parse_recipe(f"version: 1\npasses:\n  - type: transplant_tokenizer\n{body}\n")
+            t0 = time.time()
+            bitsmith.compress(recipe, args.base, folder, progress=True)
+            rows.setdefault(label, {})["compress_seconds"] = round(time.time() - t0, 1)
+            print(f"{label}: compressed in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+        report = json.loads((folder / "transplant_report.json").read_text())
+        rows.setdefault(label, {})["report"] = {k: v for k, v in report.items() if k not in ("special", "tensors")}
+        results_path.write_text(json.dumps(results, indent=2))
+    for label, folder in folders.items():
+        row = rows.setdefault(label, {})
+        for name, path in texts.items():
+            if name in row.get("eval", {}):
+                continue
+            r = evaluate_path(folder, path, max_tokens=None, window=args.window, progress=False)
+            row.setdefault("eval", {})[name] = {k: r[k] for k in ("bits_per_char", "ppl", "tokens", "chars",
+                                                                  "seconds")}
+            print(f"{label} {name}: {r['bits_per_char']:.4f} bits/char ({r['tokens']} tokens)", file=sys.stderr,
+                  flush=True)
+            results_path.write_text(json.dumps(results, indent=2))
+        if "samples" not in row:
+            row["samples"] = dict(zip(PROMPTS, generate(folder, PROMPTS)))
+            results_path.write_text(json.dumps(results, indent=2))
+    results["digits"] = {"text": DIGITS, "base_tokenizer": tokens_of(args.base, DIGITS),
+                         "donor_tokenizer": tokens_of(args.donor, DIGITS)}
+    results_path.write_text(json.dumps(results, indent=2))
+
+    names = list(texts)
+    print(f"\n{args.base.name} with {args.donor.name}'s tokenizer; bits per character, {args.chars} characters each,"
+          f" window {args.window}\n")
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for label in folders:
+        ev = rows[label]["eval"]
+        print(f"| {label} | " + " | ".join(f"{ev[n]['bits_per_char']:.4f}" for n in names) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
