@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K) = (out, in)
+OUT_DIR = None  # rows.json is rewritten after every row, so a run cut short still leaves its numbers
 SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1 (the script's own test)
 MS = [1, 16, 128]
 G = 128
@@ -214,6 +215,12 @@ def check(log) -> int:
 
 # ------------------------------------------------------------------------------------------------ timing
 
+def _save(rows):
+    if OUT_DIR:
+        with open(os.path.join(OUT_DIR, "rows.json"), "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+
+
 def bench(log, rows: list[dict]) -> list[dict]:
     from bitsmith.kernels import bench as hb
     from bitsmith.kernels import bitplane as bp
@@ -256,6 +263,7 @@ def bench(log, rows: list[dict]) -> list[dict]:
             row = dict(kernel=label, N=N, K=K, M=M, bits=bits, us=us, GBs=nb / us / 1e3, speedup=base[M] / us,
                        rel_err=err, config=cfg)
             rows.append(row)
+            _save(rows)
             log(f"{N}x{K} M={M} {label} b{bits}: {us:.1f} us ({base[M] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f} GB/s)"
                 f" err {err:.1e} cfg {cfg}")
             del wsets
@@ -297,6 +305,7 @@ def bench(log, rows: list[dict]) -> list[dict]:
                 nb = fmt.nbytes(w0) + 2 * M * (K + N)
                 rows.append(dict(kernel="gemlite", N=N, K=K, M=M, bits=gbits, us=us, GBs=nb / us / 1e3,
                                  speedup=base[M] / us, rel_err=err))
+                _save(rows)
                 log(f"{N}x{K} M={M} gemlite w{gbits}: {us:.1f} us ({base[M] / us:.2f}x cuBLAS) err {err:.1e}")
             del wsets, made
             torch.cuda.empty_cache()
@@ -325,7 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--smoke", action="store_true", help="check only, tiny shapes, CPU interpreter")
     args = ap.parse_args(argv)
-    global DEVICE, SMOKE
+    global DEVICE, SMOKE, OUT_DIR
+    OUT_DIR = args.out
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         DEVICE, SMOKE, args.no_bench = "cpu", True, True

@@ -110,6 +110,8 @@ def test_bundled_recipes_parse():
     for name, bits in (("bipolar-w4", 4), ("bipolar-w3", 3), ("bipolar-w2", 2), ("bcq-w3", 3)):
         p = load_recipe(name).passes[0]
         assert p.bits == bits and p.group_size == 128
+    mixed = load_recipe("bipolar-w3-mixed").passes[0]
+    assert mixed.bits == {"default": 3, "v_proj": 4, "k_proj": 2}
 
 
 # ---------------------------------------------------------------------------------------------------- the pass
