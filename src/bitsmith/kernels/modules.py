@@ -2,9 +2,15 @@
 
 `PackedLinear` holds the packed tensors of one Linear as buffers (so it can be built on the meta device and filled by
 `load_state_dict` / transformers' loader), and calls its format's linear op in forward.
+
+On the CPU (no kernels there), forward keeps the exact dequantized weight of the activation dtype between calls,
+rebuilt whenever a packed buffer changes: evaluation then costs what the dense model costs, at the dense model's
+memory. `BITSMITH_CPU_WEIGHT_CACHE=0` turns this off (dequantize on every call, packed memory only).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -33,7 +39,18 @@ class PackedLinear(nn.Module):
         return {name: getattr(self, name) for name in self._tensor_names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        if x.device.type == "cpu" and os.environ.get("BITSMITH_CPU_WEIGHT_CACHE", "1") != "0":
+            return nn.functional.linear(x, self._cached_weight(x.dtype), self.bias)
         return get_format(self.format_name).linear(x, self.packed_tensors(), self.params, self.bias)
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        tensors = self.packed_tensors()
+        key = (dtype, tuple((id(t), t._version) for t in tensors.values()))  # in-place loads bump _version
+        cache = getattr(self, "_weight_cache", None)
+        if cache is None or cache[0] != key:
+            w = get_format(self.format_name).dequantize(tensors, self.params).to(dtype)
+            self._weight_cache = cache = (key, w)
+        return cache[1]
 
     def dequantized_weight(self) -> torch.Tensor:
         return get_format(self.format_name).dequantize(self.packed_tensors(), self.params)
