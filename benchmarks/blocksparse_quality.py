@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--variants", default="magnitude,activation,activation+refit")
     ap.add_argument("--scope", default="layer", choices=["layer", "row", "global"])
+    ap.add_argument("--refit-iters", type=int, default=25, help="conjugate-gradient steps (0: exact solves)")
     ap.add_argument("--recover", default="", help="comma list of BLOCK@SPARSITY:VARIANT to also distill")
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--recover-batch", type=int, default=4)
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-only", action="store_true", help="skip configurations not listed in --recover")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--stats-cache", type=Path, default=None, help="save/load the calibration statistics here")
+    ap.add_argument("--skip-done", action="store_true", help="skip configurations already in --out")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,15 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         r = perplexity(model, tok, text, max_tokens=args.tokens, window=args.window, progress=False)
         return r["ppl"], round(time.time() - t, 1)
 
-    p, s = ppl()
-    emit({"config": "dense", "ppl": p, "eval_s": s})
+    done = set()
+    if args.skip_done and args.out and args.out.exists():
+        for line in args.out.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("model") == name and r.get("tokens") == args.tokens and r.get("text") == args.text.name:
+                done.add((r["config"], r.get("recover_steps", 0)))
+                rows.append(r)
+    if ("dense", 0) not in done:
+        p, s = ppl()
+        emit({"config": "dense", "ppl": p, "eval_s": s})
 
     probe = BlockSparse(sparsity=0.5)
     dense = {n: m.weight.detach().clone() for n, m in targeted_linears(model, probe, "benchmark").items()}
     mods = targeted_linears(model, probe, "benchmark")
     t = time.time()
-    batches = calibration_batches(str(args.calib), tok, args.samples, args.seq_len, seed=0)
-    stats = collect_stats(model, list(mods), batches, batch_size=4, gram=True)
+    if args.stats_cache and args.stats_cache.exists():
+        stats = torch.load(args.stats_cache, weights_only=False)
+    else:
+        batches = calibration_batches(str(args.calib), tok, args.samples, args.seq_len, seed=0)
+        stats = collect_stats(model, list(mods), batches, batch_size=4, gram=True)
+        if args.stats_cache:
+            torch.save(stats, args.stats_cache)
     calib_s = round(time.time() - t, 1)
     print(f"calibration: {args.samples} x {args.seq_len} tokens in {calib_s} s,"
           f" {activation_bytes(stats) / 2**20:.0f} MiB of statistics", file=sys.stderr, flush=True)
@@ -116,18 +132,22 @@ def main(argv: list[str] | None = None) -> int:
                 rec = (block, sp, variant) in recover_set
                 if args.recover_only and not rec:
                     continue
+                cname = f"{block[0]}x{block[1]}@{sp}:{variant}"
+                if (cname, 0) in done and (not rec or (cname, args.recover_steps) in done):
+                    continue
                 score = "magnitude" if variant.startswith("magnitude") else "activation"
                 cfg = BlockSparse(sparsity=sp, block=block, score=score, refit=variant.endswith("+refit"),
-                                  scope=args.scope)
+                                  scope=args.scope, refit_iters=args.refit_iters)
                 restore()
                 report = prune_model(model, cfg, stats=stats)
                 errs = [e["out_err_refit" if cfg.refit else "out_err"] for e in report["modules"].values()]
-                p, s = ppl()
-                base = {"config": f"{block[0]}x{block[1]}@{sp}:{variant}", "block": f"{block[0]}x{block[1]}",
+                base = {"config": cname, "block": f"{block[0]}x{block[1]}",
                         "sparsity": sp, "variant": variant, "scope": args.scope,
                         "achieved_sparsity": round(report["sparsity"], 4),
                         "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"]}
-                emit({**base, "recover_steps": 0, "ppl": p, "eval_s": s})
+                if (cname, 0) not in done:
+                    p, s = ppl()
+                    emit({**base, "recover_steps": 0, "ppl": p, "eval_s": s})
                 if rec:
                     if teacher is None:
                         teacher = copy.deepcopy(model)

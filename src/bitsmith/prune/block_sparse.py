@@ -74,6 +74,7 @@ class BlockSparse(CalibrationFields):
     max_sparsity: float = Field(0.98, gt=0.0, le=1.0, description="scope global: most sparsity of any layer")
     refit: bool = Field(False, description="re-solve the kept weights by least squares on calibration inputs")
     ridge: float = Field(0.01, ge=0.0, description="refit: ridge, relative to the mean diagonal of X^T X")
+    refit_iters: int = Field(25, ge=0, description="refit: conjugate-gradient steps; 0 = exact (slow for thin blocks)")
 
     kind: ClassVar[PassKind] = PassKind.MODEL
 
@@ -187,7 +188,7 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
         if gram is not None:
             entry["out_err"] = round(S.output_error(masked, w, gram), 6)
         if cfg.refit:
-            new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge)
+            new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)
             entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
         else:
             new = masked
