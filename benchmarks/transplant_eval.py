@@ -42,7 +42,8 @@ def excerpt(spec: str, chars: int) -> tuple[str, str]:
     return f"{Path(path).stem}@{s}", cut
 
 
-def generate(folder: Path, prompts) -> list[str]:
+def generate(folder: Path, prompts, bos: bool | None = None) -> list[str]:
+    """Greedy continuations (24 tokens); bos=True puts the tokenizer's BOS token first even if it adds none."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,6 +52,9 @@ def generate(folder: Path, prompts) -> list[str]:
     out = []
     for p in prompts:
         x = tok(p, return_tensors="pt")
+        if bos and x["input_ids"][0, 0] != tok.bos_token_id:
+            x = {k: torch.cat([torch.full_like(v[:, :1], tok.bos_token_id if k == "input_ids" else 1), v], 1)
+                 for k, v in x.items()}
         with torch.no_grad():
             y = model.generate(**x, max_new_tokens=24, do_sample=False)
         out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -129,6 +133,9 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--candidates", default="256", help="an int, or 'all' for the exact search")
     ap.add_argument("--omp-label", default="omp", help="folder/row name of the omp run (to compare settings)")
+    ap.add_argument("--bos-rows", action="store_true",
+                    help="also score each transplanted folder with BOS forced (rows '<method>+bos'), for a donor "
+                         "tokenizer that adds no BOS given to a base that was trained with one")
     args = ap.parse_args()
 
     import bitsmith
@@ -167,19 +174,22 @@ def main() -> int:
         report = json.loads((folder / "transplant_report.json").read_text())
         rows.setdefault(label, {})["report"] = {k: v for k, v in report.items() if k not in ("special", "tensors")}
         results_path.write_text(json.dumps(results, indent=2))
-    for label, folder in folders.items():
+    runs = [(label, folder, None) for label, folder in folders.items()]
+    if args.bos_rows:
+        runs += [(f"{label}+bos", folder, True) for label, folder in folders.items() if label != "base"]
+    for label, folder, bos in runs:
         row = rows.setdefault(label, {})
         for name, path in texts.items():
             if name in row.get("eval", {}):
                 continue
-            r = evaluate_path(folder, path, max_tokens=None, window=args.window, progress=False)
+            r = evaluate_path(folder, path, max_tokens=None, window=args.window, progress=False, bos=bos)
             row.setdefault("eval", {})[name] = {k: r[k] for k in ("bits_per_char", "ppl", "tokens", "chars",
                                                                   "seconds")}
             print(f"{label} {name}: {r['bits_per_char']:.4f} bits/char ({r['tokens']} tokens)", file=sys.stderr,
                   flush=True)
             results_path.write_text(json.dumps(results, indent=2))
         if "samples" not in row:
-            row["samples"] = dict(zip(PROMPTS, generate(folder, PROMPTS)))
+            row["samples"] = dict(zip(PROMPTS, generate(folder, PROMPTS, bos)))
             results_path.write_text(json.dumps(results, indent=2))
     results["digits"] = {"text": DIGITS, "base_tokenizer": tokens_of(args.base, DIGITS),
                          "donor_tokenizer": tokens_of(args.donor, DIGITS)}
@@ -190,7 +200,7 @@ def main() -> int:
           f" window {args.window}\n")
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
-    for label in folders:
+    for label, _, _ in runs:
         ev = rows[label]["eval"]
         print(f"| {label} | " + " | ".join(f"{ev[n]['bits_per_char']:.4f}" for n in names) + " |")
     return 0

@@ -265,3 +265,24 @@ def test_base_without_embedding_tensor(pair, tmp_path):
     with pytest.raises(PlanError, match="no input embedding tensor"):
         bitsmith.compress(parse_recipe(_recipe(donor=str(pair["bl_tied"]))), base, tmp_path / "out", progress=False)
     assert _no_output(tmp_path)
+
+
+def test_token_map_and_shared_role_token(pair, tmp_path):
+    """token_map copies named rows; a donor token with two roles (pad = eos) is mapped once and reported as such."""
+    base, donor = pair["ms_untied"], pair["bl_tied"]
+    out = tmp_path / "out"
+    bitsmith.compress(parse_recipe(_recipe(donor=str(donor), method="zero",
+                                           token_map={"<|im_start|>": "<eos>", "<|endoftext|>": "<pad>"})),
+                      base, out, progress=False)
+    bv, dv = _vocab(base), _vocab(donor)
+    new, old = _rows(out), _rows(base)
+    assert torch.equal(new[dv.tokenizer.token_to_id("<|im_start|>")], old[bv.tokenizer.token_to_id("<eos>")])
+    assert torch.equal(new[dv.tokenizer.token_to_id("<|endoftext|>")], old[bv.tokenizer.token_to_id("<pad>")])
+    report = json.loads((out / "transplant_report.json").read_text())
+    assert report["token_map"] == 2 and report["special"]["pad"]["same_as"] == "eos"
+    assert report["special"]["bos"]["note"] == "set by token_map" and report["special_mapped"] == 1  # eos only
+    assert report["copied"] + report["rebuilt"] + 1 + 2 + report["filled_mean"] == dv.size
+    with pytest.raises(PlanError, match="not a token of the donor"):
+        bitsmith.compress(parse_recipe(_recipe(donor=str(donor), token_map={"<nope>": "<eos>"})), base,
+                          tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -247,10 +247,27 @@ def _match(base: Vocab, donor: Vocab, layout: _Layout, token_map: dict[str, str]
     new_vocab = layout.new_vocab
     source: dict[int, int] = {}  # new id -> base id
     special: dict[str, dict] = {}
+    by_text_d = {t: i for i, t in enumerate(donor.tokens) if t is not None}
+    by_text_b = {t: i for i, t in enumerate(base.tokens) if t is not None}
+    for dt, bt in token_map.items():  # the user's pairs first: they win over roles and shared text
+        if dt not in by_text_d:
+            raise PlanError(f"transplant_tokenizer: token_map: {dt!r} is not a token of the donor's tokenizer")
+        if bt not in by_text_b or by_text_b[bt] >= base_rows:
+            raise PlanError(f"transplant_tokenizer: token_map: {bt!r} is not a token of the base's tokenizer")
+        source[by_text_d[dt]] = by_text_b[bt]
+    mapped_by_user = len(source)
+    user = set(source)
     mapped = 0
     for role in ROLES:
         d, b = donor.roles.get(role), base.roles.get(role)
-        if d is None or d in source:
+        if d is None:
+            continue
+        if d in user:
+            special[role] = {"token": donor.tokens[d], "id": d, "note": "set by token_map"}
+            continue
+        if d in source:  # the donor uses one token for two roles (SmolLM2: pad = eos)
+            first = next(r for r, e in special.items() if e.get("id") == d)
+            special[role] = {"token": donor.tokens[d], "id": d, "same_as": first}
             continue
         if b is None or b >= base_rows:
             special[role] = {"token": donor.tokens[d], "id": d, "base_token": None,
@@ -259,16 +276,6 @@ def _match(base: Vocab, donor: Vocab, layout: _Layout, token_map: dict[str, str]
         source[d] = b
         special[role] = {"token": donor.tokens[d], "id": d, "base_token": base.tokens[b], "base_id": b}
         mapped += 1
-    by_text_d = {t: i for i, t in enumerate(donor.tokens) if t is not None}
-    by_text_b = {t: i for i, t in enumerate(base.tokens) if t is not None}
-    mapped_by_user = 0
-    for dt, bt in token_map.items():
-        if dt not in by_text_d:
-            raise PlanError(f"transplant_tokenizer: token_map: {dt!r} is not a token of the donor's tokenizer")
-        if bt not in by_text_b or by_text_b[bt] >= base_rows:
-            raise PlanError(f"transplant_tokenizer: token_map: {bt!r} is not a token of the base's tokenizer")
-        source[by_text_d[dt]] = by_text_b[bt]
-        mapped_by_user += 1
     copied = 0
     rebuild, fill = [], []
     atoms: dict[int, int] = {}  # base id -> donor id
