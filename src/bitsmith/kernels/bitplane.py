@@ -23,13 +23,16 @@ bits, group_size, kind ("bipolar" | "bcq"), offset (bool).
 Kernels (Triton, fp16/bf16 activations; CUDA only, the torch reference elsewhere; TRITON_INTERPRET=1 runs them on
 the CPU for tests):
 
-    M == 1     `_gemv_kernel`: CUDA cores, split-K. STRATEGY 0 ("rebuild") rebuilds u = sum_i 2^i b_i (bipolar) or
-               w = sum_i +-alpha_i (BCQ) in registers and does one multiply-add per weight; STRATEGY 1 ("planes")
-               accumulates each plane separately: sum_j +-x_j, the sign of x_j flipped by the bit (an integer xor,
-               no int->float conversion), weighted by 2^i (bipolar) or alpha_i (BCQ) per group.
-    M >= 2     `_gemm_kernel`: the tile [BLOCK_K, BLOCK_N] becomes fp16/bf16 and goes through `tl.dot`, split-K for
-               small M. Bipolar dots with u (exact small integers) and applies 2s and the -(2^b-1) rowsum(x) term
-               per group after the dot; BCQ either rebuilds w (STRATEGY 0) or does one dot per +-1 plane (1).
+    M == 1     `_gemv_kernel`: CUDA cores, split-K, the 32 slots of a word unrolled as 2D tiles. Each plane word is
+               pre-shifted once; a slot's bit is then masked in place, and the bits of all planes OR into the
+               mantissa of float32 2^23 (one LOP3 per plane and weight), one FADD makes u * 2^p exact, one FFMA
+               with x_j 2^-p accumulates. STRATEGY 0 ("rebuild", bipolar) assembles u = sum_i 2^i b_i that way;
+               STRATEGY 1 ("planes", and always for BCQ) accumulates each plane separately and weights it by 2^i
+               or alpha_i per tile. Rebuild measured 1.4x faster than plane-wise for bipolar at 3 bits.
+    M >= 2     `_gemm_kernel`: a [BLOCK_K, BLOCK_N] operand for `tl.dot`, split-K for small M. Bipolar: the slot
+               tiles of u (exact small integers) are joined into the operand; 2s and the -(2^b-1) s rowsum(x)
+               term are applied per group after the dot. BCQ: w = sum_i +-alpha_i rebuilt in fp32, one dot
+               (STRATEGY 0, measured faster), or one dot per +-1 plane (STRATEGY 1).
     large M    `_dequant_kernel` writes W^T once, then cuBLAS (from DEQUANT_MIN_M rows on).
 
 K-tiles never straddle a group: the kernels need group_size % 32 == 0 (or one group per row); other group sizes
@@ -49,7 +52,7 @@ from ..compress.formats import PackedFormat, register_format
 FORMAT_NAME = "bitplane"
 FORMAT_VERSION = 1
 KINDS = ("bipolar", "bcq")
-DEQUANT_MIN_M = 256  # M=128 measured: fused 105 us < dequant+cuBLAS 116 us (docs/results/bitplane.md)
+DEQUANT_MIN_M = 256  # fused kernel below (faster at M=128, measured); 256 = the gwint crossover, not re-measured
 
 try:  # Triton is optional at import time (the torch reference works without it)
     import triton
