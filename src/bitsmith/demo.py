@@ -30,8 +30,8 @@ def _generate(model, tokenizer, prompt: str, tokens: int = 24) -> str:
 
 def run_demo(recipe: str = "int8", example: str = "smollm2-135m", tokens: int = 4096) -> dict:
     from .api import compress
-    from .compress.evaluate import perplexity, sample_text_path
-    from .compress.examples import cache_root, fetch_example
+    from .compress.evaluate import perplexity
+    from .compress.examples import cache_root, fetch_example, sample_text_path
     from .compress.hf_integration import load, load_tokenizer
 
     torch.manual_seed(0)
