@@ -85,12 +85,12 @@ def run_config(model, originals, name, spec, profiles_cache, log):
         budget = fixed_bits(shapes, spec["bits"], int(budget[1:]), spec.get("symmetric", True))
     cfg = FineQuant(**spec, **({"bits_budget": budget} if budget is not None else {}))
     if cfg.group_size == "auto":
-        key = (cfg.bits, cfg.symmetric, cfg.scale_divisor, cfg.clip_search)
+        key = (cfg.bits, cfg.symmetric, cfg.scale_divisor, cfg.use_clip)
         if key not in profiles_cache:
             tp = time.time()
             profiles_cache[key] = [adaptive.profile_matrix(
                 n, w, bits=cfg.bits, symmetric=cfg.symmetric, scale_divisor=cfg.scale_divisor, scale_dtype=w.dtype,
-                clip_search=cfg.clip_search, candidates=cfg.candidates) for n, w in originals.items()]
+                clip_search=cfg.use_clip, candidates=cfg.candidates) for n, w in originals.items()]
             log(f"  profiled {len(originals)} matrices in {time.time() - tp:.1f} s")
         choice = {n: o.group_size for n, o in adaptive.allocate(profiles_cache[key], cfg.budget()).items()}
     else:
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=None)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names (see --list)")
-    ap.add_argument("--score", default=None, help="ablation: auto's matrix score (relative | sse | size_relative)")
+    ap.add_argument("--score", default=None,
+                    help="ablation: auto's matrix score (size_relative2, the default | relative | sse | size_relative)")
     ap.add_argument("--out", default=None, help="append one JSON line per result here")
     ap.add_argument("--skip-done", action="store_true", help="skip (model, config, score) rows already in --out")
     ap.add_argument("--list", action="store_true")
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
 
     if args.score:
         adaptive.set_score(args.score)
+    score = adaptive._score
     text = read_text(args.text)
 
     def log(msg):
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     if args.skip_done and args.out and Path(args.out).exists():
         for line in Path(args.out).read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["config"], r["score"], r["tokens"] if "tokens" in r else None))
+            done.add((r["model"], r["config"], r["score"]))
     rows = []
     for mdir in args.model:
         model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
         profiles: dict = {}
         for name in names:
             spec = CONFIGS[name]
-            if any(d[:3] == (Path(mdir).name, name, args.score or "relative") for d in done):
+            if (Path(mdir).name, name, score if spec and spec.get("group_size") == "auto" else "-") in done:
                 log(f"{Path(mdir).name}: {name}: already in {args.out}")
                 continue
             log(f"{Path(mdir).name}: {name}")
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
                              progress=False)
             row = {"model": Path(mdir).name, "config": name, "spec": spec, **facts, "ppl": res["ppl"],
                    "bits_per_char": res["bits_per_char"], "tokens": res["tokens"], "window": res["window"],
-                   "stride": res["stride"], "text": Path(args.text).name, "score": args.score or "relative",
+                   "stride": res["stride"], "text": Path(args.text).name,
+                   "score": score if spec and spec.get("group_size") == "auto" else "-",
                    "eval_seconds": round(time.time() - t0, 1)}
             log(f"  ppl {row['ppl']:.3f}  bits {row['bits']:.4f}  {facts.get('group_sizes', '')}"
                 f"  ({facts.get('quant_seconds', 0)} s quant, {row['eval_seconds']} s eval)")

@@ -245,3 +245,13 @@ def test_unreachable_budget_fails_at_plan_time(tmp_path):
         compress(_recipe("    group_size: auto\n    bits_budget: 4.05\n"), model, tmp_path / "o",
                           progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_allocation_never_scores_worse_than_one_group_size():
+    profiles = _profiles()
+    for g in (16, 32, 64, 128):
+        uniform = {p.name: next(o for o in p.options if o.group_size == min(g, p.shape[1])) for p in profiles}
+        budget = adaptive.allocation_bits(uniform, profiles)
+        choice = adaptive.allocate(profiles, budget)
+        assert adaptive.allocation_bits(choice, profiles) <= budget + 1e-12
+        assert sum(p.score(choice[p.name]) for p in profiles) <= sum(p.score(uniform[p.name]) for p in profiles)

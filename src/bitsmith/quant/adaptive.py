@@ -7,12 +7,15 @@ The rule (evidence in docs/passes/finequant.md):
    convention, clipping search) and record the squared reconstruction error E(W, g) and the cost in bits, b per weight
    plus 16 bits per (group, row) for the scale (and 8 for a zero point when asymmetric). Only every `stride`-th row
    is quantized (at most PROFILE_ROWS rows): the error is a sum over rows, so the sample estimates it without bias.
-2. Score. The error of a matrix counts relative to its energy: E(W, g) / ||W||^2, the relative output noise the
-   matrix adds for an isotropic input. Every matrix counts once, whatever its size.
+2. Score. A matrix with n weights and relative error r = E(W, g) / ||W||^2 scores n * r^2: its size times the
+   square of its relative error. The square makes the rule averse to concentrating error in a few matrices, which
+   on the example models costs more perplexity than the plain error sum predicts.
 3. Allocate. Minimise the sum of scores subject to sum of costs <= budget x number of weights: a multiple-choice
-   knapsack. Each matrix's options are reduced to the lower convex hull of (cost, score); starting from the
-   cheapest option everywhere, upgrades are taken in order of score saved per bit (the Lagrangian order, optimal for
-   the relaxed problem), skipping any that no longer fit. The result never exceeds the budget.
+   knapsack. Two solutions are built and the lower total score wins: (a) the Lagrangian greedy -- each matrix's
+   options reduced to the lower convex hull of (cost, score), the cheapest everywhere, then upgrades in order of
+   score saved per bit while they fit; (b) the finest single group size that fits, then the leftover bits spent on
+   the upgrades that save the most score per bit. So the result never scores worse than a uniform group size, and
+   it never exceeds the budget.
 
 The budget is over the whole model's targeted weights, so step 3 needs every matrix's profile: in `bitsmith.compress`
 the pass streams the input checkpoint once (one tensor at a time) before the first weight is quantized and caches the
@@ -57,14 +60,15 @@ class MatrixProfile:
         return _SCORES[_score](self, option)
 
 
-# How a matrix's error counts in the allocation. "relative" is the rule; the others are kept for the ablation in
+# How a matrix's error counts in the allocation. "size_relative2" is the rule; the others are kept for the ablation in
 # docs/passes/finequant.md (benchmarks/finequant_quality.py --score).
 _SCORES = {
+    "size_relative2": lambda p, o: p.numel * (o.error / max(p.energy, 1e-30)) ** 2,  # size x relative error squared
     "relative": lambda p, o: o.error / max(p.energy, 1e-30),  # every matrix counts once
     "sse": lambda p, o: o.error,  # absolute squared error: big-weight matrices count more
     "size_relative": lambda p, o: o.error / max(p.energy, 1e-30) * p.numel,  # relative error, weighted by size
 }
-_score = "relative"
+_score = "size_relative2"
 
 
 def set_score(name: str) -> None:
@@ -114,7 +118,8 @@ def _hull(prof: MatrixProfile) -> list[Option]:
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # b is above the segment a -> o: drop it
-            if (prof.score(b) - prof.score(a)) * (o.cost - a.cost) >= (prof.score(o) - prof.score(a)) * (b.cost - a.cost):
+            sa, sb, so = prof.score(a), prof.score(b), prof.score(o)
+            if (sb - sa) * (o.cost - a.cost) >= (so - sa) * (b.cost - a.cost):
                 hull.pop()
             else:
                 break
@@ -135,16 +140,11 @@ def budget_range(shapes: Iterable[tuple[int, int]], bits: int, symmetric: bool, 
     return lo / max(n, 1), hi / max(n, 1)
 
 
-def allocate(profiles: list[MatrixProfile], budget: float) -> dict[str, Option]:
-    """{matrix name: chosen option} minimising the total score with average bits per weight <= budget."""
-    total_weights = sum(p.numel for p in profiles)
-    limit = budget * total_weights
+def _greedy(profiles: list[MatrixProfile], limit: float) -> dict[str, Option]:
+    """Lagrangian greedy: cheapest option everywhere, then hull upgrades by score saved per bit while they fit."""
     hulls = {p.name: _hull(p) for p in profiles}
     chosen = {name: 0 for name in hulls}  # index into the hull
     spent = sum(h[0].cost for h in hulls.values())
-    if spent > limit * (1 + 1e-12):
-        raise PlanError(f"finequant: bits_budget {budget} is below the cheapest allocation"
-                        f" ({spent / total_weights:.4f} bits per weight, every matrix per channel)")
     by_name = {p.name: p for p in profiles}
     steps = []  # (score saved per bit, name, hull index reached)
     for name, h in hulls.items():
@@ -165,6 +165,60 @@ def allocate(profiles: list[MatrixProfile], budget: float) -> dict[str, Option]:
         chosen[name] = i
         spent += extra
     return {name: hulls[name][i] for name, i in chosen.items()}
+
+
+def _uniform(profiles: list[MatrixProfile], limit: float) -> dict[str, Option] | None:
+    """The finest single group size (min(g, K) per matrix) that fits, then upgrades that still fit, best first."""
+    sizes = sorted({o.group_size for p in profiles for o in p.options})
+    best = None
+    for g in sizes:  # ascending: the first that fits is the finest
+        choice = {p.name: max((o for o in p.options if o.group_size <= g), key=lambda o: o.group_size,
+                              default=max(p.options, key=lambda o: o.group_size)) for p in profiles}
+        if sum(o.cost for o in choice.values()) <= limit:
+            best = choice
+            break
+    if best is None:
+        return None
+    spent = sum(o.cost for o in best.values())
+    by_name = {p.name: p for p in profiles}
+    while True:  # spend what is left on the upgrade with the most score saved per bit
+        move, move_gain = None, 0.0
+        for name, cur in best.items():
+            p = by_name[name]
+            for o in p.options:
+                extra = o.cost - cur.cost
+                saved = p.score(cur) - p.score(o)
+                if extra > 0 and saved > 0 and spent + extra <= limit and saved / extra > move_gain:
+                    move, move_gain = (name, o), saved / extra
+        if move is None:
+            return best
+        spent += move[1].cost - best[move[0]].cost
+        best[move[0]] = move[1]
+
+
+def allocate(profiles: list[MatrixProfile], budget: float) -> dict[str, Option]:
+    """{matrix name: chosen option} minimising the total score with average bits per weight <= budget.
+
+    Two candidates, the one with the lower total score wins: the Lagrangian greedy over all options, and the finest
+    uniform group size that fits with the leftover bits spent greedily. So the result is never worse, by the score,
+    than one group size for every matrix.
+    """
+    total_weights = sum(p.numel for p in profiles)
+    limit = budget * total_weights
+    cheapest = sum(min(o.cost for o in p.options) for p in profiles)
+    if cheapest > limit * (1 + 1e-12):
+        raise PlanError(f"finequant: bits_budget {budget} is below the cheapest allocation"
+                        f" ({cheapest / total_weights:.4f} bits per weight, every matrix per channel)")
+    by_name = {p.name: p for p in profiles}
+
+    def total(choice):
+        return sum(by_name[n].score(o) for n, o in choice.items())
+
+    greedy = _greedy(profiles, limit)
+    uniform = _uniform(profiles, limit)
+    if uniform is not None and total(uniform) <= total(greedy):
+        return uniform
+    return greedy
 
 
 def allocation_bits(choice: dict[str, Option], profiles: list[MatrixProfile]) -> float:

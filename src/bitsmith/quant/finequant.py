@@ -2,9 +2,10 @@
 
 Scale-only symmetric by default, optional asymmetric zero points; group sizes from 16 to per-channel; partial last
 groups are handled (never a skipped layer). Scales are stored in the model's dtype (fp16 or bf16) unless set.
-`clip_search` (on by default) picks each group's scale by a clipping search that minimises its reconstruction error
-(`bitsmith.quant.clipping`). `group_size: auto` picks a group size per matrix from the weights only, under an average
-bits-per-weight budget that counts scales and zero points (`bitsmith.quant.adaptive`, docs/passes/finequant.md).
+`clip_search` (on by default below 8 bits) picks each group's scale by a clipping search that minimises its
+reconstruction error (`bitsmith.quant.clipping`). `group_size: auto` picks a group size per matrix from the weights
+only, under an average bits-per-weight budget that counts scales and zero points (`bitsmith.quant.adaptive`,
+docs/passes/finequant.md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class FineQuant(TargetedPass):
     symmetric: bool = True
     scale_divisor: Literal["pow2", "pow2_minus_1"] = "pow2_minus_1"
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    clip_search: bool = Field(True, description="per-group scale by a clipping search minimising the error")
+    clip_search: Optional[bool] = Field(
+        None, description="per-group scale by a clipping search minimising the error; default: on below 8 bits")
     bits_budget: Optional[float] = Field(
         None, description="group_size auto: average bits per weight over all targeted weights, scales counted")
     candidates: tuple[Union[int, Literal["channel"]], ...] = Field(
@@ -75,6 +77,11 @@ class FineQuant(TargetedPass):
             raise ValueError(f"bits_budget must be more than bits ({self.bits}): scales cost bits too,"
                              f" got {self.bits_budget}")
         return self
+
+    @property
+    def use_clip(self) -> bool:
+        """clip_search as set, or by default on for 2..4 bits and off for 8 (where RTN is already within noise)."""
+        return self.bits < 8 if self.clip_search is None else self.clip_search
 
     def budget(self, scale_bits: int = 16) -> float:
         """The average bits per weight that group_size auto may spend."""
@@ -125,7 +132,7 @@ def plan_finequant(cfg: FineQuant, modules) -> dict[str, str]:
 
 def _profile(cfg: FineQuant, name: str, w: torch.Tensor) -> adaptive.MatrixProfile:
     return adaptive.profile_matrix(name, w, bits=cfg.bits, symmetric=cfg.symmetric, scale_divisor=cfg.scale_divisor,
-                                   scale_dtype=scale_dtype_for(cfg, w.dtype), clip_search=cfg.clip_search,
+                                   scale_dtype=scale_dtype_for(cfg, w.dtype), clip_search=cfg.use_clip,
                                    candidates=cfg.candidates)
 
 
@@ -207,7 +214,7 @@ def quantize_matrix(w: torch.Tensor, cfg: FineQuant, group_size: int
     """(codes uint8 [N, K], scales [G, N], zeros [G, N] or None, dequantized float32 [N, K])."""
     scale_dtype = scale_dtype_for(cfg, w.dtype)
     clip = None
-    if cfg.clip_search:
+    if cfg.use_clip:
         clip = search_clip(w, cfg.bits, group_size, cfg.symmetric, cfg.scale_divisor, scale_dtype)[0]
     codes, scales, zeros = quantize_groupwise(w, cfg.bits, group_size, cfg.symmetric, cfg.scale_divisor,
                                               scale_dtype, clip)

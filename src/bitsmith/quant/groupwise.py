@@ -4,7 +4,8 @@ w: [N, K] float. Groups of `group_size` consecutive input weights per output row
 Symmetric: scale = max|w| / D, q = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1), stored as code = q + 2^(b-1),
 with D = 2^(b-1) ("pow2", the FasterTransformer convention: the positive max clips to (2^(b-1)-1)/2^(b-1) of itself)
 or D = 2^(b-1) - 1 ("pow2_minus_1": no clipping, the most negative code unused).
-Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), code = clamp(round(w / scale) + zero, 0, 2^b - 1).
+Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale),
+code = clamp(round(w / scale) + zero, 0, 2^b - 1).
 
 A `clip` factor per group (from `bitsmith.quant.clipping`) shrinks the range (max|w|, or max and min) before the scale
 is computed; the codes then follow from that scale. Scales are rounded to their storage dtype before any code is
