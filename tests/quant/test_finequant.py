@@ -255,3 +255,18 @@ def test_allocation_never_scores_worse_than_one_group_size():
         choice = adaptive.allocate(profiles, budget)
         assert adaptive.allocation_bits(choice, profiles) <= budget + 1e-12
         assert sum(p.score(choice[p.name]) for p in profiles) <= sum(p.score(uniform[p.name]) for p in profiles)
+
+
+@pytest.mark.parametrize("name", ["finequant-w8", "finequant-w4"])
+def test_bundled_recipes_compress_a_tiny_model(name, tmp_path):
+    from bitsmith.compress.recipe import load_recipe
+
+    recipe = load_recipe(name)
+    model = make_tiny_llama(tmp_path / "tiny", hidden=80, intermediate=200)
+    compress(recipe, model, tmp_path / "out", progress=False)
+    mods = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["modules"]
+    cfg = recipe.passes[0]
+    assert len(mods) == 14 and all(e["bits"] == cfg.bits for e in mods.values())
+    bits = sum(storage_bits(e["out_features"], e["in_features"], cfg.bits, e["group_size"], True) for e in mods.values())
+    weights = sum(e["out_features"] * e["in_features"] for e in mods.values())
+    assert bits / weights <= (cfg.bits_budget or cfg.bits + 16 / 80)
