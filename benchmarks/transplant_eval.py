@@ -10,6 +10,11 @@ For one direction (the base model gets the donor's tokenizer), this script
 4. shows how a line with numbers tokenizes with the base's and with the donor's tokenizer;
 5. writes --out/results.json and prints a markdown table.
 
+`fidelity` compares the screened search with exact OMP on real embeddings (residuals of sampled new tokens):
+
+    python benchmarks/transplant_eval.py fidelity --base ~/.cache/bitsmith/examples/smollm2-135m \
+        --donor ~/.cache/bitsmith/examples/gemma3-270m
+
 `speed` times OMP alone on random embeddings of given shapes (for a GPU machine the models cannot travel to):
 
     python benchmarks/transplant_eval.py speed --case smol-gets-gemma:46145:215891:640 --candidates 256,all
@@ -43,7 +48,8 @@ def excerpt(spec: str, chars: int) -> tuple[str, str]:
 
 
 def generate(folder: Path, prompts, bos: bool | None = None) -> list[str]:
-    """Greedy continuations (24 tokens); bos=True puts the tokenizer's BOS token first even if it adds none."""
+    """Greedy continuations (24 tokens); bos=True puts the tokenizer's BOS token first even if it adds none,
+    bos=False leaves it out even if it adds one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +61,8 @@ def generate(folder: Path, prompts, bos: bool | None = None) -> list[str]:
         if bos and x["input_ids"][0, 0] != tok.bos_token_id:
             x = {k: torch.cat([torch.full_like(v[:, :1], tok.bos_token_id if k == "input_ids" else 1), v], 1)
                  for k, v in x.items()}
+        if bos is False and x["input_ids"][0, 0] == tok.bos_token_id:
+            x = {k: v[:, 1:] for k, v in x.items()}
         with torch.no_grad():
             y = model.generate(**x, max_new_tokens=24, do_sample=False)
         out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -119,9 +127,69 @@ def speed(argv: list[str]) -> int:
     return 0
 
 
+def fidelity(argv: list[str]) -> int:
+    """`fidelity`: how close the screened search comes to exact OMP on real embeddings: the relative residual
+    ||y - A_S x|| / ||y|| of a random sample of the donor's new tokens, for the exact search, the screened search at
+    several M (re-ranking at steps 0, 2, 6, 14, 30, 62), and ranking once (against y only)."""
+    import torch
+
+    from bitsmith.compress.checkpoint import CheckpointReader
+    from bitsmith.tokenizers import omp as O
+    from bitsmith.tokenizers.vocab import load_vocab, tokenizer_files
+
+    ap = argparse.ArgumentParser(prog="transplant_eval.py fidelity")
+    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--donor", required=True, type=Path)
+    ap.add_argument("--embedding", default="model.embed_tokens.weight")
+    ap.add_argument("--targets", type=int, default=128)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--candidates", default="128,256,1024")
+    ap.add_argument("--schedules", default="", help="other re-ranking steps to try at M=256, e.g. '0,4,16;0,8,32'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    base = load_vocab(tokenizer_files(args.base), json.loads((args.base / "config.json").read_text()), "base")
+    donor = load_vocab(tokenizer_files(args.donor), json.loads((args.donor / "config.json").read_text()), "donor")
+    bidx = base.index()
+    atoms = {}
+    for i, key in enumerate(donor.keys):
+        if key is not None and key in bidx and not donor.is_special_key(key):
+            atoms.setdefault(bidx[key], i)
+    atom_ids = torch.tensor(sorted(atoms.values()))
+    new_ids = torch.tensor([i for i, key in enumerate(donor.keys) if key is not None and key not in bidx])
+    D = CheckpointReader(args.donor).get(args.embedding).float()
+    sample = new_ids[torch.randperm(len(new_ids), generator=torch.Generator().manual_seed(args.seed))[:args.targets]]
+    A, Y = D[atom_ids], D[sample]
+    Ab, inv = A.to(torch.bfloat16), (A * A).sum(1).rsqrt()
+    print(f"{len(atom_ids)} atoms, {len(new_ids)} new tokens, {len(sample)} sampled, k {args.k}", flush=True)
+    rows = []
+
+    def run(label, fn):
+        t0 = time.perf_counter()
+        idx, x = fn()
+        sec = time.perf_counter() - t0
+        res = float(O._residual(A, Y, idx, x).mean())
+        rows.append({"search": label, "residual_mean": round(res, 4), "ms_per_target": round(1e3 * sec / len(Y), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    run("exact", lambda: O._omp_exact(A, (A * A).sum(1), inv, Y, args.k, 1e-5))
+    for m in map(int, args.candidates.split(",")):
+        run(f"screened M={m}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, m, 1e-5, O.refresh_steps(args.k)))
+    for sched in filter(None, args.schedules.split(";")):
+        steps = frozenset(int(x) for x in sched.split(","))
+        run(f"screened M=256, re-ranked at {sched}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, 256, 1e-5, steps))
+    m = max(map(int, args.candidates.split(",")))
+    run(f"ranked once M={m}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, m, 1e-5, frozenset({0})))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "speed":
         return speed(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "fidelity":
+        return fidelity(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, type=Path)
     ap.add_argument("--donor", required=True, type=Path)
@@ -133,9 +201,9 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--candidates", default="256", help="an int, or 'all' for the exact search")
     ap.add_argument("--omp-label", default="omp", help="folder/row name of the omp run (to compare settings)")
-    ap.add_argument("--bos-rows", action="store_true",
-                    help="also score each transplanted folder with BOS forced (rows '<method>+bos'), for a donor "
-                         "tokenizer that adds no BOS given to a base that was trained with one")
+    ap.add_argument("--bos-rows", choices=("on", "off"),
+                    help="also score each transplanted folder with BOS forced on (rows '<method>+bos': a donor "
+                         "tokenizer that adds no BOS, a base trained with one) or off (rows '<method>-bos')")
     args = ap.parse_args()
 
     import bitsmith
@@ -176,7 +244,9 @@ def main() -> int:
         results_path.write_text(json.dumps(results, indent=2))
     runs = [(label, folder, None) for label, folder in folders.items()]
     if args.bos_rows:
-        runs += [(f"{label}+bos", folder, True) for label, folder in folders.items() if label != "base"]
+        on = args.bos_rows == "on"
+        runs += [(f"{label}{'+' if on else '-'}bos", folder, on) for label, folder in folders.items()
+                 if label != "base"]
     for label, folder, bos in runs:
         row = rows.setdefault(label, {})
         for name, path in texts.items():

@@ -453,8 +453,9 @@ class TransplantSource:
                         new[i] = Bf[pieces[n]].mean(0)
             elif method == "omp":
                 atoms = Bf[m.atoms_base]
-                for lo in range(0, len(m.rebuild), 8192):
-                    new[m.rebuild[lo:lo + 8192]] = code.combine(atoms, lo, lo + 8192)
+                step = 1024  # the gather is [step, k, width] floats
+                for lo in range(0, len(m.rebuild), step):
+                    new[m.rebuild[lo:lo + step]] = code.combine(atoms, lo, lo + step)
             # mean: already there
         return new.to(B.dtype)
 
