@@ -304,7 +304,7 @@ def bench_cpu(reps: int, log) -> list[dict]:
                     c = best(lambda: torch.mm(csr, x.t()))
                     r = dict(N=N, K=K, sparsity=sparsity, block=f"{block[0]}x{block[1]}", M=M, dense_ms=d,
                              gather_ms=gth, csr_ms=c, gather_x=d / gth, csr_x=d / c,
-                             dispatch="gather" if bsr_cpu.use_gather(p) else "dense")
+                             dispatch=bsr_cpu.choose(p, M))
                     rows.append(r)
                     log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     return rows

@@ -132,11 +132,27 @@ def test_cpu_paths_match_reference(block, density):
         x = torch.randn(2, M, 96)
         ref = torch.nn.functional.linear(x, w, bias)
         assert rel(bsr_cpu.gather_linear(x, t, params, bias), ref) < 1e-5
+        assert rel(bsr_cpu.csr_linear(x, t, params, bias), ref) < 1e-5
         assert rel(bsr.linear(x, t, params, bias), ref) < 1e-5  # the dispatcher's choice
     qp, qt, wd = quantized(w, 8, 32, torch.bfloat16, block) if block[1] > 1 else (None, None, None)
     if qp is not None:
         x = torch.randn(5, 96)
         assert rel(bsr_cpu.gather_linear(x, qt, qp), x @ wd.t()) < 1e-5
+
+
+def test_cpu_dispatch_and_csr_cache():
+    w, _ = sparse_weight(64, 64, (1, 4), 0.1, seed=5, dense_row=False)
+    params, t = bsr.pack(w, (1, 4))
+    assert bsr_cpu.choose(params, 1) == "csr"
+    x = torch.randn(3, 64)
+    assert rel(bsr.linear(x, t, params), x @ w.t()) < 1e-5
+    t["values"].mul_(2)  # an in-place change of the stored values invalidates the cached CSR matrix
+    assert rel(bsr.linear(x, t, params), 2 * x @ w.t()) < 1e-5
+    big, _ = sparse_weight(64, 64, (32, 32), 0.1, seed=6, empty_row=False, dense_row=False)
+    p2, _ = bsr.pack(big, (32, 32), torch.rand(2, 2) < 2)  # all four blocks stored: density 1
+    assert bsr_cpu.choose(p2, 1) == "dense"
+    p3 = {**p2, "nnz_blocks": 1}
+    assert bsr_cpu.choose(p3, 1) == "gather" and bsr_cpu.choose(p3, 128) == "dense"
 
 
 def test_cpu_empty_matrix():

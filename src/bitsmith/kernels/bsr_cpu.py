@@ -2,28 +2,43 @@
 
     y[m, r R + i] = sum over stored blocks b of block row r:  sum_j values[b, i, j] * x[m, col[b] C + j]
 
-`linear` computes this as `bmm(values [B, R, C], x_gathered [B, C, M]) -> [B, R, M]`, then adds each block's
-partial product into its block row (`index_add_`): the weights are read once, only the stored blocks. It beats the
-dense matmul when few blocks are stored and the blocks are not thin; elsewhere (`use_gather` false) the dense
-weight is rebuilt and multiplied (exact either way). The crossover was measured on this project's 2-core CPU
+`gather_linear` computes this as `bmm(values [B, R, C], x_gathered [B, C, M]) -> [B, R, M]`, then adds each
+block's partial product into its block row (`index_add_`): only the stored blocks are read. It beats the dense
+matmul when few blocks are stored and blocks are at least 16x16 (at M = 1 also at 50% with 32x32 and larger);
+thin blocks (1x4, 4x1) gather too little per index and lose badly, but torch's CPU CSR matmul (MKL) wins for them
+at 85%+ sparsity (`csr_linear`, the CSR matrix built once and cached per weight). Elsewhere the dense weight is
+rebuilt and multiplied. All three are exact. `choose` encodes the crossovers measured on this project's 2-core CPU
 (benchmarks/blocksparse_kernels.py --cpu, docs/results/blocksparse.md).
 """
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 
 from . import bsr
 
-# Gather path when the stored fraction of blocks is at most this and a block holds at least MIN_BLOCK weights.
-MAX_DENSITY = 0.5
-MIN_BLOCK = 64
 MAX_GATHER_BYTES = 64 * 2**20  # chunk M so that the gathered x stays under this
+_CSR_CACHE: dict[int, tuple] = {}  # id(values tensor) -> (weakref to it, its _version, CSR matrix)
 
 
-def use_gather(params: dict) -> bool:
-    return (bsr.density(params) <= MAX_DENSITY
-            and params["block_rows"] * params["block_cols"] >= MIN_BLOCK)
+def choose(params: dict, M: int) -> str:
+    """'gather', 'csr' or 'dense' for an [M, K] input (rules from the measurements in docs/results/blocksparse.md)."""
+    d = bsr.density(params)
+    area = params["block_rows"] * params["block_cols"]
+    if area >= 1024 and d <= 0.5 and M == 1:
+        return "gather"
+    if area >= 256 and d <= 0.35 and (M <= 16 or d <= 0.15):
+        return "gather"
+    if area < 256 and d <= 0.15:
+        return "csr"
+    return "dense"
+
+
+def use_gather(params: dict, M: int = 1) -> bool:
+    return choose(params, M) == "gather"
 
 
 def _row_of_block(crow: torch.Tensor) -> torch.Tensor:
@@ -55,8 +70,36 @@ def gather_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tens
     return y.reshape(*lead, N)
 
 
+def csr_weight(tensors: dict, params: dict) -> torch.Tensor:
+    """The weight as a float32 torch CSR matrix [N, K], built once per stored values tensor (cached)."""
+    key = tensors.get("values", tensors.get("qvalues"))
+    hit = _CSR_CACHE.get(id(key))
+    if hit is not None and hit[0]() is key and hit[1] == key._version:
+        return hit[2]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        w = bsr.dequantize(tensors, params, torch.float32).to_sparse_csr()
+    ident = id(key)
+    _CSR_CACHE[ident] = (weakref.ref(key, lambda _, ident=ident: _CSR_CACHE.pop(ident, None)), key._version, w)
+    return w
+
+
+def csr_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) by torch's CPU sparse CSR matmul (float32 inside)."""
+    K, N = params["in_features"], params["out_features"]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).to(torch.float32)
+    y = torch.mm(csr_weight(tensors, params), x2.t()).t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*lead, N)
+
+
 def linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The CPU op: the gather path where it wins (`use_gather`), else the dense reference."""
-    if use_gather(params):
+    """The CPU op: gather + bmm, torch CSR, or the dense reference, whichever `choose` picks for this M."""
+    how = choose(params, x.numel() // max(1, params["in_features"]))
+    if how == "gather":
         return gather_linear(x, tensors, params, bias)
+    if how == "csr":
+        return csr_linear(x, tensors, params, bias)
     return bsr.linear_reference(x, tensors, params, bias)

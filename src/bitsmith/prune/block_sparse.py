@@ -153,11 +153,13 @@ def calibrate(model, cfg: CalibrationFields, names, tokenizer, *, gram=False, de
 
 @torch.no_grad()
 def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, stats=None, progress: bool = False,
-                log=None, where: str = "block_sparse") -> dict:
+                log=None, where: str = "block_sparse", measure: bool | None = None) -> dict:
     """Prune `model` in place as `cfg` says; returns a report (per-module sparsity, output errors, seconds).
 
     `stats` ({module: LinearStats} from `calibration.collect_stats` on the dense model, with Gram matrices when
     refitting) can be passed in to reuse one calibration for several prunings; otherwise it is collected here.
+    `measure`: compute each matrix's relative output error on the calibration inputs (needs Gram matrices; one
+    [N, K] x [K, K] product per matrix); default: when refitting.
     """
     t0 = time.time()
     modules = targeted_linears(model, cfg, where)
@@ -185,7 +187,7 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
         masked = w.to(torch.float32) * S.expand(keep, cfg.block)
         entry = {"sparsity": round(S.sparsity_of(keep), 4)}
         gram = stats[n].gram if (stats is not None and n in stats) else None
-        if gram is not None:
+        if gram is not None and (cfg.refit if measure is None else measure):
             entry["out_err"] = round(S.output_error(masked, w, gram), 6)
         if cfg.refit:
             new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)

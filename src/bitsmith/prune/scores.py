@@ -262,8 +262,9 @@ def refit_cg(w: torch.Tensor, keep_el: torch.Tensor, gram: torch.Tensor, ridge: 
 
 def output_error(w_new: torch.Tensor, w: torch.Tensor, gram: torch.Tensor) -> float:
     """Relative output error on the calibration inputs: tr(D G D^T) / tr(W G W^T), D = w_new - w."""
-    d = (w_new.to(torch.float64) - w.to(torch.float64))
-    g = gram.to(torch.float64)
-    num = (d @ g * d).sum()
-    den = (w.to(torch.float64) @ g * w.to(torch.float64)).sum().clamp_min(1e-30)
+    wf = w.to(torch.float32)
+    d = w_new.to(torch.float32) - wf
+    g = gram.to(torch.float32)
+    num = (d @ g * d).sum(dtype=torch.float64)
+    den = (wf @ g * wf).sum(dtype=torch.float64).clamp_min(1e-30)
     return float(num / den)
