@@ -7,8 +7,8 @@
 
 Each model is loaded once in float32 (bf16 weights upcast exactly, as `bitsmith eval ppl` does on CPU). For each
 configuration every targeted Linear (every Linear but the output head) is quantized from its original bf16 weight by
-the pass's own apply function (`bipolar`, `bcq`, `finequant`), and the model computes with the exact dequantized weight
-the packed folder stores. Bits per weight count everything stored (codes/planes, scales, alphas, offsets).
+the pass's own apply function (`bipolar`, `bcq`, `finequant`), and the model computes with the exact float32
+dequantized weight, as the packed folder does (`--weights bf16`: rounded to bf16 instead, the pass's dense value). Bits per weight count everything stored (codes/planes, scales, alphas, offsets).
 
 --sensitivity: the mixed-precision layer choice. On a calibration text (not the held-out one) it measures, for each
 module type (q/k/v/o/gate/up/down_proj), the loss change when only that type moves from `--base` bits to base+1 and
@@ -71,6 +71,24 @@ def _targets(model, cfg) -> list[tuple[str, str, str, torch.nn.Module]]:
             if m.name not in skipped and m.shape is not None and len(m.shape) == 2]
 
 
+WEIGHTS = "exact"  # --weights: "exact" (what the packed folder computes with) or "bf16" (rounded to the model dtype)
+
+
+def exact_weight(packed) -> torch.Tensor:
+    """The float32 weight a packed tensor stands for, as the packed module computes it on the CPU (fp32 x)."""
+    from bitsmith.kernels import bitplane, gwint
+
+    t, p = packed.tensors, packed.params
+    if packed.format == "bitplane":
+        coef = t["scales"] if p["kind"] == "bipolar" else t["alphas"]
+        return bitplane.dequantize(t["planes"], coef, t.get("offset"), p["kind"], p["group_size"], p["in_features"],
+                                   dtype=torch.float32)
+    if packed.format == "gwint":
+        return gwint.dequantize(t["qweight"], t["scales"], t.get("zeros"), p["bits"], p["group_size"],
+                                p["in_features"], dtype=torch.float32)
+    raise ValueError(f"no exact dequantization here for format {packed.format!r}")
+
+
 def quantize_model(model, originals: dict[str, torch.Tensor], cfg) -> dict:
     """Quantize every target of `cfg` (from its original weight) in place; -> facts (bits, rel_sse, seconds)."""
     from bitsmith.compress.passes import TensorState, handler_for
@@ -86,7 +104,9 @@ def quantize_model(model, originals: dict[str, torch.Tensor], cfg) -> dict:
         stored += state.packed.nbytes * 8
         code_bits += state.packed.params["bits"] * w.numel()
         numel += w.numel()
-        deq = state.tensor.float()
+        # state.tensor is the dequantized weight rounded to the model's dtype (what a later pass would see); the
+        # packed module computes with the exact product scale * code in float32
+        deq = exact_weight(state.packed) if WEIGHTS == "exact" else state.tensor.float()
         sse += float((deq - w.float()).square().sum())
         energy += float(w.float().square().sum())
         with torch.no_grad():
@@ -185,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", action="store_true", help="per-type sensitivity and the mixed-precision choice")
     ap.add_argument("--base", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--weights", choices=("exact", "bf16"), default="exact",
+                    help="exact: the float32 weight the packed folder computes with (default); bf16: the"
+                         " dequantized weight rounded to the model dtype (the pass's dense value)")
     ap.add_argument("--out", default=None, help="append one JSON line per result here")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
@@ -194,6 +217,8 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    global WEIGHTS
+    WEIGHTS = args.weights
     if not args.model or not args.text:
         ap.error("--model and --text are required")
 
@@ -220,7 +245,7 @@ def main(argv=None) -> int:
                 quantize_model(model, originals, _config(*spec))
             t0 = time.time()
             res = perplexity(model, tok, text, max_tokens=args.tokens, window=args.window, progress=False)
-            row = {"model": Path(mdir).name, "config": name, **facts, "ppl": res["ppl"],
+            row = {"model": Path(mdir).name, "config": name, "weights": WEIGHTS, **facts, "ppl": res["ppl"],
                    "bits_per_char": res["bits_per_char"], "tokens": res["tokens"], "window": res["window"],
                    "text": Path(args.text).name, "eval_seconds": round(time.time() - t0, 1)}
             log(f"  ppl {row['ppl']:.3f}  bits {row['bits']:.4f}  rel_sse {row['rel_sse']:.5f}"
