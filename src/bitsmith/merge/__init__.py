@@ -1,1 +1,3 @@
 """merge passes."""
+
+from . import soup  # noqa: F401  (registers soup)
