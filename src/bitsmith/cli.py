@@ -52,7 +52,7 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin weights (pickle: trusted sources only).")
-@click.option("--device", default="cpu", show_default=True, help="Device for model passes (cpu, cuda, cuda:1).")
+@click.option("--device", default="cpu", show_default=True, help="Device the passes compute on (cpu, cuda, cuda:1): model passes load the model there; tensor passes move each targeted weight there and back.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Processes computing tensors in parallel (output identical to 1); tensor passes only.")
 @click.option("--plan", "plan_only", is_flag=True, help="Validate and print the plan; read no weights, write nothing.")

@@ -181,3 +181,11 @@ def test_apply_in_memory(tiny_llama):
     with torch.no_grad():
         q = model(ids).logits
     assert (q - dense).abs().max() < 0.05 * dense.abs().max()
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:7" if torch.cuda.is_available() else "cuda"])
+def test_unusable_device_is_refused_before_anything_is_written(tiny_llama, tmp_path, device):
+    out = tmp_path / "out"
+    with pytest.raises(PlanError, match="--device"):
+        bitsmith.compress("int8", tiny_llama, out, progress=False, device=device)
+    assert not out.exists() and not list(tmp_path.glob(".*bitsmith-partial"))

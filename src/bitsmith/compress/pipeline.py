@@ -205,6 +205,7 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
     from . import parallel
 
     start = time.time()
+    check_device(device)
     reader = CheckpointReader(model, allow_pickle=allow_pickle)
     source: Source = CheckpointSource(reader)
     plan = make_plan(recipe, source)
@@ -218,7 +219,7 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         parallel.init_distributed(device)
         if rank != 0:
             return _serve_rank(plan, source, reader, device, progress)
-    key = resume_key(reader, recipe, shard_bytes)
+    key = resume_key(reader, recipe, shard_bytes, device)
     expected = 4 * len(plan.final_view.tensors)  # a packed weight becomes at most 4 tensors
     try:
         writer = CheckpointWriter(Path(output), shard_bytes, overwrite, resume_key=key,  # checks the output first
@@ -322,11 +323,34 @@ def _serve_rank(plan: Plan, source: Source, reader: CheckpointReader, device: st
     return None
 
 
-def resume_key(reader: CheckpointReader, recipe: Recipe, shard_bytes: int) -> str:
-    """Fingerprint of everything the output bytes depend on: a run with the same key may resume another's shards."""
+def check_device(device: str) -> None:
+    """A device name torch understands and this machine has; else one clear error before anything is read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PlanError(f"--device {device!r} is not a device name (use cpu, cuda, cuda:1, ...): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__};"
+                            f" use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PlanError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise PlanError(f"--device {device}: not supported (use cpu or cuda[:N])")
+
+
+def resume_key(reader: CheckpointReader, recipe: Recipe, shard_bytes: int, device: str = "cpu") -> str:
+    """Fingerprint of everything the output bytes depend on: a run with the same key may resume another's shards.
+
+    The device type counts (an accelerator's reductions may round differently from the CPU's), the device index not.
+    """
     files = sorted({i.file for i in reader.tensors.values()} | {"config.json"})
     stats = [(f, (reader.path / f).stat().st_size, (reader.path / f).stat().st_mtime_ns) for f in files]
-    blob = json.dumps([__version__, recipe.to_yaml(), str(reader.path.resolve()), stats, shard_bytes])
+    parts = [__version__, recipe.to_yaml(), str(reader.path.resolve()), stats, shard_bytes]
+    kind = torch.device(device).type
+    if kind != "cpu":  # CPU runs keep the key they always had
+        parts.append(kind)
+    blob = json.dumps(parts)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

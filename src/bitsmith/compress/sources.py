@@ -79,6 +79,10 @@ class SweepSource:
 
     def read(self, name: str) -> TensorState:
         state = self.inner.read(name)
+        device = torch.device(getattr(self.ctx, "device", "cpu") or "cpu")
+        on_device = device.type != "cpu" and any(name in step.targets for step in self.steps)
+        if on_device:  # a targeted weight goes through its passes on the accelerator, one tensor at a time
+            state.tensor = state.tensor.to(device)
         for step in self.steps:
             hit = step.targets.get(name)
             if hit is None:
@@ -90,6 +94,10 @@ class SweepSource:
                                       f" ({step.config.type}) cannot transform it (fix the checkpoint, or add the"
                                       f" module to the pass's ignore list)")
             state = step.handler.apply(step.config, state, self.ctx)
+        if on_device:  # everything downstream (writer, hashing, later model passes) works on CPU tensors
+            state.tensor = state.tensor.cpu()
+            if state.packed is not None:
+                state.packed.tensors.update({k: t.cpu() for k, t in state.packed.tensors.items()})
         return state
 
     def side_files(self) -> dict[str, Path | bytes]:

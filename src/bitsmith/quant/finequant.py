@@ -188,7 +188,8 @@ def _allocation(cfg: FineQuant, ctx) -> dict[str, adaptive.Option] | None:
         if log is not None and any(pp.index < mine.index for pp in plan.passes):
             log("finequant auto: group sizes are chosen from the input checkpoint's weights, before the earlier"
                 " passes of the recipe change them")
-        result = allocate_weights(cfg, ((n, reader.get(n)) for n in names), progress, log)
+        device = getattr(ctx, "device", "cpu") or "cpu"  # profile where the sweep computes (one weight at a time)
+        result = allocate_weights(cfg, ((n, reader.get(n).to(device)) for n in names), progress, log)
     else:
         return None
     extra[key] = result
