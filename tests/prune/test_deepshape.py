@@ -150,3 +150,16 @@ def test_cuda_matches_cpu():
     b, _ = DS.reshape_tensor(w.cuda(), DS.DeepShape())
     assert b.device.type == "cuda"
     assert (a.float() - b.cpu().float()).abs().max() <= 1e-2 * float(a.float().abs().max())
+
+
+def test_bundled_deepshape_w4_recipe(tiny_lm, tmp_path):
+    import json
+
+    from bitsmith.compress.recipe import load_recipe
+
+    r = load_recipe("deepshape-w4")
+    assert [p.type for p in r.passes] == ["deepshape", "finequant"]
+    out = tmp_path / "dsw4"
+    bitsmith.compress(r, tiny_lm, out, progress=False)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == 14 and all(m["format"] == "gwint" and m["bits"] == 4 for m in modules.values())
