@@ -282,4 +282,7 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "table":  # soup_experiment.py table RESULTS.json
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
+        sys.exit(0)
     sys.exit(main())
