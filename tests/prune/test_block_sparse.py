@@ -157,3 +157,30 @@ def test_bundled_recipes_plan(name, tiny_lm):
     types = [p.type for p in r.passes]
     assert types[0] == "block_sparse" and types[-1] == "pack_bsr" and "recover" in types
     make_plan(r, CheckpointSource(CheckpointReader(tiny_lm)))
+
+
+def test_magnitude_is_a_streamed_tensor_pass_with_the_model_pass_masks(tiny_lm, tmp_path):
+    """Weights-only magnitude pruning streams (tensor kind, --workers); its masks equal the in-memory rule's."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.compress.passes import PassKind
+    from bitsmith.prune.block_sparse import BlockSparse, prune_model
+
+    cfg = BlockSparse(sparsity=0.6, block=(16, 16), score="magnitude", scope="row")
+    assert cfg.kind is PassKind.TENSOR
+    assert BlockSparse(score="magnitude", scope="global").kind is PassKind.MODEL
+    assert BlockSparse(score="magnitude", refit=True).kind is PassKind.MODEL
+    assert BlockSparse(score="activation").kind is PassKind.MODEL
+    r = recipe("{type: block_sparse, sparsity: 0.6, block: [16, 16], score: magnitude, scope: row}")
+    bitsmith.compress(r, tiny_lm, tmp_path / "one", progress=False)
+    bitsmith.compress(r, tiny_lm, tmp_path / "two", progress=False, workers=2)
+    one, _ = stored(tmp_path / "one")
+    two, _ = stored(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.bfloat16)
+    prune_model(model, cfg)
+    sd = model.state_dict()
+    w = one["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(w, sd["model.layers.1.mlp.down_proj.weight"])
+    assert float((w == 0).float().mean()) == pytest.approx(4 / 6)  # row scope: round(0.6 * 6) of 6 blocks per row
+    assert torch.equal(one["lm_head.weight"], sd["lm_head.weight"])  # untargeted stays as it was

@@ -6,8 +6,10 @@ calibration text, Wanda-style, summed per block as output energy). Allocation: p
 `global` (one threshold over all layers, each layer's sparsity bounded by min/max_sparsity). `refit: true` re-solves
 the kept weights of every output row by ridge least squares on the calibration inputs (mask fixed).
 
-It is always a model pass (the engine's pass kind is fixed per type): with `score: magnitude` and no refit it runs no
-calibration forward, it only needs the weights. The pruned blocks are exact zeros in the model's weights, so later
+Its kind follows the config: with `score: magnitude`, no refit and a per-layer or per-row allocation it needs
+nothing but each weight, so it is a tensor pass (streamed one weight at a time, like the quantizers: checkpoints
+bigger than memory, `--workers`, ranks); activation scores, refit or a global threshold need the whole model, so it
+is then a model pass. The pruned blocks are exact zeros in the model's weights, so later
 passes see them: `recover` keeps them zero, `finequant` keeps them zero (symmetric codes have an exact zero), and
 `pack_bsr` stores only the nonzero blocks. The block shape of every pruned module is recorded in the run's context
 (`ctx.extra["block_sparse"]`) for `pack_bsr` with `block: auto`.
@@ -76,7 +78,9 @@ class BlockSparse(CalibrationFields):
     ridge: float = Field(0.01, ge=0.0, description="refit: ridge, relative to the mean diagonal of X^T X")
     refit_iters: int = Field(25, ge=0, description="refit: conjugate-gradient steps; 0 = exact (slow for thin blocks)")
 
-    kind: ClassVar[PassKind] = PassKind.MODEL
+    @property
+    def kind(self) -> PassKind:  # type: ignore[override]
+        return PassKind.MODEL if self.needs_calibration or self.scope == "global" else PassKind.TENSOR
 
     @field_validator("block", mode="before")
     @classmethod
@@ -113,8 +117,12 @@ def _check_divisible(cfg, modules, where: str) -> None:
                         f" {', '.join(bad[:6])}; choose a block that divides them or add them to `ignore`")
 
 
-def plan_block_sparse(cfg: BlockSparse, view, inventory) -> None:
+def plan_block_sparse(cfg: BlockSparse, view_or_chosen, inventory=None) -> dict | None:
+    """Model kind: (cfg, view, inventory) -> None. Tensor kind: (cfg, chosen modules) -> {module: skip reason}."""
     where = f"{cfg.type}"
+    if inventory is None:  # tensor kind: the engine selected the targets
+        _check_divisible(cfg, view_or_chosen, where)
+        return {}
     chosen, _ = select(inventory, cfg.targets, cfg.ignore, where)
     if not chosen:
         raise PlanError(f"{where}: no module to prune (every match is ignored or tied)")
@@ -215,7 +223,27 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
     return report
 
 
-def apply_block_sparse(cfg: BlockSparse, model: torch.nn.Module, ctx) -> None:
+@torch.no_grad()
+def prune_weight(cfg: BlockSparse, state: TensorState, ctx=None) -> TensorState:
+    """Tensor-pass form (magnitude scores, layer/row scope): prune one weight [N, K] with the same rule as the model
+    pass, so a streamed run and an in-memory one zero the same blocks."""
+    w = state.tensor
+    R, C = cfg.block
+    if w.dim() != 2 or w.shape[0] % R or w.shape[1] % C:
+        raise PlanError(f"block_sparse: block {R}x{C} does not tile {state.name} {list(w.shape)}; choose another"
+                        " block or ignore it")
+    scores = {state.name: S.block_scores(w, cfg.block, None)}
+    keep = S.allocate(scores, cfg.sparsity, cfg.scope)[state.name]  # [N / R, K / C]
+    state.tensor = (w.to(torch.float32) * S.expand(keep, cfg.block)).to(w.dtype)
+    state.facts["block_sparse"] = {"block": [R, C], "sparsity": round(S.sparsity_of(keep), 4)}
+    if ctx is not None and state.module is not None:
+        ctx.extra.setdefault(EXTRA_KEY, {})[state.module] = {"block": (R, C), "sparsity": S.sparsity_of(keep)}
+    return state
+
+
+def apply_block_sparse(cfg: BlockSparse, model, ctx) -> None:
+    if isinstance(model, TensorState):
+        return prune_weight(cfg, model, ctx)
     where = "block_sparse"
     progress = bool(getattr(ctx, "progress", False))
     device = getattr(ctx, "device", None)
