@@ -13,6 +13,12 @@ frozen. Every exact zero of a trained weight at the start stays zero: the masks 
 step, so block-sparse masks survive (and a dense weight, which has no zeros, trains freely). Training runs in float32
 (the weights return to their dtype at the end) through `accelerate` (device placement; `accelerate launch` for
 several processes). The loss at the start and at the end goes to the log and to `ctx.extra["recover.report"]`.
+
+`gg_prior` > 0 adds a generalized-Gaussian prior on the trained weights (DeepShape's recovery): each weight tensor's
+GG(mu, nu, beta) is fitted (moment matching) at the start, and every step adds
+gg_prior * mean over tensors of mean_i ((|w_i - mu| + eps) / beta)^nu, eps = 1e-3 * beta — the tensor's GG negative
+log-likelihood up to constants, which holds the weights to the shape the earlier passes gave them (`gg_shape` sets
+one nu for every tensor instead). Off (0) by default: the pass then trains exactly as without the option.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ class Recover(CalibrationFields):
     temperature: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     teacher: Optional[str] = Field(None, description="teacher model folder; default: the input checkpoint")
+    gg_prior: float = Field(0.0, ge=0.0, description="weight of the generalized-Gaussian prior term (0: off)")
+    gg_shape: Optional[float] = Field(None, gt=0.0, le=10.0, description="gg_prior: the prior's shape nu for every"
+                                                                         " tensor; default: each tensor's fitted nu")
 
     kind: ClassVar[PassKind] = PassKind.MODEL
 
@@ -98,6 +107,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
+    prior = (gg_prior_terms(params, cfg) or None) if cfg.gg_prior > 0 else None
+    penalties = []
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     student, opt = accelerator.prepare(student, opt)
     teacher.to(accelerator.device).eval()
@@ -123,6 +134,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
                 accelerator.backward(loss)
                 total += loss.item()
                 del t_logits, s_logits, loss
+            if prior is not None:
+                pen = gg_penalty(params, prior) * cfg.gg_prior
+                accelerator.backward(pen)
+                penalties.append(pen.item())
             accelerator.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -140,10 +155,34 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     report = {"steps": cfg.steps, "kl_first": sum(losses[:k]) / k, "kl_last": sum(losses[-k:]) / k,
               "seconds": round(time.time() - t0, 1), "s_per_step": round((time.time() - t0) / cfg.steps, 2),
               "tokens": cfg.steps * cfg.batch_size * batches.shape[1]}
+    if penalties:
+        report["gg_penalty_first"] = sum(penalties[:k]) / k
+        report["gg_penalty_last"] = sum(penalties[-k:]) / k
     if log is not None:
         log(f"recover: {cfg.steps} steps, KL {report['kl_first']:.4f} -> {report['kl_last']:.4f}"
             f" ({report['s_per_step']} s/step)")
     return report
+
+
+def gg_prior_terms(params, cfg: Recover) -> dict[str, tuple[float, float, float]]:
+    """{name: (mu, nu, beta)}: each trained tensor's GG fit at the start (nu replaced by gg_shape when set)."""
+    from .distribution import fit_gg
+
+    out = {}
+    for n, p in params.items():
+        fit = fit_gg(p.detach(), skip_zeros=True)
+        if fit is not None:
+            out[n] = (fit.mu, cfg.gg_shape if cfg.gg_shape is not None else fit.nu, fit.beta)
+    return out
+
+
+def gg_penalty(params, prior: dict[str, tuple[float, float, float]]) -> torch.Tensor:
+    """Mean over tensors of mean_i ((|w_i - mu| + eps) / beta)^nu (eps = 1e-3 beta keeps the gradient finite)."""
+    terms = []
+    for n, (mu, nu, beta) in prior.items():
+        w = params[n]
+        terms.append((((w - mu).abs() + 1e-3 * beta) / beta).pow(nu).mean())
+    return torch.stack(terms).mean()
 
 
 def recover_model(model: torch.nn.Module, cfg: Recover, teacher: torch.nn.Module, tokenizer, *,
