@@ -201,6 +201,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--candidates", default="256", help="an int, or 'all' for the exact search")
     ap.add_argument("--omp-label", default="omp", help="folder/row name of the omp run (to compare settings)")
+    ap.add_argument("--no-base", action="store_true", help="do not score the base model (another run of this script "
+                    "with another --out does)")
     ap.add_argument("--bos-rows", choices=("on", "off"),
                     help="also score each transplanted folder with BOS forced on (rows '<method>+bos': a donor "
                          "tokenizer that adds no BOS, a base trained with one) or off (rows '<method>-bos')")
@@ -223,7 +225,7 @@ def main() -> int:
     results.update({"base": args.base.name, "donor": args.donor.name, "chars": args.chars, "window": args.window,
                     "texts": {n: str(p.name) for n, p in texts.items()}})
     rows = results.setdefault("rows", {})
-    folders = {"base": args.base}
+    folders = {} if args.no_base else {"base": args.base}
     candidates = None if args.candidates == "all" else int(args.candidates)
     for method in args.methods.split(","):
         label = args.omp_label if method == "omp" else method

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from bitsmith.tokenizers import omp_native
 from bitsmith.tokenizers.omp import omp, refresh_steps
+
+native = pytest.mark.skipif(not omp_native.available(), reason="no C compiler for the native CPU steps")
 
 
 def _sparse_problem(seed=0, n=300, d=96, m=40, s=5):
@@ -15,10 +18,10 @@ def _sparse_problem(seed=0, n=300, d=96, m=40, s=5):
     return atoms, targets, support, coefs
 
 
-@pytest.mark.parametrize("candidates", [None, 128])
-def test_exact_combinations_are_recovered(candidates):
+@pytest.mark.parametrize("candidates,use_native", [(None, False), (128, False), pytest.param(128, True, marks=native)])
+def test_exact_combinations_are_recovered(candidates, use_native):
     atoms, targets, support, coefs = _sparse_problem()
-    res = omp(atoms, targets, 8, candidates=candidates, batch_size=16, device="cpu")
+    res = omp(atoms, targets, 8, candidates=candidates, batch_size=16, device="cpu", use_native=use_native)
     for i in range(len(targets)):
         used = res.coefs[i] != 0
         assert int(used.sum()) == support.shape[1]  # stops once the target is reached: no extra atoms
@@ -86,3 +89,32 @@ def test_edge_cases():
     assert sorted(refresh_steps(64)) == [0, 2, 6, 14, 30, 62]
     with pytest.raises(ValueError):
         omp(atoms, torch.ones(1, 3), 2, device="cpu")
+
+
+@native
+def test_native_steps_match_the_torch_steps():
+    """The C steps and the batched torch steps pick the same atoms (no near-ties in random data) with the same
+    coefficients, including targets that stop early, dependent atoms and batches not divisible by the chunk."""
+    g = torch.Generator().manual_seed(11)
+    atoms = torch.randn(700, 48, generator=g) * (0.5 + torch.rand(700, 1, generator=g))
+    atoms[5] = atoms[3] * 2  # a dependent pair
+    targets = torch.randn(45, 48, generator=g)
+    targets[:4] = atoms[[3, 7, 9, 11]][:, :] @ torch.eye(48)  # single atoms: stop after one step
+    targets[4] = 0.0
+    a = omp(atoms, targets, 20, candidates=40, batch_size=37, device="cpu", use_native=True)
+    b = omp(atoms, targets, 20, candidates=40, batch_size=37, device="cpu", use_native=False)
+    used = b.coefs != 0
+    assert torch.equal(a.coefs != 0, used)
+    assert torch.equal(a.indices[used], b.indices[used])
+    assert torch.allclose(a.coefs, b.coefs, atol=1e-5)
+    assert torch.allclose(a.residual, b.residual, atol=1e-6)
+    assert int(used[:4].sum()) == 4 and float(a.residual[:4].max()) < 1e-5
+
+
+def test_native_steps_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(omp_native, "_state", {})
+    monkeypatch.setenv("BITSMITH_OMP_NATIVE", "0")
+    assert not omp_native.available()
+    atoms, targets, _, _ = _sparse_problem(seed=2, m=6)
+    res = omp(atoms, targets, 8, candidates=64, device="cpu")  # the torch steps
+    assert float(res.residual.max()) < 1e-5

@@ -27,14 +27,21 @@ Deterministic for a given device and batch size.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+try:
+    from . import omp_native
+except ImportError:  # loaded by file path (benchmarks/transplant_eval.py speed, where only torch is installed)
+    omp_native = None
 
 # An atom whose squared distance to the span of the atoms already picked is below this fraction of its squared norm
 # counts as dependent (float32 round-off is ~1e-7).
 _DEPENDENT = 1e-5
 _CPU_SUB_BATCH = 16
+_NATIVE_CHUNK = 32  # targets per call of the native CPU steps (threads take chunks as they come)
 
 
 def refresh_steps(k: int) -> frozenset[int]:
@@ -68,7 +75,7 @@ def default_device() -> torch.device:
 
 def omp(atoms: torch.Tensor, targets: torch.Tensor, k: int, *, candidates: int | None = None,
         batch_size: int = 256, device: str | torch.device | None = None, tol: float = 1e-5,
-        progress: bool = False) -> OMPResult:
+        progress: bool = False, use_native: bool = True) -> OMPResult:
     """Sparse codes of `targets` [m, d] over `atoms` [n, d]: k atoms each (k is capped at n). CPU tensors back."""
     if atoms.dim() != 2 or targets.dim() != 2 or atoms.shape[1] != targets.shape[1]:
         raise ValueError(f"omp: atoms [n, d] and targets [m, d] needed, got {list(atoms.shape)} and "
@@ -84,6 +91,7 @@ def omp(atoms: torch.Tensor, targets: torch.Tensor, k: int, *, candidates: int |
     dev = torch.device(device) if device is not None else default_device()
     A = atoms.to(dev, torch.float32).contiguous()
     sq = (A * A).sum(1)  # [n]
+    norm = sq.sqrt()
     inv_norm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
     screened = candidates is not None and candidates < n
     if screened:
@@ -94,49 +102,83 @@ def omp(atoms: torch.Tensor, targets: torch.Tensor, k: int, *, candidates: int |
     out_res = torch.empty(m, dtype=torch.float32)
     from tqdm.auto import tqdm
 
+    native = screened and dev.type == "cpu" and use_native and omp_native is not None and omp_native.available()
+    workers = torch.get_num_threads() if dev.type == "cpu" and screened else 1
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="omp") if workers > 1 else None
     with torch.no_grad(), tqdm(total=m, unit="tok", desc="omp", disable=not progress, leave=False) as bar:
         for start in range(0, m, batch_size):
             Y = targets[start:start + batch_size].to(dev, torch.float32)
             if screened:
-                idx, coef = _omp_screened(A, Ab, inv_norm, Y, k, candidates, tol, steps)
+                idx, coef = _omp_screened(A, sq, norm, inv_norm, Ab, Y, k, candidates, tol, steps, pool, native)
             else:
-                idx, coef = _omp_exact(A, sq, inv_norm, Y, k, tol)
+                idx, coef = _omp_exact(A, sq, norm, inv_norm, Y, k, tol)
             stop = start + len(Y)
             out_idx[start:stop] = idx.cpu()
             out_coef[start:stop] = coef.cpu()
             out_res[start:stop] = _residual(A, Y, idx, coef).cpu()
             bar.update(len(Y))
+    if pool is not None:
+        pool.shutdown()
     return OMPResult(out_idx, out_coef, out_res)
 
 
 class _Factor:
-    """Per-target Cholesky rows L (of G_SS) and z = L^-1 A_S y, for b targets and k slots; updated slot by slot,
-    for all targets or a slice of them."""
+    """Per-target Cholesky rows L (of G_SS) and z = L^-1 A_S y, for b targets and k slots, with the orthonormal
+    bases Q, residuals R and chosen atoms idx; `group(sl)` gives views of the targets sl that steps update."""
 
-    def __init__(self, b: int, k: int, ynorm: torch.Tensor, tol: float):
-        self.L = torch.zeros(b, k, k, device=ynorm.device)
-        self.z = torch.zeros(b, k, device=ynorm.device)
-        self.used = torch.zeros(b, k, dtype=torch.bool, device=ynorm.device)
+    def __init__(self, Y: torch.Tensor, k: int, tol: float):
+        b, d = Y.shape
+        ynorm = Y.norm(dim=1)
+        self.L = torch.zeros(b, k, k, device=Y.device)
+        self.z = torch.zeros(b, k, device=Y.device)
+        self.used = torch.zeros(b, k, dtype=torch.bool, device=Y.device)
         self.stop = tol * ynorm  # a target is done when no atom correlates with its residual above this
         self.active = ynorm > 0
+        self.idx = torch.zeros(b, k, dtype=torch.int64, device=Y.device)
+        self.Q = torch.zeros(b, k, d, device=Y.device)  # orthonormal bases, [b, k, d]
+        self.R = Y.clone()  # residuals, [b, d]
 
-    def append(self, sl: slice, t: int, w: torch.Tensor, g_ss: torch.Tensor, corr: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot t of targets sl. w = L^-1 G[S, s] [b', t]; g_ss = ||a_s||^2 [b']; corr = a_s . r [b'].
+    def group(self, sl: slice) -> "_Factor":
+        """The same state for targets sl only: views (sliced once, not at every step), updated in place."""
+        g = object.__new__(_Factor)
+        for name in ("L", "z", "used", "stop", "active", "idx", "Q", "R"):
+            setattr(g, name, getattr(self, name)[sl])
+        return g
 
-        Returns (1 / L_tt, z_t) [b'], both 0 where the slot is not used (target done, or a dependent atom)."""
-        active = self.active[sl] & (corr.abs() > self.stop[sl] * g_ss.sqrt())
-        pivot = g_ss - (w * w).sum(1)
-        ok = active & (pivot > _DEPENDENT * g_ss)
-        diag = torch.where(ok, pivot.clamp_min(1e-30).sqrt(), torch.ones_like(pivot))
-        inv = torch.where(ok, 1.0 / diag, torch.zeros_like(diag))
-        self.L[sl, t, :t] = w * ok.unsqueeze(1)
-        self.L[sl, t, t] = diag
+    def step(self, t: int, s: torch.Tensor, a_s: torch.Tensor, norm_s: torch.Tensor, sq_s: torch.Tensor) -> None:
+        """Slot t gets atom s [b'] (rows a_s [b', d], norms norm_s, squared norms sq_s): Gram-Schmidt against the
+        atoms already picked (w = L^-1 G[S, s] = Q a_s, twice, so that Q stays orthonormal), the new Cholesky row,
+        z_t = (a_s . r) / L_tt, and the residual r <- r - q_t z_t. A slot is left unused (L_tt = 1, z_t = 0) where the
+        target is done or the atom is (numerically) in the span of those already picked."""
+        Q, R = self.Q, self.R
+        self.idx[:, t] = s
+        corr = (a_s * R).sum(1)  # exact a_s . r
+        if t:
+            Qt = Q[:, :t]  # [b', t, d]
+            QtT = Qt.transpose(1, 2)  # row vector x matrix: several times faster than matrix x column on CPU
+            a1 = a_s.unsqueeze(1)
+            w = torch.bmm(a1, QtT)  # [b', 1, t]
+            v = a1 - torch.bmm(w, Qt)
+            w2 = torch.bmm(v, QtT)  # the second pass
+            v = (v - torch.bmm(w2, Qt)).squeeze(1)
+            w = (w + w2).squeeze(1)
+            pivot = sq_s - (w * w).sum(1)
+        else:  # the first atom: nothing to orthogonalise against
+            v, pivot = a_s, sq_s
+        active = self.active & (corr.abs() > self.stop * norm_s)
+        ok = active & (pivot > _DEPENDENT * sq_s)
+        diag = torch.where(ok, pivot.clamp_min(1e-30).sqrt(), 1.0)
+        inv = ok / diag  # 1 / L_tt, 0 where the slot is not used
+        if t:
+            self.L[:, t, :t] = w * ok.unsqueeze(1)
+        self.L[:, t, t] = diag
         zt = corr * inv
-        self.z[sl, t] = zt
-        self.used[sl, t] = ok
-        self.active[sl] = active
-        return inv, zt
+        self.z[:, t] = zt
+        self.used[:, t] = ok
+        self.active.copy_(active)
+        q = v * inv.unsqueeze(1)
+        Q[:, t] = q
+        R -= q * zt.unsqueeze(1)
 
     def coefs(self, k: int, t: int) -> torch.Tensor:
         """x = L^-T z over the first t slots: [b, k] (zeros in unused slots)."""
@@ -146,85 +188,103 @@ class _Factor:
         return x if t == k else torch.cat([x, x.new_zeros(x.shape[0], k - t)], 1)
 
 
-def _gram_schmidt_step(f: _Factor, sl: slice, t: int, Q, R, a_s, g_ss) -> None:
-    """Add atom a_s [b', d] at slot t to the bases Q [b', k, d] of targets sl; update their residuals R [b', d]."""
-    corr = (a_s * R).sum(1)  # exact a_s . r
-    Qt = Q[:, :t]  # [b', t, d]
-    QtT = Qt.transpose(1, 2)  # products as row vector x matrix: several times faster than matrix x column on CPU
-    w = torch.bmm(a_s.unsqueeze(1), QtT).squeeze(1)  # [b', t] = L^-1 G[S, s]
-    v = a_s - torch.bmm(w.unsqueeze(1), Qt).squeeze(1)
-    w2 = torch.bmm(v.unsqueeze(1), QtT).squeeze(1)  # second Gram-Schmidt pass keeps Q orthonormal
-    v = v - torch.bmm(w2.unsqueeze(1), Qt).squeeze(1)
-    inv, zt = f.append(sl, t, w + w2, g_ss, corr)
-    q = v * inv.unsqueeze(1)
-    Q[:, t] = q
-    R -= q * zt.unsqueeze(1)
-
-
-def _omp_exact(A, sq, inv_norm, Y, k, tol):
+def _omp_exact(A, sq, norm, inv_norm, Y, k, tol):
     """Search all n atoms each step: correlations by one GEMM."""
-    b, d = Y.shape
-    f = _Factor(b, k, Y.norm(dim=1), tol)
-    idx = torch.zeros(b, k, dtype=torch.int64, device=Y.device)
-    Q = torch.zeros(b, k, d, device=Y.device)  # orthonormal bases, [b, k, d]
-    R = Y.clone()  # residuals, [b, d]
-    everyone = slice(None)
+    f = _Factor(Y, k, tol)
     t = 0
     while t < k and (t == 0 or bool(f.active.any())):
-        score = (R @ A.T).abs_().mul_(inv_norm)  # [b, n]
+        score = (f.R @ A.T).abs_().mul_(inv_norm)  # [b, n]
         if t:
-            score.scatter_(1, idx[:, :t], -1.0)
+            score.scatter_(1, f.idx[:, :t], -1.0)
         s = score.argmax(1)
         del score
-        idx[:, t] = s
-        _gram_schmidt_step(f, everyone, t, Q, R, A[s], sq[s])
+        f.step(t, s, A[s], norm[s], sq[s])
         t += 1
-    idx[:, t:] = idx[:, :1]
-    return idx, f.coefs(k, t)
+    f.idx[:, t:] = f.idx[:, :1]
+    return f.idx, f.coefs(k, t)
 
 
-def _omp_screened(A, Ab, inv_norm, Y, k, M, tol, refresh):
+def _omp_screened(A, sq, norm, inv_norm, Ab, Y, k, M, tol, refresh, pool=None, native=False):
     """Search each target's M atoms most correlated with its residual, re-chosen at the steps in `refresh` by one
-    bf16 GEMM over all atoms for the whole batch. Between refreshes, on the CPU, targets go 16 at a time, so their
-    candidates' bf16 rows ([16, M, d]) stay in cache for the steps of the segment; a GPU takes the whole batch."""
-    b, d = Y.shape
-    sub = _CPU_SUB_BATCH if Y.device.type == "cpu" else b
-    f = _Factor(b, k, Y.norm(dim=1), tol)
-    idx = torch.zeros(b, k, dtype=torch.int64, device=Y.device)
-    Q = torch.zeros(b, k, d, device=Y.device)
-    R = Y.clone()
+    bf16 GEMM over all atoms for the whole batch (all threads). Between refreshes a GPU takes the whole batch at
+    once; the CPU takes the targets 16 at a time (their candidates' bf16 rows, [16, M, d], stay in cache for the
+    steps of the segment), each group on one thread, the groups spread over `pool` (a thread pool, one worker per
+    core: the many small per-step operations cost more in OpenMP barriers than in work when one group uses both)."""
+    b = Y.shape[0]
+    cpu = Y.device.type == "cpu"
+    sub = _CPU_SUB_BATCH if cpu else b
+    f = _Factor(Y, k, tol)
     bounds = sorted(refresh | {k})
     t = 0
     for r0, r1 in zip(bounds[:-1], bounds[1:]):
         if t < r0 or not bool(f.active.any()):
             break
-        score = (R.to(torch.bfloat16) @ Ab.T).float().abs_().mul_(inv_norm)  # [b, n]
+        score = (f.R.to(torch.bfloat16) @ Ab.T).float().abs_().mul_(inv_norm)  # [b, n]
         if r0:
-            score.scatter_(1, idx[:, :r0], -1.0)
+            score.scatter_(1, f.idx[:, :r0], -1.0)
         cand = score.topk(M, dim=1, sorted=False).indices
         del score
         cand, _ = cand.sort(1)  # [b, M]; ties go to the lowest atom index
-        with _single_thread(Y.device):
-            for lo in range(0, b, sub):
-                sl = slice(lo, lo + sub)
-                c_sl = cand[sl]
-                AcT = Ab[c_sl].transpose(1, 2)  # [b', d, M] bf16
-                inv_c = inv_norm[c_sl]
-                rows = torch.arange(c_sl.shape[0], device=Y.device)
-                taken = torch.zeros(c_sl.shape, dtype=torch.bool, device=Y.device)
-                Qs, Rs = Q[sl], R[sl]
-                for t in range(r0, r1):
-                    score = torch.bmm(Rs.to(torch.bfloat16).unsqueeze(1), AcT).squeeze(1).float()  # [b', M]
-                    score = score.abs_().mul_(inv_c).masked_fill_(taken, -1.0)
-                    j = score.argmax(1)
-                    taken[rows, j] = True
-                    s = c_sl[rows, j]
-                    idx[sl, t] = s
-                    a_s = A[s]
-                    _gram_schmidt_step(f, sl, t, Qs, Rs, a_s, (a_s * a_s).sum(1))
+        if cpu and native:
+            chunks = [(lo, min(lo + _NATIVE_CHUNK, b)) for lo in range(0, b, _NATIVE_CHUNK)]
+            run = lambda c: omp_native.segment(c[0], c[1], r0, r1, A, Ab, norm, sq, inv_norm, cand, f,  # noqa: E731
+                                               _DEPENDENT)
+            if pool is None:
+                for c in chunks:
+                    run(c)
+            else:
+                for fut in [pool.submit(run, c) for c in chunks]:
+                    fut.result()
+            t = r1
+            continue
+        groups = [slice(lo, min(lo + sub, b)) for lo in range(0, b, sub)]
+        run = lambda sl: _segment(A, sq, norm, inv_norm, Ab, f.group(sl), cand[sl], r0, r1)  # noqa: E731
+        if cpu:
+            _on_cpu_threads(run, groups, pool)
+        else:
+            for sl in groups:
+                run(sl)
         t = r1
-    idx[:, t:] = idx[:, :1]
-    return idx, f.coefs(k, t)
+    f.idx[:, t:] = f.idx[:, :1]
+    return f.idx, f.coefs(k, t)
+
+
+def _segment(A, sq, norm, inv_norm, Ab, g: _Factor, c: torch.Tensor, r0: int, r1: int) -> None:
+    """Steps r0..r1-1 of the screened search for one group of targets g, each choosing among its candidates c [b', M]
+    (scored in bf16, like the refresh)."""
+    flat = c.reshape(-1)
+    AcT = Ab.index_select(0, flat).view(c.shape[0], c.shape[1], -1).transpose(1, 2)  # [b', d, M] bf16
+    inv_c = inv_norm.index_select(0, flat).view(c.shape[0], 1, c.shape[1])
+    c3 = c.unsqueeze(1)
+    taken = torch.zeros(c3.shape, dtype=torch.bool, device=c.device)
+    for t in range(r0, r1):
+        score = torch.bmm(g.R.to(torch.bfloat16).unsqueeze(1), AcT).float()  # [b', 1, M]
+        score.abs_().mul_(inv_c).masked_fill_(taken, -1.0)
+        j = score.argmax(2, keepdim=True)
+        taken.scatter_(2, j, True)
+        s = c3.gather(2, j).view(-1)
+        g.step(t, s, A.index_select(0, s), norm.index_select(0, s), sq.index_select(0, s))
+
+
+def _on_cpu_threads(run, groups, pool) -> None:
+    """run(g) for every group g: on the pool's threads (one intra-op thread each), else here on one thread."""
+    saved = torch.get_num_threads()
+    try:
+        if pool is None:
+            torch.set_num_threads(1)
+            for g in groups:
+                run(g)
+        else:
+            def task(g):
+                if torch.get_num_threads() != 1:  # per worker thread (OpenMP keeps it per thread)
+                    torch.set_num_threads(1)
+                with torch.no_grad():  # grad mode is per thread too
+                    run(g)
+
+            for fut in [pool.submit(task, g) for g in groups]:
+                fut.result()
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _residual(A, Y, idx, coef):
@@ -232,20 +292,3 @@ def _residual(A, Y, idx, coef):
     R = Y - torch.bmm(coef.unsqueeze(1), A[idx]).squeeze(1)
     yn = Y.norm(dim=1)
     return torch.where(yn > 0, R.norm(dim=1) / yn.clamp_min(1e-30), torch.zeros_like(yn))
-
-
-class _single_thread:
-    """On the CPU, run the many small per-step operations on one thread: on shared cores OpenMP's barriers cost more
-    than the work (measured on the 2-core dev box under load: 1.1 ms vs 22 ms for a [64, 1, 32] x [64, 32, 1024] bmm)."""
-
-    def __init__(self, device: torch.device):
-        self.cpu = device.type == "cpu"
-
-    def __enter__(self):
-        if self.cpu:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.cpu:
-            torch.set_num_threads(self.saved)

@@ -397,7 +397,7 @@ class TransplantSource:
                     raise PlanError("transplant_tokenizer: the two vocabularies share no token, so OMP has no atoms;"
                                     " use method mean, zero or subword")
                 D = donor_reader.get(donor_name)
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 device = self.ctx.device if self.ctx is not None and str(self.ctx.device).startswith("cuda") else None
                 res = omp_mod.omp(D[m.atoms_donor], D[m.rebuild], cfg.k, candidates=cfg.candidates,
                                   batch_size=cfg.batch_size, device=device,
@@ -406,6 +406,7 @@ class TransplantSource:
                 omp_info[donor_name] = {
                     "atoms": int(len(m.atoms_donor)), "targets": int(len(m.rebuild)), "k": min(cfg.k, len(m.atoms_donor)),
                     "candidates": cfg.candidates, "seconds": round(time.time() - t0, 2),
+                    "cpu_seconds": round(time.process_time() - c0, 1),  # all threads of this process
                     "device": str(device or omp_mod.default_device()),
                     "relative_residual_mean": round(float(res.residual.mean()), 4),
                     "relative_residual_median": round(float(res.residual.median()), 4),
