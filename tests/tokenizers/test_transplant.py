@@ -286,3 +286,37 @@ def test_token_map_and_shared_role_token(pair, tmp_path):
         bitsmith.compress(parse_recipe(_recipe(donor=str(donor), token_map={"<nope>": "<eos>"})), base,
                           tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("case", ["donor_without_tokenizer", "donor_without_width", "base_without_embedding"])
+def test_bad_input_on_the_command_line(pair, tmp_path, case):
+    """`bitsmith compress transplant-omp BASE -o OUT --set donor=DIR`: exit 2, one message naming the problem, and
+    nothing written (no output folder, no temporary folder beside it)."""
+    from click.testing import CliRunner
+
+    from bitsmith.cli import main
+
+    base, donor = pair["ms_untied"], pair["bl_tied"]
+    if case == "base_without_embedding":
+        base = tmp_path / "base"
+        shutil.copytree(pair["ms_untied"], base)
+        state = load_file(base / "model.safetensors")
+        del state["model.embed_tokens.weight"]
+        save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    else:
+        donor = tmp_path / "donor"
+        shutil.copytree(pair["bl_tied"], donor)
+        if case == "donor_without_tokenizer":
+            for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                (donor / f).unlink(missing_ok=True)
+        else:
+            cfg = json.loads((donor / "config.json").read_text())
+            del cfg["hidden_size"]
+            (donor / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["compress", "transplant-omp", str(base), "-o", str(tmp_path / "out"),
+                                  "--set", f"donor={donor}", "--no-progress"])
+    want = {"donor_without_tokenizer": "no tokenizer", "donor_without_width": "embedding width",
+            "base_without_embedding": "no input embedding tensor"}[case]
+    assert r.exit_code == 2, r.output
+    assert want in r.output and "Traceback" not in r.output
+    assert _no_output(tmp_path)
