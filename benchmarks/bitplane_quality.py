@@ -209,6 +209,8 @@ def main(argv=None) -> int:
                     help="exact: the float32 weight the packed folder computes with (default); bf16: the"
                          " dequantized weight rounded to the model dtype (the pass's dense value)")
     ap.add_argument("--out", default=None, help="append one JSON line per result here")
+    ap.add_argument("--team", default=None, help="also append each row in the team's shared format to this file")
+    ap.add_argument("--who", default="bitplane")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
@@ -254,6 +256,17 @@ def main(argv=None) -> int:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if args.team:
+                desc = "bf16 (unquantized)" if spec is None else (
+                    f"{spec[0]} " + ", ".join(f"{k}={v}" for k, v in spec[1].items()) if not spec[0].startswith(
+                        "recipe:") else f"bundled recipe {spec[0][len('recipe:'):]}")
+                team = {"model": row["model"], "config": desc, "name": name, "bits_per_weight": row["bits"],
+                        "code_bits": row["code_bits"], "ppl": row["ppl"], "bits_per_char": row["bits_per_char"],
+                        "tokens": row["tokens"], "window": row["window"], "text": row["text"], "who": args.who,
+                        "command": " ".join(["python"] + sys.argv),
+                        "note": f"fake-quantized float32 model, weights {WEIGHTS}; bits_per_weight counts packed bytes"}
+                with open(args.team, "a") as f:
+                    f.write(json.dumps(team) + "\n")
         del model
     print("| model | config | bits/weight | rel. weight SSE | ppl | bits/char |\n|---|---|---:|---:|---:|---:|")
     for r in rows:

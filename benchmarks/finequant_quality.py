@@ -54,6 +54,20 @@ CONFIGS: dict[str, dict | None] = {
     "int3-g128-clip": dict(bits=3, group_size=128, clip_search=True),
     "int3-auto@g128": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@128"),
     "int3-auto@g64": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64"),
+    "int3-g32-rtn": dict(bits=3, group_size=32, clip_search=False),
+    "int3-g32-clip": dict(bits=3, group_size=32, clip_search=True),
+    "int3-auto@g32": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@32"),
+    "int3-g64-rtn-pow2": dict(bits=3, group_size=64, clip_search=False, scale_divisor="pow2"),
+    "int3-g64-clip-pow2": dict(bits=3, group_size=64, clip_search=True, scale_divisor="pow2"),
+    "int3-auto@g64-pow2": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2"),
+    "int4-auto@g64-pow2": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2"),
+    # auto with fewer candidates (no group coarser than 128): same profiles, options filtered
+    "int4-auto@g128-le128": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@128",
+                                 candidates=(16, 32, 64, 128)),
+    "int4-auto@g64-le128": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64",
+                                candidates=(16, 32, 64, 128)),
+    "int3-auto@g64-le128": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64",
+                                candidates=(16, 32, 64, 128)),
 }
 
 
@@ -71,6 +85,36 @@ def fixed_bits(shapes, bits, group_size, symmetric=True):
     return total / sum(N * K for N, K in shapes)
 
 
+def cached_profiles(cache, originals, cfg, log):
+    """Profiles of every target with the default candidates, as the pass computes them; kept in `cache` (a dict
+    with an optional "dir" entry: pickled there per model and quantizer settings, reused across runs)."""
+    import pickle
+
+    from bitsmith.quant import adaptive
+
+    key = (cfg.bits, cfg.symmetric, cfg.scale_divisor, cfg.use_clip)
+    if key in cache:
+        return cache[key]
+    path = None
+    if cache.get("dir"):
+        path = Path(cache["dir"]) / (f"{cache['model']}-b{cfg.bits}-{'sym' if cfg.symmetric else 'asym'}"
+                                     f"-{cfg.scale_divisor}-{'clip' if cfg.use_clip else 'rtn'}"
+                                     f"-rows{adaptive.PROFILE_ROWS}.pkl")
+        if path.exists():
+            cache[key] = pickle.loads(path.read_bytes())
+            log(f"  profiles from {path}")
+            return cache[key]
+    tp = time.time()
+    cache[key] = [adaptive.profile_matrix(
+        n, w, bits=cfg.bits, symmetric=cfg.symmetric, scale_divisor=cfg.scale_divisor, scale_dtype=w.dtype,
+        clip_search=cfg.use_clip, candidates=adaptive.DEFAULT_CANDIDATES) for n, w in originals.items()]
+    log(f"  profiled {len(originals)} matrices in {time.time() - tp:.1f} s")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(cache[key]))
+    return cache[key]
+
+
 def run_config(model, originals, name, spec, profiles_cache, log):
     """Quantize every target in place (from `originals`), return facts: bits, packed_bits, group sizes, seconds."""
     from bitsmith.quant import adaptive
@@ -85,14 +129,12 @@ def run_config(model, originals, name, spec, profiles_cache, log):
         budget = fixed_bits(shapes, spec["bits"], int(budget[1:]), spec.get("symmetric", True))
     cfg = FineQuant(**spec, **({"bits_budget": budget} if budget is not None else {}))
     if cfg.group_size == "auto":
-        key = (cfg.bits, cfg.symmetric, cfg.scale_divisor, cfg.use_clip)
-        if key not in profiles_cache:
-            tp = time.time()
-            profiles_cache[key] = [adaptive.profile_matrix(
-                n, w, bits=cfg.bits, symmetric=cfg.symmetric, scale_divisor=cfg.scale_divisor, scale_dtype=w.dtype,
-                clip_search=cfg.use_clip, candidates=cfg.candidates) for n, w in originals.items()]
-            log(f"  profiled {len(originals)} matrices in {time.time() - tp:.1f} s")
-        choice = {n: o.group_size for n, o in adaptive.allocate(profiles_cache[key], cfg.budget()).items()}
+        profiles = cached_profiles(profiles_cache, originals, cfg, log)
+        if tuple(cfg.candidates) != adaptive.DEFAULT_CANDIDATES:  # the same profiles, fewer options
+            profiles = [adaptive.MatrixProfile(p.name, p.shape, p.energy, [
+                o for o in p.options if o.group_size in adaptive.effective_sizes(cfg.candidates, p.shape[1])])
+                for p in profiles]
+        choice = {n: o.group_size for n, o in adaptive.allocate(profiles, cfg.budget()).items()}
     else:
         choice = {n: (K if cfg.group_size == "channel" else min(int(cfg.group_size), K))
                   for n, (N, K) in zip(originals, shapes)}
@@ -130,6 +172,10 @@ def main(argv=None) -> int:
                     help="ablation: auto's matrix score (size_relative2, the default | relative | sse | size_relative)")
     ap.add_argument("--out", default=None, help="append one JSON line per result here")
     ap.add_argument("--skip-done", action="store_true", help="skip (model, config, score) rows already in --out")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--profiles", default=None, help="folder to keep group_size auto's profiles in (reused)")
+    ap.add_argument("--team", default=None, help="also append each row in the team's shared format to this file")
+    ap.add_argument("--who", default="finequant")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
@@ -141,6 +187,8 @@ def main(argv=None) -> int:
     if unknown or not args.model or not args.text:
         ap.error(f"unknown configs {unknown}" if unknown else "--model and --text are required")
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    command = " ".join(["python"] + [a if a and " " not in a else repr(a) for a in sys.argv])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bitsmith.compress.evaluate import perplexity, read_text
@@ -166,7 +214,7 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(mdir)
         originals = {n: m.weight.detach().to(torch.bfloat16).clone() for n, m in targets(model, FineQuant())}
         assert all(torch.equal(originals[n].float(), m.weight) for n, m in targets(model, FineQuant()))
-        profiles: dict = {}
+        profiles: dict = {"dir": args.profiles, "model": Path(mdir).name}
         for name in names:
             spec = CONFIGS[name]
             if (Path(mdir).name, name, score if spec and spec.get("group_size") == "auto" else "-") in done:
@@ -189,6 +237,19 @@ def main(argv=None) -> int:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if args.team:
+                desc = "bf16 (unquantized)" if spec is None else "finequant " + ", ".join(
+                    f"{k}={v}" for k, v in spec.items() if k != "bits_budget") + (
+                    f", bits_budget={facts['bits_budget']:.4f}" if facts.get("bits_budget") else "") + (
+                    f"; group sizes {facts['group_sizes']}" if spec and spec.get("group_size") == "auto" else "")
+                team = {"model": row["model"], "config": desc, "name": name, "bits_per_weight": row["bits"],
+                        "packed_bits_per_weight": row["packed_bits"], "ppl": row["ppl"],
+                        "bits_per_char": row["bits_per_char"], "tokens": row["tokens"], "window": row["window"],
+                        "text": row["text"], "who": args.who, "command": command,
+                        "note": "fake-quantized float32 model with the exact dequantized weights (what the packed"
+                                " folder computes with on the CPU)"}
+                with open(args.team, "a") as f:
+                    f.write(json.dumps(team) + "\n")
         del model
     print("| model | config | bits/weight | ppl | group sizes |\n|---|---|---:|---:|---|")
     for r in rows:
