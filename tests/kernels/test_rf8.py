@@ -38,9 +38,11 @@ def test_code_table_follows_the_layout():
 @pytest.mark.parametrize("scope,group", [("group", None), ("group", 16), ("tensor", None)])
 def test_every_representable_value_round_trips_exactly(scope, group):
     t = rf8.decode_table(torch.float32)
-    w = (t * 2.0**-4).reshape(8, 32)  # offset o = -4 for every row (max 1.5 * 2^-4 in each)
-    w[:, 0] = 1.5 * 2.0**-4
+    t = t[t.abs() < 1.0]  # the values under offset 0 below 2^0 (o = 0 when the largest is in [0.5, 1))
+    w = torch.cat([t, t[: (-t.numel()) % 16]]).reshape(-1, 16) * 2.0**-4  # offset -4 in every group of 16
+    w[:, 0] = 0.9375 * 2.0**-4
     tensors, params = rf8.pack(w, group, scope)
+    assert bool((tensors["exps"] == -4).all())
     assert tensors["qweight"].dtype == torch.uint8 and tensors["exps"].dtype == torch.int8
     d = rf8.dequantize(tensors, params)
     assert torch.equal(d, w)
@@ -75,8 +77,9 @@ def test_range_and_zero_groups():
     d = rf8.dequantize(tensors, params)
     assert torch.equal(d[0], torch.zeros(8)) and int(tensors["exps"][0, 0]) == 0
     assert d[1, 0] == 0 and d[1, 2] == 0  # below 2^(o-15): flushed to zero
-    assert d[1, 1] == -3.0 and d[1, 3] == 0.5 and d[1, 7] == 1.0
-    assert d[1, 4] == 1.875  # 2^o itself has no code (top octave: 0.5..1.5 x 2^o); a tie: the smaller one
+    assert d[1, 1] == -3.0 and d[1, 3] == 0.5 and d[1, 7] == 1.0 and d[1, 4] == 2.0
+    assert int(tensors["exps"][1, 0]) == 2 and d[1, 5] == -3.0  # levels near 2.9: 2.5, 3.0, 3.5
+
 
 
 def test_format_registry_and_bits():
@@ -170,3 +173,49 @@ def test_rf8_pass_and_recipe_end_to_end(tmp_path):
     assert all(m["scope"] == "tensor" for m in mt.values())
     with pytest.raises(Exception, match="group_size"):
         parse_recipe("version: 1\npasses:\n  - {type: rf8, group_size: 0}\n")
+
+
+def test_gptq_rounding_lands_on_the_grid_and_lowers_output_error():
+    from bitsmith.quant.rf8 import _group_offsets, gptq_round, round_nearest
+
+    g = torch.Generator().manual_seed(3)
+    K = 96
+    X = torch.randn(2048, K, generator=g) @ (0.3 * torch.randn(K, K, generator=g) + torch.eye(K))
+    H = X.t() @ X
+    w = torch.randn(40, K, generator=g) * 0.05
+    for group in ("channel", 32):
+        q = gptq_round(w, H, group, block_size=32)
+        tensors, params = rf8.pack(q, None if group == "channel" else group)
+        assert torch.equal(rf8.dequantize(tensors, params), q)  # on the grid, same offsets: packs exactly
+        r = round_nearest(w, _group_offsets(w, group))
+        assert torch.equal(r, rf8.dequantize(*rf8.pack(w, None if group == "channel" else group)))
+
+        def err(a):
+            return float((((a - w) @ H) * (a - w)).sum())
+
+        assert err(q) < 0.8 * err(r)
+
+
+def test_rf8_gptq_recipe(tmp_path):
+    import json
+
+    import bitsmith
+    from bitsmith.compress.recipe import parse_recipe
+    from tests.prune.conftest import TEXT, make_calibrated_llama
+
+    src = make_calibrated_llama(tmp_path / "tiny")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    r = parse_recipe(f"version: 1\npasses:\n  - {{type: rf8_gptq, text: {calib}, samples: 4, seq_len: 64}}\n"
+                     "  - {type: rf8}\n")
+    out = tmp_path / "out"
+    bitsmith.compress(r, src, out, progress=False)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == 14 and all(m["format"] == "rf8" for m in modules.values())
+    from safetensors.torch import load_file
+
+    dense = load_file(src / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    packed = load_file(out / "model.safetensors")
+    near, _ = rf8.pack(dense)
+    assert not torch.equal(packed["model.layers.0.mlp.down_proj.qweight"], near["qweight"])  # not plain rounding
+    assert torch.equal(packed["model.layers.0.mlp.down_proj.exps"], near["exps"])

@@ -18,10 +18,13 @@ Code byte, most significant bit first:
             = (-1)^s1 * 2^(E - 15 + o) * (1 + (-1)^s2 * 2^-(d+1))         otherwise, o = exps[n, k // g]
 
 So every magnitude is 2^e1 +- 2^e2 with e1 = E - 15 + o; per octave the code reaches the mantissas 1, 1.0625,
-1.125, 1.25, 1.5, 1.75, 1.875 (some values have two codes; the encoder writes the smaller code). The largest
-magnitude of a group is 1.5 * 2^o and the smallest nonzero one 2^(o - 15): o = ceil(log2(max|w| / 1.5)), clamped
-to [-110, 110]. Encoding rounds each weight to the nearest representable value (ties to the smaller magnitude).
-Dequantization is exact in float32 (and in bf16; in fp16 below 2^-14 values become subnormal).
+1.125, 1.25, 1.5, 1.75, 1.875 (some values have two codes; the encoder writes the smaller code). Codes reach
+1.5 * 2^o at most and 2^(o - 15) at least (nonzero). The encoder takes o = floor(log2(max|w|)) + 1 for each group
+(clamped to [-110, 110]), so the group's largest weight lies in [2^(o-1), 2^o), the highest octave with all seven
+levels (a smaller o would lose the level 2^o itself: 1.0 is reached only as 0.5 * 2^(e1+1)). The codes above 2^o
+are then unused, and any weight matrix whose values are RF8 values under these offsets packs exactly (which
+`rf8_gptq` relies on). Encoding rounds each weight to the nearest representable value (ties to the smaller
+magnitude). Dequantization is exact in float32 (and in bf16; in fp16 below 2^-14 values become subnormal).
 
 Kernels: `_rf8_mm_kernel` (Triton) decodes a [BLOCK_N, BLOCK_K] tile of codes in registers (the power of two is
 built in the float32 exponent field; one multiply-add for the second power) and feeds tl.dot with fp32
@@ -110,9 +113,9 @@ def tensor_specs(params: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int,
 # packing
 
 def _offsets(absmax: torch.Tensor) -> torch.Tensor:
-    """o = ceil(log2(absmax / 1.5)) (int32), clamped; all-zero groups get o = 0."""
+    """o = floor(log2(absmax)) + 1 (int32), clamped; all-zero groups get o = 0."""
     a = absmax.double()
-    o = torch.ceil(torch.log2(a.clamp_min(1e-300) / 1.5))
+    o = torch.floor(torch.log2(a.clamp_min(1e-300))) + 1
     o = torch.where(a > 0, o, torch.zeros_like(o))
     return o.clamp(EXP_MIN, EXP_MAX).to(torch.int32)
 
