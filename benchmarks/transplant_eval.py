@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 from pathlib import Path
@@ -85,46 +87,102 @@ def speed(argv: list[str]) -> int:
     import torch
 
     ap = argparse.ArgumentParser(prog="transplant_eval.py speed")
-    ap.add_argument("--case", action="append", required=True,
-                    help="NAME:ATOMS:TARGETS:DIM, e.g. smol-gets-gemma:46145:215891:640")
+    ap.add_argument("--case", action="append", default=[],
+                    help="NAME:ATOMS:TARGETS:DIM (random embeddings), e.g. smol-gets-gemma:46145:215891:640")
+    ap.add_argument("--real", action="append", default=[],
+                    help="NAME:BASE_DIR:DONOR_DIR[:TARGETS]: the donor's real embeddings (shared tokens as atoms, "
+                         "TARGETS new tokens sampled with --seed, all when left out); needs bitsmith installed")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--candidates", default="256,all", help="comma list of ints and/or 'all'")
     ap.add_argument("--batch-size", default="256", help="comma list")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--omp-file", type=Path,
+                    help="time this omp.py instead of bitsmith's (e.g. an older version, `git show REV:PATH`)")
+    ap.add_argument("--no-native", action="store_true", help="CPU: the torch steps, not the C steps")
+    ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    spec = importlib.util.spec_from_file_location(
-        "bitsmith_omp", Path(__file__).resolve().parents[1] / "src/bitsmith/tokenizers/omp.py")
-    omp_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(omp_mod)
+    omp_mod = None
+    if args.omp_file is None:
+        try:
+            from bitsmith.tokenizers import omp as omp_mod
+        except ImportError:  # a GPU machine without bitsmith: omp.py alone, by path
+            args.omp_file = Path(__file__).resolve().parents[1] / "src/bitsmith/tokenizers/omp.py"
+    if omp_mod is None:
+        spec = importlib.util.spec_from_file_location("bitsmith_omp", args.omp_file)
+        omp_mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(omp_mod)
     device = torch.device(args.device) if args.device else omp_mod.default_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name}), torch {torch.__version__}, k {args.k}", flush=True)
-    out = []
+    print(f"device {device} ({name}), torch {torch.__version__}, k {args.k}, threads {torch.get_num_threads()}, "
+          f"omp {args.omp_file or omp_mod.__file__}", flush=True)
+    problems = []
     for case in args.case:
         label, n, m, d = case.split(":")
-        n, m, d = int(n), int(m), int(d)
         g = torch.Generator().manual_seed(0)
-        atoms, targets = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+        problems.append((label, lambda n=int(n), m=int(m), d=int(d), g=g: (torch.randn(n, d, generator=g),
+                                                                             torch.randn(m, d, generator=g))))
+    for spec_ in args.real:
+        parts = spec_.split(":")
+        label, base, donor = parts[:3]
+        m = int(parts[3]) if len(parts) > 3 else 0
+        problems.append((label, lambda b=Path(base), dn=Path(donor), m=m: _real_problem(b, dn, m, args.seed)))
+    out = []
+    for label, make in problems:
+        atoms, targets = make()
+        n, d = atoms.shape
+        m = len(targets)
         for cand in args.candidates.split(","):
             c = None if cand == "all" else int(cand)
             for bs in map(int, args.batch_size.split(",")):
-                omp_mod.omp(atoms, targets[:bs], args.k, candidates=c, batch_size=bs, device=device)  # warm-up
+                kw = {} if args.omp_file else {"use_native": not args.no_native}
+                if not args.no_warmup:
+                    omp_mod.omp(atoms, targets[:bs], args.k, candidates=c, batch_size=bs, device=device, **kw)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                res = omp_mod.omp(atoms, targets, args.k, candidates=c, batch_size=bs, device=device)
+                load = os.getloadavg()[0]
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = omp_mod.omp(atoms, targets, args.k, candidates=c, batch_size=bs, device=device, **kw)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                sec = time.perf_counter() - t0
+                sec, cpu = time.perf_counter() - t0, time.process_time() - c0
                 row = {"case": label, "atoms": n, "targets": m, "dim": d, "k": args.k, "candidates": cand,
                        "batch_size": bs, "seconds": round(sec, 2), "targets_per_s": round(m / sec, 1),
-                       "residual_mean": round(float(res.residual.mean()), 4), "device": name}
+                       "cpu_seconds": round(cpu, 2), "targets_per_cpu_s": round(m / cpu, 1),
+                       "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
+                       "residual_mean": round(float(res.residual.mean()), 4), "device": name,
+                       "steps": "given omp.py" if args.omp_file else
+                       ("torch" if args.no_native or device.type != "cpu" or omp_mod.omp_native is None
+                        or not omp_mod.omp_native.available() else "C")}
                 out.append(row)
                 print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+                if args.json:
+                    args.json.write_text(json.dumps(out, indent=2))
     return 0
+
+
+def _real_problem(base: Path, donor: Path, m: int, seed: int, embedding: str = "model.embed_tokens.weight"):
+    """Atoms: the donor's embedding rows of the tokens both vocabularies have (not special); targets: the rows of m
+    of the donor's other tokens (a seeded sample; all when m is 0)."""
+    import torch
+
+    from bitsmith.compress.checkpoint import CheckpointReader
+    from bitsmith.tokenizers.vocab import load_vocab, tokenizer_files
+
+    bv = load_vocab(tokenizer_files(base), json.loads((base / "config.json").read_text()), "base")
+    dv = load_vocab(tokenizer_files(donor), json.loads((donor / "config.json").read_text()), "donor")
+    bidx = bv.index()
+    atoms: dict[int, int] = {}
+    for i, key in enumerate(dv.keys):
+        if key is not None and key in bidx and not dv.is_special_key(key):
+            atoms.setdefault(bidx[key], i)
+    atom_ids = torch.tensor(sorted(atoms.values()))
+    new_ids = torch.tensor([i for i, key in enumerate(dv.keys) if key is not None and key not in bidx])
+    D = CheckpointReader(donor).get(embedding).float()
+    if m:
+        new_ids = new_ids[torch.randperm(len(new_ids), generator=torch.Generator().manual_seed(seed))[:m]]
+    return D[atom_ids].contiguous(), D[new_ids].contiguous()
 
 
 def fidelity(argv: list[str]) -> int:
@@ -146,6 +204,9 @@ def fidelity(argv: list[str]) -> int:
     ap.add_argument("--candidates", default="128,256,1024")
     ap.add_argument("--schedules", default="", help="other re-ranking steps to try at M=256, e.g. '0,4,16;0,8,32'")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--native", choices=("both", "on", "off"), default="both",
+                    help="screened rows with the C steps, the torch steps, or both (the C steps need a C compiler)")
+    ap.add_argument("--no-exact", action="store_true", help="leave out the exact search and the ranked-once row")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     base = load_vocab(tokenizer_files(args.base), json.loads((args.base / "config.json").read_text()), "base")
@@ -162,7 +223,7 @@ def fidelity(argv: list[str]) -> int:
     A, Y = D[atom_ids], D[sample]
     Ab, inv = A.to(torch.bfloat16), (A * A).sum(1).rsqrt()
     print(f"{len(atom_ids)} atoms, {len(new_ids)} new tokens, {len(sample)} sampled, k {args.k}", flush=True)
-    rows = []
+    rows, got = [], {}
 
     def run(label, fn):
         t0 = time.perf_counter()
@@ -170,16 +231,39 @@ def fidelity(argv: list[str]) -> int:
         sec = time.perf_counter() - t0
         res = float(O._residual(A, Y, idx, x).mean())
         rows.append({"search": label, "residual_mean": round(res, 4), "ms_per_target": round(1e3 * sec / len(Y), 1)})
+        got[label] = (idx, x)
         print(json.dumps(rows[-1]), flush=True)
 
-    run("exact", lambda: O._omp_exact(A, (A * A).sum(1), inv, Y, args.k, 1e-5))
+    sq = (A * A).sum(1)
+    norm = sq.sqrt()
+    native = O.omp_native is not None and O.omp_native.available() and args.native != "off"
+    pool = ThreadPoolExecutor(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
+
+    def screened(m, steps, use_native):
+        return O._omp_screened(A, sq, norm, inv, Ab, Y, args.k, m, 1e-5, steps, pool, use_native)
+
+    if not args.no_exact:
+        run("exact", lambda: O._omp_exact(A, sq, norm, inv, Y, args.k, 1e-5))
+    variants = [(False, "")] if args.native == "off" or not native else [(True, " (C steps)")] \
+        if args.native == "on" else [(False, " (torch steps)"), (True, " (C steps)")]
     for m in map(int, args.candidates.split(",")):
-        run(f"screened M={m}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, m, 1e-5, O.refresh_steps(args.k)))
+        for use_native, tag in variants:
+            run(f"screened M={m}{tag}", lambda: screened(m, O.refresh_steps(args.k), use_native))
     for sched in filter(None, args.schedules.split(";")):
         steps = frozenset(int(x) for x in sched.split(","))
-        run(f"screened M=256, re-ranked at {sched}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, 256, 1e-5, steps))
-    m = max(map(int, args.candidates.split(",")))
-    run(f"ranked once M={m}", lambda: O._omp_screened(A, Ab, inv, Y, args.k, m, 1e-5, frozenset({0})))
+        run(f"screened M=256, re-ranked at {sched}", lambda: screened(256, steps, native))
+    if not args.no_exact:
+        m = max(map(int, args.candidates.split(",")))
+        run(f"ranked once M={m}", lambda: screened(m, frozenset({0}), native))
+    for m in map(int, args.candidates.split(",")):  # the C steps against the torch steps: same atoms?
+        a, b = got.get(f"screened M={m} (C steps)"), got.get(f"screened M={m} (torch steps)")
+        if a and b:
+            same = (a[0] == b[0]).all(1)
+            rows.append({"search": f"M={m}: C steps vs torch steps", "same_atoms_in_order": round(float(
+                same.float().mean()), 4), "same_atom_sets": round(sum(
+                    set(p.tolist()) == set(q.tolist()) for p, q in zip(a[0], b[0])) / len(Y), 4),
+                "max_coef_diff_where_same": float((a[1] - b[1]).abs()[same].max()) if bool(same.any()) else None})
+            print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -219,22 +219,23 @@ def _omp_screened(A, sq, norm, inv_norm, Ab, Y, k, M, tol, refresh, pool=None, n
     for r0, r1 in zip(bounds[:-1], bounds[1:]):
         if t < r0 or not bool(f.active.any()):
             break
-        score = (f.R.to(torch.bfloat16) @ Ab.T).float().abs_().mul_(inv_norm)  # [b, n]
-        if r0:
-            score.scatter_(1, f.idx[:, :r0], -1.0)
-        cand = score.topk(M, dim=1, sorted=False).indices
-        del score
-        cand, _ = cand.sort(1)  # [b, M]; ties go to the lowest atom index
+        S = f.R.to(torch.bfloat16) @ Ab.T  # [b, n]
+        if cpu and native:  # |S| / ||a||, picked atoms out, top M: fused, a thread per row chunk
+            cand = torch.empty(b, M, dtype=torch.int64)
+            _on_threads(lambda c: omp_native.top_candidates(c[0], c[1], S, inv_norm, f.idx, r0, cand),
+                        [(lo, min(lo + _NATIVE_CHUNK, b)) for lo in range(0, b, _NATIVE_CHUNK)], pool)
+        else:
+            score = S.float().abs_().mul_(inv_norm)
+            if r0:
+                score.scatter_(1, f.idx[:, :r0], -1.0)
+            cand = score.topk(M, dim=1, sorted=False).indices
+            del score
+            cand, _ = cand.sort(1)  # [b, M] in atom order
+        del S
         if cpu and native:
             chunks = [(lo, min(lo + _NATIVE_CHUNK, b)) for lo in range(0, b, _NATIVE_CHUNK)]
-            run = lambda c: omp_native.segment(c[0], c[1], r0, r1, A, Ab, norm, sq, inv_norm, cand, f,  # noqa: E731
-                                               _DEPENDENT)
-            if pool is None:
-                for c in chunks:
-                    run(c)
-            else:
-                for fut in [pool.submit(run, c) for c in chunks]:
-                    fut.result()
+            _on_threads(lambda c: omp_native.segment(c[0], c[1], r0, r1, A, Ab, norm, sq, inv_norm, cand, f,
+                                                     _DEPENDENT), chunks, pool)
             t = r1
             continue
         groups = [slice(lo, min(lo + sub, b)) for lo in range(0, b, sub)]
@@ -264,6 +265,16 @@ def _segment(A, sq, norm, inv_norm, Ab, g: _Factor, c: torch.Tensor, r0: int, r1
         taken.scatter_(2, j, True)
         s = c3.gather(2, j).view(-1)
         g.step(t, s, A.index_select(0, s), norm.index_select(0, s), sq.index_select(0, s))
+
+
+def _on_threads(run, items, pool) -> None:
+    """run(x) for every item: on the pool's threads when there is a pool (run must release the GIL: ctypes does)."""
+    if pool is None:
+        for x in items:
+            run(x)
+    else:
+        for fut in [pool.submit(run, x) for x in items]:
+            fut.result()
 
 
 def _on_cpu_threads(run, groups, pool) -> None:

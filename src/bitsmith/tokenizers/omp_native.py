@@ -89,6 +89,56 @@ static void combine(const float *w, const float *Q, int64_t t, int64_t d, float 
     }
 }
 
+static inline float med3(float x, float y, float z) {
+    if (x > y) { float t = x; x = y; y = t; }
+    if (y > z) { y = z; if (x > y) y = x; }
+    return y;
+}
+
+/* The value at position kth (0-based) of a[0..n-1] sorted in descending order; reorders a. */
+static float select_desc(float *a, int64_t n, int64_t kth) {
+    int64_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        float pivot = med3(a[lo], a[lo + (hi - lo) / 2], a[hi]);
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; i++; j--; }
+        }
+        if (kth <= j) hi = j;
+        else if (kth >= i) lo = i;
+        else return a[kth];
+    }
+    return a[kth];
+}
+
+/* Rows lo..hi-1 of S [b, n] (bf16 correlations of the residuals with all atoms): the M atoms with the largest
+   |S| / ||a|| (atoms idx[i, :r0], already picked, count -1), in ascending atom order, into out [b, M]. At the
+   boundary, equal scores go to the lowest atom indices. Returns 0, or -1 when out of memory. */
+int top_candidates(int64_t lo, int64_t hi, int64_t n, int64_t M, const uint16_t *S, const float *inv_norm,
+                   const int64_t *idx, int64_t k, int64_t r0, int64_t *out) {
+    float *sc = malloc(sizeof(float) * n), *tmp = malloc(sizeof(float) * n);
+    if (!sc || !tmp) { free(sc); free(tmp); return -1; }
+    for (int64_t i = lo; i < hi; i++) {
+        const uint16_t *row = S + i * n;
+        for (int64_t j = 0; j < n; j++) sc[j] = fabsf(bf16_to_f32(row[j])) * inv_norm[j];
+        for (int64_t t = 0; t < r0; t++) sc[idx[i * k + t]] = -1.0f;
+        memcpy(tmp, sc, sizeof(float) * n);
+        float thr = select_desc(tmp, n, M - 1);
+        int64_t above = 0;
+        for (int64_t j = 0; j < n; j++) above += sc[j] > thr;
+        int64_t ties = M - above, m = 0;
+        int64_t *o = out + i * M;
+        for (int64_t j = 0; j < n && m < M; j++) {
+            if (sc[j] > thr) o[m++] = j;
+            else if (sc[j] == thr && ties > 0) { o[m++] = j; ties--; }
+        }
+    }
+    free(sc); free(tmp);
+    return 0;
+}
+
 /* Steps r0..r1-1 for targets lo..hi-1. Returns 0, or -1 when out of memory. */
 int omp_segment(int64_t lo, int64_t hi, int64_t d, int64_t k, int64_t M, int64_t r0, int64_t r1,
                 const float *A, const uint16_t *Ab, const float *norm, const float *sq, const float *inv_norm,
@@ -201,6 +251,9 @@ def _build() -> ctypes.CDLL | None:
     fn = so.omp_segment
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 14 + [ctypes.c_float]
+    fn = so.top_candidates
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return so
 
 
@@ -225,5 +278,13 @@ def segment(lo: int, hi: int, r0: int, r1: int, A, Ab, norm, sq, inv_norm, cand,
         raise MemoryError("omp: native steps could not allocate their work space")
 
 
-def check_layout(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+def top_candidates(lo: int, hi: int, S: torch.Tensor, inv_norm: torch.Tensor, idx: torch.Tensor, r0: int,
+                   out: torch.Tensor) -> None:
+    """Rows lo..hi-1: out[i] = the M atoms with the largest |S[i]| * inv_norm (the atoms idx[i, :r0] left out), in
+    ascending order; S [b, n] bf16, out [b, M] int64. The fused float conversion, scaling and top-M selection of the
+    re-ranking (no [b, n] float32 copy); releases the GIL."""
+    b, n = S.shape
+    rc = _state["lib"].top_candidates(lo, hi, n, out.shape[1], S.data_ptr(), inv_norm.data_ptr(), idx.data_ptr(),
+                                      idx.shape[1], r0, out.data_ptr())
+    if rc != 0:
+        raise MemoryError("omp: native top-M could not allocate its work space")
