@@ -166,6 +166,7 @@ class CheckpointReader:
         self._pickle_state: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = self._index()
         self._open_file: tuple[str, object] | None = None
+        self._ahead = None  # a ReadAhead while one runs
 
     # --- discovery -----------------------------------------------------------------------------------------------
     def _index(self) -> dict[str, TensorInfo]:
@@ -249,15 +250,40 @@ class CheckpointReader:
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        if self._ahead is not None:
+            t = self._ahead.take(name)
+            if t is not None:
+                return t
         if self._open_file is None or self._open_file[0] != info.file:
-            self.close()
+            self._close_file()
             self._open_file = (info.file, open(self.path / info.file, "rb"))
-        f = self._open_file[1]
+        return self._read(info, self._open_file[1])
+
+    def _read(self, info: TensorInfo, f) -> torch.Tensor:
         buf = bytearray(info.nbytes)
         f.seek(info.offset)
         if f.readinto(buf) != info.nbytes:
-            raise CheckpointError(f"{self.path / info.file}: tensor {name!r} is cut short (file truncated?)")
+            raise CheckpointError(f"{self.path / info.file}: tensor {info.name!r} is cut short (file truncated?)")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def read_ahead(self, names: list[str], max_bytes: int | None = None) -> None:
+        """From now on, read `names` (in this order) ahead of `get` on a background thread, holding at most
+        `max_bytes` (default 512 MiB) of tensors not yet asked for. `close()` stops it."""
+        from .readahead import DEFAULT_READ_AHEAD_BYTES, ReadAhead, open_cached
+
+        self.stop_read_ahead()
+        if self._pickle_state is not None:
+            return
+        known = [n for n in names if n in self.tensors]
+        self._ahead = ReadAhead(known, lambda n: self.tensors[n].nbytes,
+                                lambda n, files: self._read(self.tensors[n],
+                                                            open_cached(files, self.path / self.tensors[n].file)),
+                                DEFAULT_READ_AHEAD_BYTES if max_bytes is None else max_bytes)
+
+    def stop_read_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors in file order (one shard open at a time)."""
@@ -277,6 +303,10 @@ class CheckpointReader:
         return sum(t.nbytes for t in self.tensors.values())
 
     def close(self) -> None:
+        self.stop_read_ahead()
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._open_file is not None:
             self._open_file[1].close()
         self._open_file = None

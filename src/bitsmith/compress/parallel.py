@@ -38,6 +38,7 @@ def serial(source, shapes, names: Iterable[str], nbytes) -> Iterator[Group]:
     for name in names:
         record, tensors = compute_group(source, shapes, name, nbytes)
         yield name, record, tensors
+        del record, tensors  # before reading the next one: memory holds one output, not two
 
 
 # --- worker processes ----------------------------------------------------------------------------------------------

@@ -247,6 +247,8 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
             groups = parallel.workers(workers, build_sweep, (str(reader.path), recipe.to_yaml(), allow_pickle,
                                                              device), todo)
         else:
+            if _tensor_only(plan):  # the sweep reads the input in exactly this order: read ahead of it
+                reader.read_ahead(todo)
             groups = parallel.serial(final, shapes, todo, _nbytes)
         total = sum(_nbytes(*shapes[n]) for n in names if n in shapes)
         modules: dict[str, dict] = dict(final.view.packed_modules)
@@ -266,6 +268,7 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
                     linear_after += record["bytes_after"]
                 bar.update(_nbytes(*shapes[name]) if name in shapes else 0)
                 bar.set_postfix(tensors=f"{n_done}/{len(names)}", refresh=False)
+        reader.stop_read_ahead()
         writer.finish_shards()
         config = dict(final.view.config)
         if modules:

@@ -189,7 +189,11 @@ def _allocation(cfg: FineQuant, ctx) -> dict[str, adaptive.Option] | None:
             log("finequant auto: group sizes are chosen from the input checkpoint's weights, before the earlier"
                 " passes of the recipe change them")
         device = getattr(ctx, "device", "cpu") or "cpu"  # profile where the sweep computes (one weight at a time)
-        result = allocate_weights(cfg, ((n, reader.get(n).to(device)) for n in names), progress, log)
+        reader.read_ahead(names)
+        try:
+            result = allocate_weights(cfg, ((n, reader.get(n).to(device)) for n in names), progress, log)
+        finally:
+            reader.close()
     else:
         return None
     extra[key] = result
