@@ -115,27 +115,45 @@ static float select_desc(float *a, int64_t n, int64_t kth) {
 
 /* Rows lo..hi-1 of S [b, n] (bf16 correlations of the residuals with all atoms): the M atoms with the largest
    |S| / ||a|| (atoms idx[i, :r0], already picked, count -1), in ascending atom order, into out [b, M]. At the
-   boundary, equal scores go to the lowest atom indices. Returns 0, or -1 when out of memory. */
+   boundary, equal scores go to the lowest atom indices. The M-th largest score is at least the M-th largest of the
+   maxima of blocks of BLOCK scores (M blocks hold a score at least that large), so only the scores above that bound
+   go through the selection. Returns 0, or -1 when out of memory. */
+#define BLOCK 64
 int top_candidates(int64_t lo, int64_t hi, int64_t n, int64_t M, const uint16_t *S, const float *inv_norm,
                    const int64_t *idx, int64_t k, int64_t r0, int64_t *out) {
-    float *sc = malloc(sizeof(float) * n), *tmp = malloc(sizeof(float) * n);
-    if (!sc || !tmp) { free(sc); free(tmp); return -1; }
+    int64_t nb = (n + BLOCK - 1) / BLOCK;
+    float *sc = malloc(sizeof(float) * n), *vals = malloc(sizeof(float) * n), *bm = malloc(sizeof(float) * nb);
+    int64_t *pos = malloc(sizeof(int64_t) * n);
+    if (!sc || !vals || !bm || !pos) { free(sc); free(vals); free(bm); free(pos); return -1; }
     for (int64_t i = lo; i < hi; i++) {
         const uint16_t *row = S + i * n;
         for (int64_t j = 0; j < n; j++) sc[j] = fabsf(bf16_to_f32(row[j])) * inv_norm[j];
         for (int64_t t = 0; t < r0; t++) sc[idx[i * k + t]] = -1.0f;
-        memcpy(tmp, sc, sizeof(float) * n);
-        float thr = select_desc(tmp, n, M - 1);
+        float bound = -INFINITY;
+        if (nb > M) {
+            for (int64_t c = 0; c < nb; c++) {
+                float m = -INFINITY;
+                int64_t e = (c + 1) * BLOCK < n ? (c + 1) * BLOCK : n;
+                for (int64_t j = c * BLOCK; j < e; j++) m = sc[j] > m ? sc[j] : m;
+                bm[c] = m;
+            }
+            bound = select_desc(bm, nb, M - 1);
+        }
+        int64_t cnt = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (sc[j] >= bound) { pos[cnt] = j; vals[cnt] = sc[j]; cnt++; }
+        float thr = select_desc(vals, cnt, M - 1);
         int64_t above = 0;
-        for (int64_t j = 0; j < n; j++) above += sc[j] > thr;
+        for (int64_t c = 0; c < cnt; c++) above += sc[pos[c]] > thr;
         int64_t ties = M - above, m = 0;
         int64_t *o = out + i * M;
-        for (int64_t j = 0; j < n && m < M; j++) {
-            if (sc[j] > thr) o[m++] = j;
-            else if (sc[j] == thr && ties > 0) { o[m++] = j; ties--; }
+        for (int64_t c = 0; c < cnt && m < M; c++) {
+            float v = sc[pos[c]];
+            if (v > thr) o[m++] = pos[c];
+            else if (v == thr && ties > 0) { o[m++] = pos[c]; ties--; }
         }
     }
-    free(sc); free(tmp);
+    free(sc); free(vals); free(bm); free(pos);
     return 0;
 }
 
