@@ -54,7 +54,7 @@ class Plan:
         lines += [f"note: {n}" for n in self.inventory.notes]
         for p in self.passes:
             kind = p.config.kind.value
-            if kind == "tensor":
+            if kind == "tensor" or p.targets:
                 lines.append(f"{p.label}: {kind} pass, {len(p.targets)} modules, {len(p.skipped)} skipped")
             else:
                 lines.append(f"{p.label}: {kind} pass")
@@ -91,7 +91,11 @@ def make_plan(recipe: Recipe, source: Source) -> Plan:
             if handler.plan is not None:
                 view = handler.plan(cfg, view)
                 inventory = build_inventory(view.config, view.tensors, set(view.packed_modules))
-        elif cfg.kind is PassKind.TENSOR:
+        elif cfg.kind is PassKind.TENSOR or cfg.packs:  # a packing model pass (gptq rounding) selects like one
+            if cfg.kind is PassKind.MODEL and (packed_by or view.packed_modules):
+                first = next(iter(packed_by.values()), "the input checkpoint")
+                raise PlanError(f"{where}: a model pass cannot follow {first}, which packs weights;"
+                                " put model passes before packing passes")
             chosen, skipped = select(inventory, cfg.targets, cfg.ignore, where)
             for m in chosen:
                 if m.shape is not None and 0 in m.shape:
@@ -170,8 +174,8 @@ def _build_source_chain(plan: Plan, source: Source, ctx: PassContext) -> Source:
             source = handler.apply(pp.config, flush(source), ctx)
         else:
             model = materialize(flush(source), ctx.device)
-            handler.apply(pp.config, model, ctx)
-            source = ModelSource(model.to("cpu"), source)
+            packed = handler.apply(pp.config, model, ctx)  # a packing model pass returns {weight: TensorState}
+            source = ModelSource(model.to("cpu"), source, packed if pp.config.packs else None)
     return flush(source)
 
 
@@ -283,7 +287,7 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         writer.write_text("recipe.yaml", _recipe_record(recipe))
         per_pass = []
         for pp in plan.passes:
-            changed = len(pp.targets) if pp.config.kind is PassKind.TENSOR else None  # each target is read once
+            changed = len(pp.targets) if pp.config.kind is PassKind.TENSOR or pp.targets else None  # read once
             per_pass.append({"index": pp.index, "type": pp.config.type, "kind": pp.config.kind.value,
                              "changed": changed, "skipped": len(pp.skipped), "skipped_modules": pp.skipped})
         summary = Summary(Path(output), 0.0, reader.total_bytes, writer.bytes_written, linear_before, linear_after,

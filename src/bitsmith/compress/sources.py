@@ -105,19 +105,25 @@ class SweepSource:
 
 
 class ModelSource:
-    """A model held in memory (after a model pass): serves the same tensor names as the source it was built from."""
+    """A model held in memory (after a model pass): serves the same tensor names as the source it was built from.
 
-    def __init__(self, model: torch.nn.Module, built_from: Source):
+    `packed`: the states a packing model pass (e.g. GPTQ rounding) produced, by weight name, served as they are.
+    """
+
+    def __init__(self, model: torch.nn.Module, built_from: Source, packed: dict[str, TensorState] | None = None):
         self.model = model
         self.view = built_from.view
         self._names = built_from.names()
         self._side = built_from.side_files()
         self._state = model.state_dict()
+        self._packed = dict(packed or {})
 
     def names(self) -> list[str]:
         return self._names
 
     def read(self, name: str) -> TensorState:
+        if name in self._packed:
+            return self._packed.pop(name)  # each tensor is read once
         return TensorState(name, self._state[name].detach().clone())
 
     def side_files(self) -> dict[str, Path | bytes]:

@@ -13,19 +13,25 @@ one offset per group (`offset: true`, which lets uniform grids be expressed). Fi
 3. the coefficients are rounded to the stored dtype and the planes are re-assigned once more for them, so the codes
    are the best ones for exactly what is stored. The best fit seen (squared error per group, over all
    starts and rounds) is kept, so the result is never worse than any start.
+
+`rounding: gptq` (`bitsmith.quant.gptq`): each group's alphas (and offset) are fitted first, as above, on the group's
+current weights (weighted by the calibration Hessian's diagonal with `importance: columns`); then every column takes,
+per weight, the nearest of the group's 2^q values, with GPTQ error feedback between columns.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Union
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
-from . import bits_spec
-from .bipolar import (check_group_size, coef_dtype, column_importance, effective_group_size, grouped, pack_result,
-                      plan_matrices, ungroup)
+from ..compress.passes import TensorState, register_pass
+from ..kernels import bitplane
+from . import bits_spec, gptq
+from .bipolar import (check_group_size, coef_dtype, column_importance, effective_group_size, grouped,
+                      hessian_importance, pack_result, plan_matrices, ungroup)
 from .bits_spec import BitsSpec
 
 
@@ -156,7 +162,7 @@ def quantize_bcq(w: torch.Tensor, bits: int, group_size: int, iters: int = 10, o
     return codes, alphas_out, off_out
 
 
-class BCQ(TargetedPass):
+class BCQ(gptq.QuantizerPass):
     """Binary-coding quantization (LUT-GEMM) of the targeted Linear layers: per-plane, per-group alphas."""
 
     type: Literal["bcq"] = "bcq"
@@ -171,7 +177,6 @@ class BCQ(TargetedPass):
         "columns", description="weight the squared error per input channel by 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
-    kind = PassKind.TENSOR
     packs = True
 
     @field_validator("bits", mode="before")
@@ -184,8 +189,68 @@ class BCQ(TargetedPass):
     def _group_size(cls, v):
         return check_group_size(v)
 
+    @model_validator(mode="after")
+    def _rounding(self):
+        return self.check_rounding()
 
-def apply_bcq(cfg: BCQ, state: TensorState, ctx=None) -> TensorState:
+    def column_grid(self, state: TensorState, hdiag: torch.Tensor | None = None, group_size: int | None = None
+                    ) -> "BCQGrid":
+        w = state.tensor
+        bits = bits_spec.bits_for(self.bits, state.module, (state.module_class,) if state.module_class else ())
+        return BCQGrid(self, w, bits, group_size or effective_group_size(self.group_size, w.shape[1]),
+                       hessian_importance(hdiag) if self.importance == "columns" else None)
+
+
+class BCQGrid:
+    """BCQ's grid for GPTQ (`bitsmith.quant.gptq.ColumnGrid`): a group's alphas (and offset) are fitted on its current
+    weights by `quantize_bcq`; a column then takes, per weight, the nearest of the group's 2^q values."""
+
+    def __init__(self, cfg: BCQ, w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None):
+        N, K = w.shape
+        G = math.ceil(K / group_size)
+        self.cfg, self.bits, self.group_size, self.col_weight = cfg, bits, group_size, col_weight
+        self.dtype = coef_dtype(cfg.scale_dtype, w)
+        self.alphas = torch.zeros(bits, G, N, dtype=self.dtype)
+        self.offset = torch.zeros(G, N, dtype=self.dtype) if cfg.offset else None
+        self.pats = _patterns(bits, w.device)
+        self._sorted: dict[int, tuple] = {}
+
+    def fit_group(self, gi: int, w: torch.Tensor) -> None:
+        lo = gi * self.group_size
+        cw = None if self.col_weight is None else self.col_weight[lo:lo + w.shape[1]]
+        _, a, off = quantize_bcq(w, self.bits, w.shape[1], self.cfg.iters, self.cfg.offset, self.dtype,
+                                 self.cfg.init, cw)
+        self.alphas[:, gi] = a[:, 0]
+        if off is not None:
+            self.offset[gi] = off[0]
+        a32 = a[:, 0].to(torch.float32)  # [q, N]
+        vals = torch.zeros(a32.shape[1], self.pats.shape[0], device=a32.device)  # [N, 2^q], summed in the
+        for i in range(self.bits):  # format's order (plane 0 first, then the offset), so values match it exactly
+            vals += a32[i].unsqueeze(1) * self.pats[:, i].unsqueeze(0)
+        if off is not None:
+            vals += off[0].to(torch.float32).unsqueeze(1)
+        sv, perm = vals.sort(-1)
+        self._sorted[gi] = (sv, perm, 0.5 * (sv[:, 1:] + sv[:, :-1]))
+
+    def quantize(self, gi: int, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sv, perm, mids = self._sorted[gi]
+        idx = (col.unsqueeze(1) > mids).sum(1, keepdim=True)  # [N, 1]
+        return sv.gather(1, idx).view(-1), perm.gather(1, idx).view(-1)
+
+    def pack(self, state: TensorState, codes: torch.Tensor) -> tuple[TensorState, torch.Tensor]:
+        alphas = self.alphas.contiguous()
+        deq = bitplane.dequantize(bitplane.pack_planes(codes, self.bits), alphas, self.offset, "bcq",
+                                  self.group_size, codes.shape[1], dtype=torch.float32)
+        return pack_result(state, "bcq", self.bits, self.group_size, codes, alphas, self.offset, "bcq",
+                           {"offset": self.cfg.offset}), deq
+
+
+def apply_bcq(cfg: BCQ, state, ctx=None):
+    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
+    states by weight name."""
+    if not isinstance(state, TensorState):
+        near = cfg.model_copy(update={"rounding": "nearest"})
+        return gptq.run_model_pass(cfg, state, ctx, plan_matrices, lambda st: apply_bcq(near, st, None))
     w = state.tensor  # [N, K]
     bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())
     g = effective_group_size(cfg.group_size, w.shape[1])

@@ -7,7 +7,9 @@ over a grid of shrink factors, then refines it by least squares (s = <w, q> / <q
 only where it lowers the error). With `importance: columns` (the default) the squared error is weighted per input
 channel by 1 / mean|W[:, k]|^2: no calibration data, but it tracks the channels with large activations, where
 bipolar's missing zero level costs most (docs/results/bitplane.md). Per-layer bit widths: `bits: {default: 3, "re:.*down_proj": 4}`
-(see `bitsmith.quant.bits_spec`).
+(see `bitsmith.quant.bits_spec`). `rounding: gptq` rounds with calibration error feedback on the same grid
+(`bitsmith.quant.gptq`): each group's scale is searched first (weighted by the calibration Hessian's diagonal
+instead of the weights-only column importance), then the levels are chosen column by column.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import math
 from typing import Literal, Union
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..compress.formats import PackedTensor
-from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
+from ..compress.passes import TensorState, register_pass
 from ..kernels import bitplane
-from . import bits_spec
+from . import bits_spec, gptq
 from .bits_spec import BitsSpec
 
 log = logging.getLogger("bitsmith")
@@ -71,6 +73,7 @@ def ungroup(t: torch.Tensor, K: int) -> torch.Tensor:
 
 def plan_matrices(cfg, modules) -> dict[str, str]:
     """Skip reasons shared by bit-plane passes; checks the per-layer bits keys and logs the average bits."""
+    cfg.plan_rounding()
     skipped = {}
     for m in modules:
         if m.shape is None or len(m.shape) != 2:
@@ -163,7 +166,7 @@ def quantize_bipolar(w: torch.Tensor, bits: int, group_size: int, scale_search: 
 # the pass
 
 
-class Bipolar(TargetedPass):
+class Bipolar(gptq.QuantizerPass):
     """bipolar-INT weight quantization of the targeted Linear layers (odd symmetric levels, group-wise scales)."""
 
     type: Literal["bipolar"] = "bipolar"
@@ -174,7 +177,6 @@ class Bipolar(TargetedPass):
         "columns", description="search weights per input channel: 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
-    kind = PassKind.TENSOR
     packs = True
 
     @field_validator("bits", mode="before")
@@ -186,6 +188,17 @@ class Bipolar(TargetedPass):
     @classmethod
     def _group_size(cls, v):
         return check_group_size(v)
+
+    @model_validator(mode="after")
+    def _rounding(self):
+        return self.check_rounding()
+
+    def column_grid(self, state: TensorState, hdiag: torch.Tensor | None = None, group_size: int | None = None
+                    ) -> "BipolarGrid":
+        w = state.tensor
+        bits = bits_spec.bits_for(self.bits, state.module, (state.module_class,) if state.module_class else ())
+        return BipolarGrid(self, w, bits, group_size or effective_group_size(self.group_size, w.shape[1]),
+                           hessian_importance(hdiag) if self.importance == "columns" else None)
 
 
 def pack_result(state: TensorState, kind: str, bits: int, g: int, codes: torch.Tensor, coef: torch.Tensor,
@@ -208,7 +221,50 @@ def pack_result(state: TensorState, kind: str, bits: int, g: int, codes: torch.T
     return state
 
 
-def apply_bipolar(cfg: Bipolar, state: TensorState, ctx=None) -> TensorState:
+def hessian_importance(hdiag: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-input-channel weights of the squared error from the calibration Hessian's diagonal (mean 1)."""
+    if hdiag is None:
+        return None
+    h = hdiag.to(torch.float32).clamp_min(0)
+    m = h.mean()
+    return h / m if float(m) > 0 else None
+
+
+class BipolarGrid:
+    """bipolar-INT's grid for GPTQ (`bitsmith.quant.gptq.ColumnGrid`): a group's scale is searched on its current
+    weights (as `quantize_bipolar` does), then each column takes its nearest odd level."""
+
+    def __init__(self, cfg: Bipolar, w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None):
+        N, K = w.shape
+        self.cfg, self.bits, self.group_size, self.col_weight = cfg, bits, group_size, col_weight
+        self.dtype = coef_dtype(cfg.scale_dtype, w)
+        self.scales = torch.ones(math.ceil(K / group_size), N)  # float32, exact in self.dtype
+        self.L = (1 << bits) - 1
+
+    def fit_group(self, gi: int, w: torch.Tensor) -> None:
+        lo = gi * self.group_size
+        cw = None if self.col_weight is None else self.col_weight[lo:lo + w.shape[1]]
+        _, s = quantize_bipolar(w, self.bits, w.shape[1], self.cfg.scale_search, self.dtype, cw)
+        self.scales[gi] = s[0].to(torch.float32)
+
+    def quantize(self, gi: int, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scales[gi]
+        u = torch.clamp(torch.round((col / s + self.L) * 0.5), 0, self.L)
+        return s * (2.0 * u - self.L), u
+
+    def pack(self, state: TensorState, codes: torch.Tensor) -> tuple[TensorState, torch.Tensor]:
+        scales = self.scales.to(self.dtype).contiguous()  # [G, N]
+        deq = bitplane.dequantize(bitplane.pack_planes(codes, self.bits), scales, None, "bipolar", self.group_size,
+                                  codes.shape[1], dtype=torch.float32)
+        return pack_result(state, "bipolar", self.bits, self.group_size, codes, scales, None, "bipolar"), deq
+
+
+def apply_bipolar(cfg: Bipolar, state, ctx=None):
+    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
+    states by weight name."""
+    if not isinstance(state, TensorState):
+        near = cfg.model_copy(update={"rounding": "nearest"})
+        return gptq.run_model_pass(cfg, state, ctx, plan_matrices, lambda st: apply_bipolar(near, st, None))
     w = state.tensor  # [N, K]
     N, K = w.shape
     bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())

@@ -5,11 +5,13 @@ groups are handled (never a skipped layer). Scales are stored in the model's dty
 `clip_search` (on by default below 8 bits) picks each group's scale by a clipping search that minimises its
 reconstruction error (`bitsmith.quant.clipping`). `group_size: auto` picks a group size per matrix from the weights
 only, under an average bits-per-weight budget that counts scales and zero points (`bitsmith.quant.adaptive`,
-docs/passes/finequant.md).
+docs/passes/finequant.md). `rounding: gptq` rounds with calibration error feedback on the same grid
+(`bitsmith.quant.gptq`; group sizes, auto included, are chosen from the weights first).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional, Union
 
 import torch
@@ -17,18 +19,19 @@ from pydantic import Field, field_validator, model_validator
 
 from ..compress.errors import PlanError
 from ..compress.formats import PackedTensor
-from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
+from ..compress.passes import TensorState, register_pass
 from ..kernels import gwint
-from . import adaptive
+from . import adaptive, gptq
 from .clipping import search_clip
-from .groupwise import SCALE_BITS, ZERO_BITS, dequantize_codes, quantize_groupwise
+from .groupwise import (SCALE_BITS, ZERO_BITS, dequantize_codes, group_codes, group_dequant, group_scales,
+                        quantize_groupwise)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MIN_GROUP_SIZE = 16
 DEFAULT_BUDGET_OVERHEAD = 0.25  # auto without bits_budget: bits + 0.25 (+ 0.125 asymmetric), what g64 costs
 
 
-class FineQuant(TargetedPass):
+class FineQuant(gptq.QuantizerPass):
     """Weight-only group-wise integer quantization of the targeted Linear layers."""
 
     type: Literal["finequant"] = "finequant"
@@ -45,7 +48,6 @@ class FineQuant(TargetedPass):
     candidates: tuple[Union[int, Literal["channel"]], ...] = Field(
         adaptive.DEFAULT_CANDIDATES, description="group_size auto: the group sizes it may choose from")
 
-    kind = PassKind.TENSOR
     packs = True
 
     @field_validator("group_size")
@@ -76,7 +78,14 @@ class FineQuant(TargetedPass):
         elif self.bits_budget is not None and not self.bits_budget > self.bits:
             raise ValueError(f"bits_budget must be more than bits ({self.bits}): scales cost bits too,"
                              f" got {self.bits_budget}")
-        return self
+        return self.check_rounding()
+
+    def column_grid(self, state: TensorState, hdiag: torch.Tensor | None = None, group_size: int | None = None
+                    ) -> "GroupIntGrid":
+        """The gwint grid of one weight for `rounding: gptq` (group size as chosen, else the configured one)."""
+        w = state.tensor
+        return GroupIntGrid(self, w.shape[0], w.shape[1], group_size or local_group_size(self, state),
+                            scale_dtype_for(self, w.dtype))
 
     @property
     def use_clip(self) -> bool:
@@ -105,6 +114,7 @@ def scale_dtype_for(cfg: FineQuant, weight_dtype: torch.dtype | None) -> torch.d
 
 
 def plan_finequant(cfg: FineQuant, modules) -> dict[str, str]:
+    cfg.plan_rounding()
     skipped = {}
     for m in modules:
         if m.shape is None or len(m.shape) != 2:
@@ -226,11 +236,16 @@ def quantize_matrix(w: torch.Tensor, cfg: FineQuant, group_size: int
     return codes, scales, zeros, dequantize_codes(codes, scales, zeros, cfg.bits, group_size)
 
 
-def apply_finequant(cfg: FineQuant, state: TensorState, ctx=None) -> TensorState:
+def local_group_size(cfg: FineQuant, state: TensorState) -> int:
+    """A group size for one weight without a run context (auto: this matrix alone within the budget)."""
+    return choose_group_size(cfg, state, None)
+
+
+def pack_gwint(cfg: FineQuant, state: TensorState, g: int, codes: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, deq: torch.Tensor) -> TensorState:
+    """Store gwint codes [N, K] uint8, scales [G, N], zeros [G, N] | None on the state; deq float32 [N, K]."""
     w = state.tensor  # [N, K]
     N, K = w.shape
-    g = choose_group_size(cfg, state, ctx)
-    codes, scales, zeros, deq = quantize_matrix(w, cfg, g)
     tensors = {"qweight": gwint.pack_codes(codes, cfg.bits), "scales": scales}
     if zeros is not None:
         tensors["zeros"] = zeros
@@ -240,6 +255,68 @@ def apply_finequant(cfg: FineQuant, state: TensorState, ctx=None) -> TensorState
     state.tensor = deq.to(w.dtype)
     state.facts["finequant"] = {"bits": cfg.bits, "group_size": g, "rel_error": round(float(err), 6)}
     return state
+
+
+class GroupIntGrid:
+    """gwint's grid for GPTQ (`bitsmith.quant.gptq.ColumnGrid`): a group's scale (clipping search as configured) and
+    zero point are fitted from its current weights; a column rounds like `group_codes`."""
+
+    def __init__(self, cfg: FineQuant, N: int, K: int, group_size: int, scale_dtype: torch.dtype):
+        self.cfg, self.K, self.group_size, self.scale_dtype = cfg, K, group_size, scale_dtype
+        G = math.ceil(K / group_size)
+        self.scales = torch.ones(G, N)  # float32 values exactly representable in scale_dtype
+        self.zeros = None if cfg.symmetric else torch.zeros(G, N)
+
+    def fit_group(self, gi: int, w: torch.Tensor) -> None:
+        cfg, c = self.cfg, w.shape[1]
+        clip = None
+        if cfg.use_clip:
+            clip = search_clip(w, cfg.bits, c, cfg.symmetric, cfg.scale_divisor, self.scale_dtype)[0]
+        s, z = group_scales(w.to(torch.float32).view(w.shape[0], 1, c), cfg.bits, cfg.symmetric, cfg.scale_divisor,
+                            self.scale_dtype, clip)
+        self.scales[gi] = s[:, 0]
+        if z is not None:
+            self.zeros[gi] = z[:, 0]
+
+    def quantize(self, gi: int, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scales[gi].view(-1, 1)
+        z = None if self.zeros is None else self.zeros[gi].view(-1, 1)
+        code = group_codes(col.view(-1, 1, 1), s, z, self.cfg.bits)  # [N, 1, 1]
+        return group_dequant(code, s, z, self.cfg.bits).view(-1), code.view(-1)
+
+    def pack(self, state: TensorState, codes: torch.Tensor) -> tuple[TensorState, torch.Tensor]:
+        cfg, g = self.cfg, self.group_size
+        scales = self.scales.to(self.scale_dtype).contiguous()  # [G, N]
+        zeros = None if self.zeros is None else self.zeros.to(torch.uint8).contiguous()
+        deq = dequantize_codes(codes, scales, zeros, cfg.bits, g)
+        return pack_gwint(cfg, state, g, codes, scales, zeros, deq), deq
+
+
+def apply_finequant(cfg: FineQuant, state, ctx=None):
+    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
+    states by weight name."""
+    if not isinstance(state, TensorState):
+        return _apply_gptq(cfg, state, ctx)
+    w = state.tensor  # [N, K]
+    g = choose_group_size(cfg, state, ctx)
+    codes, scales, zeros, deq = quantize_matrix(w, cfg, g)
+    return pack_gwint(cfg, state, g, codes, scales, zeros, deq)
+
+
+def _apply_gptq(cfg: FineQuant, model, ctx) -> dict[str, TensorState]:
+    nearest_cfg = cfg.model_copy(update={"rounding": "nearest"})
+
+    def group_sizes(targets):
+        if cfg.group_size != "auto":
+            return {}
+        named = dict(model.named_modules())
+        weights = ((n, named[m].weight.detach()) for n, (m, _) in sorted(targets.items()))
+        say = ctx.log if ctx is not None else None
+        return {n: o.group_size for n, o in allocate_weights(cfg, weights, bool(getattr(ctx, "progress", False)),
+                                                               say).items()}
+
+    return gptq.run_model_pass(cfg, model, ctx, plan_finequant, lambda st: apply_finequant(nearest_cfg, st, None),
+                               group_sizes)
 
 
 register_pass(FineQuant, apply=apply_finequant, plan=plan_finequant)
