@@ -15,7 +15,13 @@ For one direction (the base model gets the donor's tokenizer), this script
     python benchmarks/transplant_eval.py fidelity --base ~/.cache/bitsmith/examples/smollm2-135m \
         --donor ~/.cache/bitsmith/examples/gemma3-270m
 
-`speed` times OMP alone on random embeddings of given shapes (for a GPU machine the models cannot travel to):
+`phases`: CPU time per target of each part of the screened search on real embeddings (C steps and torch steps):
+
+    python benchmarks/transplant_eval.py phases --base ~/.cache/bitsmith/examples/smollm2-135m \
+        --donor ~/.cache/bitsmith/examples/gemma3-270m --targets 512
+
+`speed` times OMP alone on random embeddings of given shapes (for a GPU machine the models cannot travel to), or
+on the real embeddings (--real):
 
     python benchmarks/transplant_eval.py speed --case smol-gets-gemma:46145:215891:640 --candidates 256,all
 
@@ -162,6 +168,72 @@ def speed(argv: list[str]) -> int:
     return 0
 
 
+def phases(argv: list[str]) -> int:
+    """`phases`: CPU milliseconds per target of each part of the screened search on real embeddings (re-ranking
+    GEMM, top-M, the steps between re-rankings, coefficients, residual), for the C steps and the torch steps."""
+    import torch
+
+    from bitsmith.tokenizers import omp as O
+
+    ap = argparse.ArgumentParser(prog="transplant_eval.py phases")
+    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--donor", required=True, type=Path)
+    ap.add_argument("--targets", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--candidates", type=int, default=256)
+    args = ap.parse_args(argv)
+    A, Y = _real_problem(args.base, args.donor, args.targets, args.seed)
+    sq = (A * A).sum(1)
+    norm, inv, Ab = sq.sqrt(), sq.rsqrt(), A.to(torch.bfloat16)
+    b, M, k = len(Y), args.candidates, args.k
+    native = O.omp_native.available()
+    for use_native in ([True, False] if native else [False]):
+        f = O._Factor(Y, k, 1e-5)
+        ms: dict[str, float] = {}
+        clock = time.process_time
+
+        def tick(name, t0):
+            ms[name] = ms.get(name, 0.0) + (clock() - t0) * 1e3 / b
+            return clock()
+
+        bounds = sorted(O.refresh_steps(k) | {k})
+        load = os.getloadavg()[0]
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            t0 = clock()
+            S = f.R.to(torch.bfloat16) @ Ab.T
+            t0 = tick("re-ranking GEMM", t0)
+            if use_native:
+                cand = torch.empty(b, M, dtype=torch.int64)
+                O.omp_native.top_candidates(0, b, S, inv, f.idx, r0, cand)
+            else:
+                score = S.float().abs_().mul_(inv)
+                if r0:
+                    score.scatter_(1, f.idx[:, :r0], -1.0)
+                cand = score.topk(M, dim=1, sorted=False).indices.sort(1)[0]
+            t0 = tick("top-M", t0)
+            if use_native:
+                O.omp_native.segment(0, b, r0, r1, A, Ab, norm, sq, inv, cand, f, O._DEPENDENT)
+            else:
+                saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+                for lo in range(0, b, O._CPU_SUB_BATCH):
+                    sl = slice(lo, lo + O._CPU_SUB_BATCH)
+                    O._segment(A, sq, norm, inv, Ab, f.group(sl), cand[sl], r0, r1)
+                torch.set_num_threads(saved)
+            tick("steps", t0)
+        t0 = clock()
+        x = f.coefs(k, k)
+        t0 = tick("coefficients", t0)
+        res = O._residual(A, Y, f.idx, x)
+        tick("residual", t0)
+        row = {"path": "C" if use_native else "torch", "targets": b, "load": round(load, 1),
+               **{n: round(v, 3) for n, v in ms.items()}, "total": round(sum(ms.values()), 3),
+               "residual_mean": round(float(res.mean()), 4)}
+        print(json.dumps(row), flush=True)
+    return 0
+
+
 def _real_problem(base: Path, donor: Path, m: int, seed: int, embedding: str = "model.embed_tokens.weight"):
     """Atoms: the donor's embedding rows of the tokens both vocabularies have (not special); targets: the rows of m
     of the donor's other tokens (a seeded sample; all when m is 0)."""
@@ -274,6 +346,8 @@ def main() -> int:
         return speed(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "fidelity":
         return fidelity(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "phases":
+        return phases(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, type=Path)
     ap.add_argument("--donor", required=True, type=Path)
