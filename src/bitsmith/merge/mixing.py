@@ -73,14 +73,14 @@ def weighted_sum(getters: Sequence[Getter], name: str, weights: Sequence[float] 
             x = x - b
         w = 1.0 if weights is None else float(weights[i])
         if acc is None:
-            acc = x if w == 1.0 else x * w
+            acc = x.mul_(w) if w != 1.0 else x  # x is a copy
         else:
-            acc.add_(x, alpha=w) if w != 1.0 else acc.add_(x)
+            acc.add_(x, alpha=w)  # alpha 1 is exact
         del x
     if base is None and weights is None:
         acc.div_(len(getters))
     if b is not None:
-        acc = b.add_(acc, alpha=scale) if scale != 1.0 else b.add_(acc)
+        acc = b.add_(acc, alpha=scale)
     return acc.to(out_dtype)
 
 
