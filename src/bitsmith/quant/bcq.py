@@ -210,8 +210,8 @@ class BCQGrid:
         G = math.ceil(K / group_size)
         self.cfg, self.bits, self.group_size, self.col_weight = cfg, bits, group_size, col_weight
         self.dtype = coef_dtype(cfg.scale_dtype, w)
-        self.alphas = torch.zeros(bits, G, N, dtype=self.dtype)
-        self.offset = torch.zeros(G, N, dtype=self.dtype) if cfg.offset else None
+        self.alphas = torch.zeros(bits, G, N, dtype=self.dtype, device=w.device)
+        self.offset = torch.zeros(G, N, dtype=self.dtype, device=w.device) if cfg.offset else None
         self.pats = _patterns(bits, w.device)
         self._sorted: dict[int, tuple] = {}
 

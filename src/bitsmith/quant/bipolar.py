@@ -238,7 +238,7 @@ class BipolarGrid:
         N, K = w.shape
         self.cfg, self.bits, self.group_size, self.col_weight = cfg, bits, group_size, col_weight
         self.dtype = coef_dtype(cfg.scale_dtype, w)
-        self.scales = torch.ones(math.ceil(K / group_size), N)  # float32, exact in self.dtype
+        self.scales = torch.ones(math.ceil(K / group_size), N, device=w.device)  # float32, exact in self.dtype
         self.L = (1 << bits) - 1
 
     def fit_group(self, gi: int, w: torch.Tensor) -> None:

@@ -85,7 +85,7 @@ class FineQuant(gptq.QuantizerPass):
         """The gwint grid of one weight for `rounding: gptq` (group size as chosen, else the configured one)."""
         w = state.tensor
         return GroupIntGrid(self, w.shape[0], w.shape[1], group_size or local_group_size(self, state),
-                            scale_dtype_for(self, w.dtype))
+                            scale_dtype_for(self, w.dtype), w.device)
 
     @property
     def use_clip(self) -> bool:
@@ -261,11 +261,11 @@ class GroupIntGrid:
     """gwint's grid for GPTQ (`bitsmith.quant.gptq.ColumnGrid`): a group's scale (clipping search as configured) and
     zero point are fitted from its current weights; a column rounds like `group_codes`."""
 
-    def __init__(self, cfg: FineQuant, N: int, K: int, group_size: int, scale_dtype: torch.dtype):
+    def __init__(self, cfg: FineQuant, N: int, K: int, group_size: int, scale_dtype: torch.dtype, device=None):
         self.cfg, self.K, self.group_size, self.scale_dtype = cfg, K, group_size, scale_dtype
         G = math.ceil(K / group_size)
-        self.scales = torch.ones(G, N)  # float32 values exactly representable in scale_dtype
-        self.zeros = None if cfg.symmetric else torch.zeros(G, N)
+        self.scales = torch.ones(G, N, device=device)  # float32 values exactly representable in scale_dtype
+        self.zeros = None if cfg.symmetric else torch.zeros(G, N, device=device)
 
     def fit_group(self, gi: int, w: torch.Tensor) -> None:
         cfg, c = self.cfg, w.shape[1]
