@@ -2,8 +2,9 @@
 
 For every target y (a row of `targets`, [m, d]) OMP picks k atoms (rows of `atoms`, [n, d]) greedily: at each step
 the atom most correlated with the residual, |a_i . r| / ||a_i||, then the least-squares coefficients of y on all
-atoms picked so far, and the new residual. A batch of targets advances together; nothing runs one target at a time.
-Each target's least squares is an incremental Cholesky factorisation L of its growing Gram matrix G_SS, built by
+atoms picked so far, and the new residual. A batch of targets advances together (on the CPU, between two
+re-rankings of the screened search, each target goes through its steps in a small C function, `omp_native.py`, a
+thread per core; the torch steps below are the fallback). Each target's least squares is an incremental Cholesky factorisation L of its growing Gram matrix G_SS, built by
 Gram-Schmidt against the atoms already picked (an orthonormal basis q_1..q_t of their span, kept in R^d):
 
     new atom s:  w = L^-1 G[S, s] (= q_i . a_s),  L_tt = sqrt(||a_s||^2 - w.w),  z_t = (a_s . r) / L_tt
@@ -22,7 +23,8 @@ Two ways to find the best atom, chosen by `candidates`:
 An atom that is (numerically) in the span of those already picked takes its slot with coefficient 0; a target stops
 early (its remaining slots get coefficient 0) when no atom correlates with its residual by more than `tol * ||y||`.
 So a target that is an exact combination of at most k atoms is recovered exactly, with those atoms.
-Deterministic for a given device and batch size.
+Deterministic for a given device, batch size and CPU path (C or torch steps: sums in another order, so a near-tie
+can go the other way; `use_native=False` or BITSMITH_OMP_NATIVE=0 takes the torch steps).
 """
 
 from __future__ import annotations
@@ -207,9 +209,10 @@ def _omp_exact(A, sq, norm, inv_norm, Y, k, tol):
 def _omp_screened(A, sq, norm, inv_norm, Ab, Y, k, M, tol, refresh, pool=None, native=False):
     """Search each target's M atoms most correlated with its residual, re-chosen at the steps in `refresh` by one
     bf16 GEMM over all atoms for the whole batch (all threads). Between refreshes a GPU takes the whole batch at
-    once; the CPU takes the targets 16 at a time (their candidates' bf16 rows, [16, M, d], stay in cache for the
-    steps of the segment), each group on one thread, the groups spread over `pool` (a thread pool, one worker per
-    core: the many small per-step operations cost more in OpenMP barriers than in work when one group uses both)."""
+    once. On the CPU, with `native`, the top-M and the steps run in C (`omp_native`), chunks of targets spread over
+    `pool` (a thread per core); without, the torch steps take the targets 16 at a time (their candidates' bf16 rows,
+    [16, M, d], stay in cache for the steps of the segment), each group on one thread, the groups spread over
+    `pool` (the many small per-step operations cost more in OpenMP barriers than in work when one group uses both)."""
     b = Y.shape[0]
     cpu = Y.device.type == "cpu"
     sub = _CPU_SUB_BATCH if cpu else b
