@@ -58,3 +58,23 @@ def test_changed_recipe_does_not_resume(model_and_reference, tmp_path):
     r = subprocess.run(CMD + [str(model), "-o", str(out), "--set", "bits=4"], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "resuming" not in r.stderr
     assert contents(out) != reference
+
+
+def test_resume_key_follows_the_files_a_recipe_names(tmp_path):
+    """A file or folder named in a pass config (soup ingredients, donor, calibration text) is part of the key."""
+    import time
+
+    from bitsmith.compress.checkpoint import CheckpointReader
+    from bitsmith.compress.pipeline import resume_key
+    from bitsmith.compress.recipe import parse_recipe
+
+    model = make_tiny_llama(tmp_path / "model", layers=1)
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text")
+    recipe = parse_recipe(f"version: 1\npasses:\n  - {{type: recover, text: {text}}}\n")
+    reader = CheckpointReader(model)
+    before = resume_key(reader, recipe, 1 << 20)
+    assert resume_key(reader, recipe, 1 << 20) == before
+    time.sleep(0.01)
+    text.write_text("other calibration text, longer")
+    assert resume_key(reader, recipe, 1 << 20) != before

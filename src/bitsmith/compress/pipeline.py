@@ -354,11 +354,42 @@ def resume_key(reader: CheckpointReader, recipe: Recipe, shard_bytes: int, devic
     files = sorted({i.file for i in reader.tensors.values()} | {"config.json"})
     stats = [(f, (reader.path / f).stat().st_size, (reader.path / f).stat().st_mtime_ns) for f in files]
     parts = [__version__, recipe.to_yaml(), str(reader.path.resolve()), stats, shard_bytes]
+    referenced = _referenced_file_stats(recipe)
+    if referenced:  # files the passes read besides the input (soup ingredients, a donor, calibration text...)
+        parts.append(referenced)
     kind = torch.device(device).type
     if kind != "cpu":  # CPU runs keep the key they always had
         parts.append(kind)
     blob = json.dumps(parts)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _referenced_file_stats(recipe: Recipe) -> list:
+    """(path, size, mtime) of every existing file a pass config names, and of the files directly inside every
+    folder it names: an ingredient, donor or text changed between a killed run and its restart changes the key."""
+    found: list[str] = []
+
+    def walk(v) -> None:
+        if isinstance(v, str) and 0 < len(v) < 4096 and ("/" in v or "." in v):
+            found.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    for cfg in recipe.passes:
+        walk(cfg.model_dump(mode="json"))
+    out = []
+    for v in found:
+        try:
+            p = Path(v).expanduser()
+            files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+            out += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        except OSError:
+            continue
+    return out
 
 
 def _recipe_record(recipe: Recipe) -> str:

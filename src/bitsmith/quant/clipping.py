@@ -16,7 +16,10 @@ import torch
 
 from .groupwise import group_sq_error, pad_to_groups
 
-MAX_CHUNK_ELEMENTS = 1 << 22  # rows are searched in chunks of at most this many weights (memory stays bounded)
+# Rows are searched in chunks of at most this many weights, so memory stays bounded (a few float32 copies of a
+# chunk). On an accelerator the chunks are larger: there the cost is the number of kernel launches, not memory.
+MAX_CHUNK_ELEMENTS = 1 << 22
+MAX_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 COARSE_STEPS = 5
 
 
@@ -55,6 +58,7 @@ def search_clip(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, sc
     """
     wg, _ = pad_to_groups(w.to(torch.float32), group_size)  # [N, G, g]
     N, G, g = wg.shape
-    rows = max(1, MAX_CHUNK_ELEMENTS // (G * g))
+    limit = MAX_CHUNK_ELEMENTS if wg.device.type == "cpu" else MAX_CHUNK_ELEMENTS_ACCELERATOR
+    rows = max(1, limit // (G * g))
     parts = [_search_chunk(wg[r:r + rows], bits, symmetric, scale_divisor, scale_dtype) for r in range(0, N, rows)]
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
