@@ -121,7 +121,12 @@ def step_rf8_gptq(model, args, tokenizer, **_):
     from bitsmith.quant.rf8 import RF8Gptq, gptq_model
 
     cfg = RF8Gptq(text=str(args.calib), samples=args.gptq_samples, seq_len=256, batch_size=4)
-    rep = gptq_model(model, cfg, tokenizer, log=log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # GPTQ's per-column loop is many small ops: one thread (2 thrash on a loaded CPU)
+    try:
+        rep = gptq_model(model, cfg, tokenizer, log=log)
+    finally:
+        torch.set_num_threads(threads)
     facts = step_rf8(model, args)
     facts["rf8_gptq"] = {"samples": args.gptq_samples, "seq_len": 256, "text": Path(args.calib).name,
                          "damp": cfg.damp, "block_size": cfg.block_size,
