@@ -1,0 +1,19 @@
+"""The decode harness runs every variant on a tiny Llama (CPU, eager) and the packed variants store fewer bytes."""
+
+import json
+
+from bitsmith.kernels import bench_generate
+
+
+def test_every_variant_decodes(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--batch", "2", "--steps", "2", "--device", "cpu",
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in ("fp16", "w4", "w8") for b in (1, 2)]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
+    w4 = next(r for r in rows if r["variant"] == "w4")["decoder_linear_bytes"]
+    w8 = next(r for r in rows if r["variant"] == "w8")["decoder_linear_bytes"]
+    hidden, mlp, layers = 64, 128, 2
+    fp16 = 2 * layers * (2 * hidden * hidden + 2 * (hidden // 2) * hidden + 3 * hidden * mlp)
+    assert w4 < 0.3 * fp16 and w8 < 0.55 * fp16
