@@ -213,3 +213,13 @@ def test_plan_errors(tmp_path, calib_file):
              + _gptq_recipe("finequant\n    bits: 4\n    group_size: 32", calib_file).split("passes:\n")[1])
     with pytest.raises(PlanError, match="cannot follow"):
         compress(parse_recipe(after), model, tmp_path / "o3", progress=False)
+
+
+@pytest.mark.parametrize("name", ["finequant-w4-gptq", "finequant-w3-gptq", "bipolar-w3-gptq"])
+def test_bundled_gptq_recipes_compress_a_tiny_llama(tmp_path, calib_file, name):
+    model = make_calibrated_llama(tmp_path / "m")
+    overrides = [f"calibration.text={calib_file}", "calibration.samples=4", "calibration.seq_len=32"]
+    summary = compress(name, model, tmp_path / "o", overrides=overrides, progress=False)
+    assert summary.per_pass[0]["changed"] == 14
+    recorded = (tmp_path / "o" / "recipe.yaml").read_text()
+    assert "rounding: gptq" in recorded and str(calib_file) in recorded
