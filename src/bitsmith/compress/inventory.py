@@ -178,6 +178,17 @@ def select(inventory: Inventory, targets: tuple[str, ...], ignore: tuple[str, ..
     return chosen, skipped
 
 
+def non_matrix_reasons(modules) -> dict[str, str]:
+    """{module name: why a weight-matrix pass skips it}: weights that are not 2-D, or not floating point."""
+    skipped = {}
+    for m in modules:
+        if m.shape is None or len(m.shape) != 2:
+            skipped[m.name] = f"weight is not a matrix (shape {list(m.shape or [])})"
+        elif m.dtype is not None and not m.dtype.is_floating_point:
+            skipped[m.name] = f"weight dtype {m.dtype} is not floating point"
+    return skipped
+
+
 def inventory_from_model(model: torch.nn.Module) -> Inventory:
     """The inventory of a live model: its own module classes and weights (tied weights listed once)."""
     modules: dict[str, ModuleInfo] = {}

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..compress.formats import PackedTensor
+from ..compress.inventory import non_matrix_reasons
 from ..compress.passes import TensorState, register_pass
 from ..kernels import bitplane
 from . import bits_spec, gptq
@@ -74,12 +75,7 @@ def ungroup(t: torch.Tensor, K: int) -> torch.Tensor:
 def plan_matrices(cfg, modules) -> dict[str, str]:
     """Skip reasons shared by bit-plane passes; checks the per-layer bits keys and logs the average bits."""
     cfg.plan_rounding()
-    skipped = {}
-    for m in modules:
-        if m.shape is None or len(m.shape) != 2:
-            skipped[m.name] = f"weight is not a matrix (shape {list(m.shape or [])})"
-        elif m.dtype is not None and not m.dtype.is_floating_point:
-            skipped[m.name] = f"weight dtype {m.dtype} is not floating point"
+    skipped = non_matrix_reasons(modules)
     kept = [m for m in modules if m.name not in skipped]
     bits_spec.check_patterns(cfg.bits, kept, f"{cfg.type}.bits")
     log.info("%s: %s", cfg.type, bits_spec.describe(cfg.bits, kept, lambda b, k: stored_overhead(cfg, b, k)))

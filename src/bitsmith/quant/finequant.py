@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..compress.errors import PlanError
 from ..compress.formats import PackedTensor
+from ..compress.inventory import non_matrix_reasons
 from ..compress.passes import TensorState, register_pass
 from ..kernels import gwint
 from . import adaptive, gptq
@@ -115,12 +116,7 @@ def scale_dtype_for(cfg: FineQuant, weight_dtype: torch.dtype | None) -> torch.d
 
 def plan_finequant(cfg: FineQuant, modules) -> dict[str, str]:
     cfg.plan_rounding()
-    skipped = {}
-    for m in modules:
-        if m.shape is None or len(m.shape) != 2:
-            skipped[m.name] = f"weight is not a matrix (shape {list(m.shape or [])})"
-        elif m.dtype is not None and not m.dtype.is_floating_point:
-            skipped[m.name] = f"weight dtype {m.dtype} is not floating point"
+    skipped = non_matrix_reasons(modules)
     if cfg.group_size == "auto":
         kept = [m for m in modules if m.name not in skipped]
         by_bits: dict[int, list] = {}

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from ..compress.errors import RecipeError
 from ..compress.formats import PackedTensor
+from ..compress.inventory import non_matrix_reasons
 from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
 from ..kernels import rf8
 from ..prune.block_sparse import CalibrationFields
@@ -53,13 +54,7 @@ class RF8(TargetedPass):
 
 
 def plan_rf8(cfg: RF8, modules) -> dict[str, str]:
-    skipped = {}
-    for m in modules:
-        if m.shape is None or len(m.shape) != 2:
-            skipped[m.name] = f"weight is not a matrix (shape {list(m.shape or [])})"
-        elif m.dtype is not None and not m.dtype.is_floating_point:
-            skipped[m.name] = f"weight dtype {m.dtype} is not floating point"
-    return skipped
+    return non_matrix_reasons(modules)
 
 
 def apply_rf8(cfg: RF8, state: TensorState, ctx=None) -> TensorState:
