@@ -13,7 +13,6 @@ Reusable for other formats: a format is an object with `name`, `make(N, K, dtype
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gwint
+from .launch import median_replay_ms
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -49,18 +49,9 @@ def graph_time_us(calls: list[Callable[[], object]], min_calls: int = 32, replay
         for _ in range(reps):
             for c in calls:
                 c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    ms = median_replay_ms(graph, replays)
     del graph
-    return statistics.median(times)
+    return ms * 1e3 / (reps * len(calls))
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:

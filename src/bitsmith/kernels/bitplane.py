@@ -48,6 +48,7 @@ import os
 import torch
 
 from ..compress.formats import PackedFormat, register_format
+from .launch import flat_rows
 
 FORMAT_NAME = "bitplane"
 FORMAT_VERSION = 1
@@ -203,6 +204,7 @@ class BitplaneFormat(PackedFormat):
 
 if triton is not None:
     from .gwint_triton import _epilogue, _interpreting, _num_sms, _split, _tune, _workspace
+    from .launch import grouped_pid
 
     MAGIC_F32 = 0x4B000000  # float32 2^23, passed at run time so that AND + OR fuse into one LOP3
 
@@ -419,15 +421,9 @@ if triton is not None:
         # BCQ STRATEGY 0: rebuild w = sum_i alpha_i d_i, one dot; STRATEGY 1: one dot per +-1 plane, times alpha_i.
         BLOCK_K: tl.constexpr = BLOCK_KW * 32
         DT = x_ptr.dtype.element_ty
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % rows
-        pid_n = (pid % in_group) // rows
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -627,14 +623,10 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         raise RuntimeError("triton is not installed")
     K = in_features
     bits, KW, N = planes.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows = flat_rows(x, K, N)
+    x2, out, M = rows.x2, rows.out, rows.M
     if M == 0:
-        return out.reshape(*lead, N)
+        return rows.result()
     if regime is None:
         regime = "gemv" if M == 1 else ("gemm" if M < DEQUANT_MIN_M else "dequant")
     if regime == "dequant":
@@ -642,7 +634,7 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         torch.matmul(x2, wt, out=out)
         if bias is not None:
             out += bias
-        return out.reshape(*lead, N)
+        return rows.result()
     args = (planes, coef, offset, bias)
     sms = _num_sms(x.device)
     key = ("bitplane", kind, bits, group_size, offset is not None, bias is not None, x.dtype, N, K)
@@ -662,4 +654,4 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         cands = [config] if config is not None else candidates or gemm_configs(M, N, K, bits, group_size, kind, sms)
         cfg = config or _tune(("gemm", 1 << (M - 1).bit_length()) + key, cands, go)
     go(cfg)
-    return out.reshape(*lead, N)
+    return rows.result()

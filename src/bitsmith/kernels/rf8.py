@@ -40,7 +40,7 @@ import os
 
 import torch
 
-from ..compress.formats import PackedFormat, register_format
+from .launch import flat_rows, function_format
 
 FORMAT_NAME = "rf8"
 FORMAT_VERSION = 1
@@ -245,16 +245,10 @@ def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tens
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed")
     K, N = params["in_features"], params["out_features"]
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows = flat_rows(x, K, N)
+    x2, out, M = rows.x2, rows.out, rows.M
     if M == 0:
-        return out.reshape(*lead, N)
+        return rows.result()
     q, e = tensors["qweight"], tensors["exps"]
     per_tensor = e.numel() == 1 and params.get("scope", "group") == "tensor"
     stride_en, stride_eg = (0, 0) if per_tensor else (e.stride(0), e.stride(1))
@@ -265,28 +259,13 @@ def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tens
     _rf8_mm_kernel[grid](x2, q, e, b, out, M, N, K, params["group_size"], x2.stride(0), q.stride(0), stride_en,
                          stride_eg, out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None,
                          DOT_F32=_interpreting() or x.dtype == torch.float32, **cfg)
-    return out.reshape(*lead, N)
+    return rows.result()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the format
 
-@register_format
-class Rf8Format(PackedFormat):
-    """RF8: one byte per weight (two signed powers of two) and an int8 exponent offset per group (layout above)."""
-
-    name = FORMAT_NAME
-    version = FORMAT_VERSION
-    loadable_versions = (1,)
-
-    def check_params(self, params):
-        return check_params(params)
-
-    def tensor_specs(self, params, dtype):
-        return tensor_specs(params, dtype)
-
-    def dequantize(self, tensors, params):
-        return dequantize(tensors, params)
-
-    def linear(self, x, tensors, params, bias):
-        return linear(x, tensors, params, bias)
+Rf8Format = function_format(
+    FORMAT_NAME, FORMAT_VERSION,
+    "RF8: one byte per weight (two signed powers of two) and an int8 exponent offset per group (layout above).",
+    check_params=check_params, tensor_specs=tensor_specs, dequantize=dequantize, linear=linear)
