@@ -25,13 +25,13 @@ import math
 from typing import Literal, Union
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from ..compress.passes import TensorState, register_pass
 from ..kernels import bitplane
-from . import bits_spec, gptq
-from .bipolar import (check_group_size, coef_dtype, column_importance, effective_group_size, grouped,
-                      hessian_importance, pack_result, plan_matrices, ungroup)
+from . import gptq
+from .bipolar import (BitplaneQuantizer, coef_dtype, column_importance, effective_group_size, grouped,
+                      pack_result, plan_matrices, ungroup)
 from .bits_spec import BitsSpec
 
 
@@ -162,7 +162,7 @@ def quantize_bcq(w: torch.Tensor, bits: int, group_size: int, iters: int = 10, o
     return codes, alphas_out, off_out
 
 
-class BCQ(gptq.QuantizerPass):
+class BCQ(BitplaneQuantizer):
     """Binary-coding quantization (LUT-GEMM) of the targeted Linear layers: per-plane, per-group alphas."""
 
     type: Literal["bcq"] = "bcq"
@@ -177,28 +177,9 @@ class BCQ(gptq.QuantizerPass):
         "columns", description="weight the squared error per input channel by 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
-    packs = True
-
-    @field_validator("bits", mode="before")
-    @classmethod
-    def _bits(cls, v):
-        return bits_spec.validate_bits(v, range(1, 9))
-
-    @field_validator("group_size", mode="before")
-    @classmethod
-    def _group_size(cls, v):
-        return check_group_size(v)
-
-    @model_validator(mode="after")
-    def _rounding(self):
-        return self.check_rounding()
-
     def column_grid(self, state: TensorState, hdiag: torch.Tensor | None = None, group_size: int | None = None
                     ) -> "BCQGrid":
-        w = state.tensor
-        bits = bits_spec.bits_for(self.bits, state.module, (state.module_class,) if state.module_class else ())
-        return BCQGrid(self, w, bits, group_size or effective_group_size(self.group_size, w.shape[1]),
-                       hessian_importance(hdiag) if self.importance == "columns" else None)
+        return BCQGrid(self, *self.grid_args(state, hdiag, group_size))
 
 
 class BCQGrid:
@@ -245,19 +226,19 @@ class BCQGrid:
                            {"offset": self.cfg.offset}), deq
 
 
-def apply_bcq(cfg: BCQ, state, ctx=None):
-    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
-    states by weight name."""
-    if not isinstance(state, TensorState):
-        near = cfg.model_copy(update={"rounding": "nearest"})
-        return gptq.run_model_pass(cfg, state, ctx, plan_matrices, lambda st: apply_bcq(near, st, None))
+def _bcq_nearest(cfg: BCQ, state: TensorState) -> TensorState:
     w = state.tensor  # [N, K]
-    bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())
+    bits = cfg.layer_bits(state)
     g = effective_group_size(cfg.group_size, w.shape[1])
     cw = column_importance(w) if cfg.importance == "columns" else None
     codes, alphas, off = quantize_bcq(w, bits, g, cfg.iters, cfg.offset, coef_dtype(cfg.scale_dtype, w),
                                       cfg.init, cw)
     return pack_result(state, "bcq", bits, g, codes, alphas, off, "bcq", {"offset": cfg.offset})
 
+
+apply_bcq = gptq.rounding_handler(
+    _bcq_nearest, plan_matrices, "apply_bcq",
+    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
+    states by weight name.""")
 
 register_pass(BCQ, apply=apply_bcq, plan=plan_matrices)

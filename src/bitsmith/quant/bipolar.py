@@ -162,7 +162,40 @@ def quantize_bipolar(w: torch.Tensor, bits: int, group_size: int, scale_search: 
 # the pass
 
 
-class Bipolar(gptq.QuantizerPass):
+class BitplaneQuantizer(gptq.QuantizerPass):
+    """What Bipolar and BCQ share: both pack `bitplane`, validate `bits` (1..8, or per layer) and `group_size` (a
+    multiple of 32, or "channel") the same way, and give GPTQ their grid the same arguments. The subclasses declare
+    the fields themselves (their own defaults and help texts)."""
+
+    packs = True
+
+    @field_validator("bits", mode="before", check_fields=False)
+    @classmethod
+    def _bits(cls, v):
+        return bits_spec.validate_bits(v, range(1, 9))
+
+    @field_validator("group_size", mode="before", check_fields=False)
+    @classmethod
+    def _group_size(cls, v):
+        return check_group_size(v)
+
+    @model_validator(mode="after")
+    def _rounding(self):
+        return self.check_rounding()
+
+    def layer_bits(self, state: TensorState) -> int:
+        """The bit width of this state's module (per-layer `bits` resolved)."""
+        return bits_spec.bits_for(self.bits, state.module, (state.module_class,) if state.module_class else ())
+
+    def grid_args(self, state: TensorState, hdiag: torch.Tensor | None, group_size: int | None
+                  ) -> tuple[torch.Tensor, int, int, torch.Tensor | None]:
+        """(weight [N, K], bits, group size, per-column error weights or None) for the pass's `ColumnGrid`."""
+        w = state.tensor
+        return (w, self.layer_bits(state), group_size or effective_group_size(self.group_size, w.shape[1]),
+                hessian_importance(hdiag) if self.importance == "columns" else None)
+
+
+class Bipolar(BitplaneQuantizer):
     """bipolar-INT weight quantization of the targeted Linear layers (odd symmetric levels, group-wise scales)."""
 
     type: Literal["bipolar"] = "bipolar"
@@ -173,28 +206,9 @@ class Bipolar(gptq.QuantizerPass):
         "columns", description="search weights per input channel: 1 / mean|W[:, k]|^2 (weights only)")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
 
-    packs = True
-
-    @field_validator("bits", mode="before")
-    @classmethod
-    def _bits(cls, v):
-        return bits_spec.validate_bits(v, range(1, 9))
-
-    @field_validator("group_size", mode="before")
-    @classmethod
-    def _group_size(cls, v):
-        return check_group_size(v)
-
-    @model_validator(mode="after")
-    def _rounding(self):
-        return self.check_rounding()
-
     def column_grid(self, state: TensorState, hdiag: torch.Tensor | None = None, group_size: int | None = None
                     ) -> "BipolarGrid":
-        w = state.tensor
-        bits = bits_spec.bits_for(self.bits, state.module, (state.module_class,) if state.module_class else ())
-        return BipolarGrid(self, w, bits, group_size or effective_group_size(self.group_size, w.shape[1]),
-                           hessian_importance(hdiag) if self.importance == "columns" else None)
+        return BipolarGrid(self, *self.grid_args(state, hdiag, group_size))
 
 
 def pack_result(state: TensorState, kind: str, bits: int, g: int, codes: torch.Tensor, coef: torch.Tensor,
@@ -255,19 +269,19 @@ class BipolarGrid:
         return pack_result(state, "bipolar", self.bits, self.group_size, codes, scales, None, "bipolar"), deq
 
 
-def apply_bipolar(cfg: Bipolar, state, ctx=None):
-    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
-    states by weight name."""
-    if not isinstance(state, TensorState):
-        near = cfg.model_copy(update={"rounding": "nearest"})
-        return gptq.run_model_pass(cfg, state, ctx, plan_matrices, lambda st: apply_bipolar(near, st, None))
+def _bipolar_nearest(cfg: Bipolar, state: TensorState) -> TensorState:
     w = state.tensor  # [N, K]
-    N, K = w.shape
-    bits = bits_spec.bits_for(cfg.bits, state.module, (state.module_class,) if state.module_class else ())
-    g = effective_group_size(cfg.group_size, K)
+    bits = cfg.layer_bits(state)
+    g = effective_group_size(cfg.group_size, w.shape[1])
     cw = column_importance(w) if cfg.importance == "columns" and cfg.scale_search else None
     codes, scales = quantize_bipolar(w, bits, g, cfg.scale_search, coef_dtype(cfg.scale_dtype, w), cw)
     return pack_result(state, "bipolar", bits, g, codes, scales, None, "bipolar")
+
+
+apply_bipolar = gptq.rounding_handler(
+    _bipolar_nearest, plan_matrices, "apply_bipolar",
+    """Tensor pass (rounding nearest): one TensorState. Model pass (rounding gptq): the model; returns the packed
+    states by weight name.""")
 
 
 register_pass(Bipolar, apply=apply_bipolar, plan=plan_matrices)

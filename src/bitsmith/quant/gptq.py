@@ -508,3 +508,21 @@ def run_model_pass(cfg, model, ctx, plan_fn, nearest, group_sizes_fn=None) -> di
                                                         "tokens": report.tokens, "per_layer": report.per_layer,
                                                         "nearest_fallback": report.nearest_fallback})
     return results
+
+
+def rounding_handler(apply_nearest, plan_fn, name: str, doc: str):
+    """A QuantizerPass's apply handler from its round-to-nearest tensor apply `apply_nearest(cfg, state) -> state`.
+
+    Given a TensorState (rounding nearest, a tensor pass) it rounds that weight; given a model (rounding gptq, a
+    model pass) it runs `run_model_pass` over the model, with `apply_nearest` as the fallback for targets outside
+    the decoder layers, and returns {weight name: packed TensorState}.
+    """
+    def apply(cfg, state, ctx=None):
+        if isinstance(state, TensorState):
+            return apply_nearest(cfg, state)
+        near = cfg.model_copy(update={"rounding": "nearest"})
+        return run_model_pass(cfg, state, ctx, plan_fn, lambda st: apply_nearest(near, st))
+
+    apply.__name__ = apply.__qualname__ = name
+    apply.__doc__ = doc
+    return apply
