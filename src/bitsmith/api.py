@@ -25,20 +25,42 @@ def compress(recipe, model: str | Path, output: str | Path, *, overrides: Sequen
                allow_pickle=allow_pickle, device=device, progress=progress, workers=workers)
 
 
-def apply(model: nn.Module, passes: Sequence) -> nn.Module:
-    """Apply tensor passes to a model in memory, in order; packed layers become `PackedLinear` modules.
+def apply(model: nn.Module, passes, *, model_path: str | Path | None = None, device: str | None = None,
+          progress: bool = False) -> nn.Module:
+    """Apply passes to a model in memory, in order; packed layers become `PackedLinear` modules.
 
-    Model passes get the model itself. Checkpoint passes need a folder: use `compress`.
+    `passes`: pass configs, a `Recipe`, or a bundled recipe name / YAML path. Tensor passes run weight by weight.
+    Model passes get the model itself; a packing model pass (`rounding: gptq` on finequant, bipolar, bcq) returns
+    its packed weights, and their Linears are replaced by `PackedLinear` modules just as a packing tensor pass's
+    are, so the model computes with the packed format either way. Checkpoint passes need a folder: use `compress`.
+
+    `model_path`: the folder the model was loaded from, if any; it plays the part of `compress`'s input folder
+    (the default calibration tokenizer, the default `recover` teacher). Without it, calibrating passes need their
+    own `tokenizer:` setting. `device`: where model passes compute (default: the model's device).
     """
     from .compress.errors import PlanError
     from .compress.inventory import inventory_from_model, select
     from .compress.passes import PassKind, TensorState, handler_for
-    from .kernels.modules import PackedLinear
+    from .compress.pipeline import PassContext
+    from .compress.recipe import Recipe, load_recipe
 
+    if isinstance(passes, (str, Path)):
+        passes = load_recipe(str(passes))
+    if isinstance(passes, Recipe):
+        passes = passes.passes
+    if device is None:
+        device = str(next(model.parameters()).device)
+    ctx = PassContext(input_path=Path(model_path) if model_path is not None else None, device=device,
+                      progress=progress)
     for i, cfg in enumerate(passes):
         handler = handler_for(cfg)
         if cfg.kind is PassKind.MODEL:
-            handler.apply(cfg, model, None)
+            result = handler.apply(cfg, model, ctx)
+            if cfg.packs:  # {weight name: TensorState} of the packed weights
+                named = dict(model.named_modules())
+                for state in result.values():
+                    if state.packed is not None:
+                        _install_packed(model, named, state)
             continue
         if cfg.kind is PassKind.CHECKPOINT:
             raise PlanError(f"pass {i} ({cfg.type}) is a checkpoint pass: use bitsmith.compress on a folder")
@@ -53,18 +75,28 @@ def apply(model: nn.Module, passes: Sequence) -> nn.Module:
             state = handler.apply(cfg, TensorState(info.weight, module.weight.detach().clone(), info.name,
                                                    info.class_name), None)
             if state.packed is not None:
-                packed = PackedLinear(state.packed.module_entry(), module.weight.dtype,
-                                      bias=module.bias is not None, device=module.weight.device)
-                for suffix, t in state.packed.tensors.items():
-                    getattr(packed, suffix).copy_(t)
-                if module.bias is not None:
-                    packed.bias.data.copy_(module.bias.data)
-                parent_name, _, child = info.name.rpartition(".")
-                setattr(named[parent_name] if parent_name else model, child, packed)
+                _install_packed(model, named, state)
             else:
                 with torch.no_grad():
                     module.weight.copy_(state.tensor)
     return model
+
+
+def _install_packed(model: nn.Module, named: dict[str, nn.Module], state) -> None:
+    """Replace the Linear `state.module` by a PackedLinear holding `state.packed` (on the Linear's device, in its
+    dtype, with its bias)."""
+    from .kernels.modules import PackedLinear
+
+    module = named[state.module]
+    packed = PackedLinear(state.packed.module_entry(), module.weight.dtype, bias=module.bias is not None,
+                          device=module.weight.device)
+    for suffix, t in state.packed.tensors.items():
+        getattr(packed, suffix).copy_(t)
+    if module.bias is not None:
+        packed.bias.data.copy_(module.bias.data)
+    parent_name, _, child = state.module.rpartition(".")
+    setattr(named[parent_name] if parent_name else model, child, packed)
+    named[state.module] = packed
 
 
 def load(path: str | Path, **kwargs):
