@@ -15,6 +15,16 @@ samples, on any machine.
 calibration token, the sum of squared inputs per input feature (`sumsq`, what Wanda's ||X_j||_2 is the root of)
 and optionally the Gram matrix X^T X (for least-squares refits, GPTQ-style Hessians). Modules that receive the very
 same input tensor (q/k/v projections, gate/up) share one Gram matrix instead of holding copies.
+
+Summation order: each batch's statistics are computed as a partial sum (its `sumsq` in float64, its X^T X as one
+float32 product) and added to the running totals batch after batch, totals = ((0 + p_0) + p_1) + ..., in batch
+order. `collect_stats(..., distributed=True)` under torch.distributed (world W > 1) keeps exactly that order, so
+its totals are bitwise those of one process: batch j runs on rank j % W; in round k (batches kW .. kW+W-1) rank 0
+adds its own partial of a module and then, inside the same forward hook, receives and adds the partials of ranks
+1, 2, ... for that module (point-to-point, module by module, in hook order). No rank ever holds more than one
+module's partials besides the totals (rank 0: the totals plus two partials of one module; other ranks: one
+partial); the price is one [K, K] product per batch into a temporary instead of an in-place `addmm_`, and on rank
+0 the W - 1 received partials per module per round. Only rank 0 returns the statistics (the others return {}).
 """
 
 from __future__ import annotations
@@ -160,17 +170,53 @@ class _Collector:
     gram_for: set = field(default_factory=set)
     first_batch: bool = True
     seen: dict = field(default_factory=dict)  # id(input) -> (module name, input) during the first batch
+    batch: int = 0  # index of the batch being run
+    n_batches: int = 0
+    rank: int = 0
+    world: int = 1  # > 1: batches shared between ranks, partial sums gathered on rank 0 in batch order
+
+    def add(self, st: LinearStats, sumsq: torch.Tensor, tokens: int, gram: torch.Tensor | None) -> None:
+        """Add one batch's partial sums of one module (see the module docstring for the distributed order)."""
+        from . import parallel
+
+        if self.rank != 0:  # rank 0 adds it in its place
+            parallel.send(torch.cat([sumsq, sumsq.new_tensor([float(tokens)])]), 0)
+            if gram is not None:
+                parallel.send(gram, 0)
+            return
+        self._accumulate(st, sumsq, tokens, gram)
+        k = sumsq.shape[0]
+        for peer in range(1, min(self.world, self.n_batches - self.batch)):  # this round's other batches, in order
+            part = parallel.recv((k + 1,), torch.float64, peer, sumsq.device)
+            g = parallel.recv((k, k), torch.float32, peer, sumsq.device) if gram is not None else None
+            self._accumulate(st, part[:k], int(part[k]), g)
+
+    @staticmethod
+    def _accumulate(st: LinearStats, sumsq: torch.Tensor, tokens: int, gram: torch.Tensor | None) -> None:
+        st.sumsq += sumsq
+        st.tokens += tokens
+        if gram is not None:
+            if st.gram is None:
+                st.gram = torch.zeros_like(gram)
+            st.gram += gram
 
 
 @torch.no_grad()
 def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch.Tensor, *, batch_size: int = 4,
                   gram: bool | Iterable[str] = False, device: str | torch.device | None = None,
-                  progress: bool = False, desc: str = "calibration") -> dict[str, LinearStats]:
+                  progress: bool = False, desc: str = "calibration", distributed: bool = False
+                  ) -> dict[str, LinearStats]:
     """Run the calibration tokens [S, L] through `model` and return {module name: LinearStats}.
 
     `gram`: True for every module, or the names that need X^T X. `device` defaults to the model's.
+    `distributed`: under an initialized torch.distributed group of more than one rank, share the batches between
+    the ranks (every rank must call this with the same model and batches); rank 0 returns the statistics, bitwise
+    equal to a one-process run on the same kind of device, the other ranks return {}. Without such a group it
+    changes nothing.
     """
     from tqdm.auto import tqdm
+
+    from . import parallel
 
     names = list(modules)
     named = dict(model.named_modules())
@@ -179,39 +225,38 @@ def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch
         raise BitsmithError(f"{desc}: no modules named {missing[:4]} in the model")
     want_gram = set(names) if gram is True else set(gram or ())
     col = _Collector(gram_for=want_gram)
+    ranks = parallel.active_world() if distributed else None
+    if ranks is not None:
+        col.rank, col.world = ranks
     dev = torch.device(device) if device is not None else next(model.parameters()).device
 
     def hook_for(name: str):
         def hook(mod, args):
             x = args[0]
-            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # [tokens, K]
             st = col.stats.get(name)
             if st is None:
                 st = col.stats[name] = LinearStats(torch.zeros(x2.shape[1], dtype=torch.float64, device=x2.device))
-            st.sumsq += x2.pow(2).sum(0, dtype=torch.float64)
-            st.tokens += x2.shape[0]
-            if name not in col.gram_for:
-                return
-            if col.first_batch:
+            if name in col.gram_for and col.first_batch:
                 owner = col.seen.get(id(x))
                 if owner is not None and owner[1] is x:
                     st.shares_gram_with = owner[0]
-                    return
-                col.seen[id(x)] = (name, x)
-            if st.shares_gram_with is not None:
-                return
-            if st.gram is None:
-                st.gram = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-            st.gram.addmm_(x2.t(), x2)
+                else:
+                    col.seen[id(x)] = (name, x)
+            part = x2.t() @ x2 if name in col.gram_for and st.shares_gram_with is None else None  # [K, K]
+            col.add(st, x2.pow(2).sum(0, dtype=torch.float64), x2.shape[0], part)
         return hook
 
     handles = [named[n].register_forward_pre_hook(hook_for(n)) for n in names]
     was_training = model.training
     model.eval()
     try:
-        steps = range(0, batches.shape[0], batch_size)
-        for i in tqdm(steps, desc=desc, disable=not progress, leave=False):
-            model(input_ids=batches[i:i + batch_size].to(dev), use_cache=False)
+        starts = list(range(0, batches.shape[0], batch_size))
+        col.n_batches = len(starts)
+        mine = [j for j in range(len(starts)) if j % col.world == col.rank]
+        for j in tqdm(mine, desc=desc, disable=not progress, leave=False):
+            col.batch = j
+            model(input_ids=batches[starts[j]:starts[j] + batch_size].to(dev), use_cache=False)
             if col.first_batch:
                 col.first_batch = False
                 col.seen.clear()
@@ -219,6 +264,8 @@ def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch
         for h in handles:
             h.remove()
         model.train(was_training)
+    if col.rank != 0:
+        return {}
     for n, st in col.stats.items():
         if st.shares_gram_with is not None:
             st.gram = col.stats[st.shares_gram_with].gram

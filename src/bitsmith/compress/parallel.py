@@ -8,7 +8,13 @@ shards whatever the parallelism: the output is byte-identical to a single-proces
   they are handed; at most 2N results are in flight, so memory is about N tensors plus N runtimes.
 - ranks (`torchrun` / `accelerate launch`, world size > 1): tensor i belongs to rank i % world; each rank computes
   its own and sends them to rank 0 in order (objects over torch.distributed: gloo on CPU, nccl on GPU); only rank 0
-  writes.
+  writes. Model passes that support ranks (`supports_ranks` on their config: `block_sparse`) run on every rank
+  and share their work there (see `calibration.collect_stats(distributed=True)`), so every rank ends with the same
+  model and the sweep that follows is shared as above.
+
+Lifecycle: `init_distributed` (once, from the launcher's environment), `finish_distributed` (a barrier, then
+`destroy_process_group` on every rank, after the last collective; skipped after an unexpected error, where the
+launcher stops the other ranks).
 """
 
 from __future__ import annotations
@@ -85,15 +91,91 @@ def dist_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: str) -> None:
+def init_distributed(device: str) -> bool:
+    """Join the launcher's process group (nccl for a CUDA device, gloo otherwise); False if one already exists
+    (then whoever created it also destroys it)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend)
+    return True
+
+
+def finish_distributed() -> None:
+    """Every rank, after its last collective: wait for the others, then release the process group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device(device: str) -> str:
+    """The device of this rank: `cuda` (any index) becomes cuda:LOCAL_RANK, one GPU per rank; others unchanged."""
+    return f"cuda:{local_rank()}" if torch.device(device).type == "cuda" else device
+
+
+def active_world() -> tuple[int, int] | None:
+    """(rank, world) when a torch.distributed group of more than one rank is initialized, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def comm_device(like: torch.device) -> torch.device:
+    """Where tensors must be for the backend: this rank's GPU under nccl, the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def send(t: torch.Tensor, dst: int) -> None:
+    import torch.distributed as dist
+
+    dist.send(t.to(comm_device(t.device)).contiguous(), dst=dst)
+
+
+def isend(t: torch.Tensor, dst: int):
+    """Start sending `t` to rank `dst`; returns (work, buffer): keep both until `work.wait()`."""
+    import torch.distributed as dist
+
+    buf = t.to(comm_device(t.device)).contiguous()
+    return dist.isend(buf, dst=dst), buf
+
+
+def recv(shape, dtype: torch.dtype, src: int, device: torch.device) -> torch.Tensor:
+    """A tensor sent by `send` on rank `src`, on `device`."""
+    import torch.distributed as dist
+
+    buf = torch.empty(shape, dtype=dtype, device=comm_device(device))
+    dist.recv(buf, src=src)
+    return buf.to(device)
+
+
+def broadcast_(t: torch.Tensor, src: int) -> None:
+    """Overwrite `t` (contiguous, any dtype) on every rank with its bytes on rank `src`."""
+    import torch.distributed as dist
+
+    dev = comm_device(t.device)
+    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)  # bytes: every backend takes uint8
+    if raw.device == dev:
+        dist.broadcast(raw, src=src)
+    else:
+        buf = raw.to(dev)
+        dist.broadcast(buf, src=src)
+        raw.copy_(buf)
 
 
 def ranks(source, shapes, names: list[str], nbytes, device: str) -> Iterator[Group]:

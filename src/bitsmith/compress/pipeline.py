@@ -72,6 +72,7 @@ class PassContext:
     progress: bool = True
     plan: Plan | None = None
     extra: dict = field(default_factory=dict)
+    distributed: bool = False  # every torch.distributed rank runs the model passes (those with `supports_ranks`)
 
     def log(self, msg: str) -> None:
         log.info(msg)
@@ -200,12 +201,11 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
         progress: bool = True, plan_only: bool = False, workers: int = 1) -> Summary | Plan | None:
     """Compress `model` with `recipe` into `output`. Everything is validated before the first weight is read.
 
-    `workers` > 1 computes tensors in that many processes; under torchrun / accelerate launch (WORLD_SIZE > 1) the
-    ranks share the tensors and rank 0 writes (other ranks return None). Either way the bytes are those of a
-    single-process run. Both need a recipe of tensor passes only.
+    `workers` > 1 computes tensors in that many processes (tensor passes only); under torchrun / accelerate
+    launch (WORLD_SIZE > 1) the ranks share the tensors and rank 0 writes (other ranks return None); model passes
+    with `supports_ranks` (block_sparse) then run on every rank, each on its own GPU (cuda:LOCAL_RANK), and share
+    their work. Either way the bytes are those of a single-process run on the same kind of device.
     """
-    from tqdm.auto import tqdm
-
     from . import parallel
 
     start = time.time()
@@ -216,25 +216,62 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
     if plan_only:
         return plan
     rank, world = parallel.dist_world()
-    if (workers > 1 or world > 1) and not _tensor_only(plan):
-        raise PlanError(f"{recipe.source}: --workers and multi-rank runs need a recipe of tensor passes only"
+    if workers > 1 and not _tensor_only(plan):
+        raise PlanError(f"{recipe.source}: --workers needs a recipe of tensor passes only"
                         f" (this one has {', '.join(p.config.type for p in plan.passes if p.config.kind is not PassKind.TENSOR)})")
-    if world > 1:
-        parallel.init_distributed(device)
+    unranked = [p.config.type for p in plan.passes
+                if p.config.kind is not PassKind.TENSOR and not getattr(p.config, "supports_ranks", False)]
+    if world > 1 and unranked:
+        raise PlanError(f"{recipe.source}: a multi-rank run (torchrun, accelerate launch) takes tensor passes and"
+                        f" model passes that share their work between ranks (block_sparse); this recipe has"
+                        f" {', '.join(unranked)}: run it in one process")
+    if world <= 1:
+        return _run(recipe, model, output, plan, source, reader, overwrite, shard_bytes, allow_pickle, device,
+                    progress, workers, start)
+    owned = parallel.init_distributed(device)
+    device = parallel.rank_device(device)  # one GPU per rank
+    released = [False]  # rank 0 failed before any work and told the other ranks so
+    clean = False  # tear down only where every rank gets there; after an unexpected error the launcher stops them
+    try:
         if rank != 0:
-            return _serve_rank(plan, source, reader, device, progress)
+            result = _serve_rank(plan, source, reader, device, progress)
+        else:
+            result = _run(recipe, model, output, plan, source, reader, overwrite, shard_bytes, allow_pickle, device,
+                          progress, workers, start, released)
+        clean = True
+        return result
+    finally:
+        if owned and (clean or released[0]):
+            parallel.finish_distributed()
+
+
+def _run(recipe: Recipe, model, output, plan: Plan, source: Source, reader: CheckpointReader, overwrite: bool,
+         shard_bytes: int, allow_pickle: bool, device: str, progress: bool, workers: int, start: float,
+         released: list | None = None) -> Summary:
+    """The writing side of `run` (the only process, or rank 0)."""
+    from tqdm.auto import tqdm
+
+    from . import parallel
+
+    rank, world = parallel.dist_world()
     key = resume_key(reader, recipe, shard_bytes, device)
     expected = 4 * len(plan.final_view.tensors)  # a packed weight becomes at most 4 tensors
     try:
         writer = CheckpointWriter(Path(output), shard_bytes, overwrite, resume_key=key,  # checks the output first
                                   expected_tensors=expected)
     except Exception:
-        if world > 1:  # release the other ranks, which wait for their share of the work
+        if world > 1:  # release the other ranks, which wait for the go before any work
             import torch.distributed as dist
 
             dist.broadcast_object_list([None], src=0)
+            if released is not None:
+                released[0] = True
         raise
-    ctx = PassContext(input_path=reader.path, device=device, progress=progress, plan=plan)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([True], src=0)  # go: the other ranks build the chain (model passes) with us
+    ctx = PassContext(input_path=reader.path, device=device, progress=progress, plan=plan, distributed=world > 1)
     with writer:
         if writer.completed:
             log.warning(f"resuming: {len(writer.completed)} tensors already written by an interrupted run")
@@ -319,12 +356,14 @@ def _serve_rank(plan: Plan, source: Source, reader: CheckpointReader, device: st
 
     from . import parallel
 
+    go = [None]
+    dist.broadcast_object_list(go, src=0)
+    if go[0] is None:  # rank 0 stopped before any work (its error is reported there)
+        return None
     final = _build_source_chain(plan, source, PassContext(input_path=reader.path, device=device, progress=False,
-                                                          plan=plan))
+                                                          plan=plan, distributed=True))
     box = [None]
     dist.broadcast_object_list(box, src=0)
-    if box[0] is None:  # rank 0 stopped before any work (its error is reported there)
-        return None
     for _ in parallel.ranks(final, final.view.tensors, box[0], _nbytes, device):
         pass
     return None

@@ -29,7 +29,7 @@ from typing import ClassVar, Literal, Optional, Union
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..compress import calibration
+from ..compress import calibration, parallel
 from ..compress.errors import PlanError, RecipeError
 from ..compress.formats import PackedTensor
 from ..compress.inventory import inventory_from_model, select
@@ -77,6 +77,8 @@ class BlockSparse(CalibrationFields):
     refit: bool = Field(False, description="re-solve the kept weights by least squares on calibration inputs")
     ridge: float = Field(0.01, ge=0.0, description="refit: ridge, relative to the mean diagonal of X^T X")
     refit_iters: int = Field(25, ge=0, description="refit: conjugate-gradient steps; 0 = exact (slow for thin blocks)")
+
+    supports_ranks: ClassVar[bool] = True  # as a model pass under torchrun: shares its work, same bytes as 1 rank
 
     @property
     def kind(self) -> PassKind:  # type: ignore[override]
@@ -151,23 +153,29 @@ def resolve_tokenizer(cfg, model, ctx, where: str):
 
 
 def calibrate(model, cfg: CalibrationFields, names, tokenizer, *, gram=False, device=None, progress=False,
-              desc="calibration"):
-    """Sample the calibration tokens of `cfg` and collect input statistics of `names`."""
+              desc="calibration", distributed=False):
+    """Sample the calibration tokens of `cfg` and collect input statistics of `names` (`distributed`: see
+    `calibration.collect_stats`)."""
     batches = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
                                               text_field=cfg.text_field, split=cfg.split, where=desc)
     return calibration.collect_stats(model, names, batches, batch_size=cfg.batch_size, gram=gram, device=device,
-                                     progress=progress, desc=desc)
+                                     progress=progress, desc=desc, distributed=distributed)
 
 
 @torch.no_grad()
 def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, stats=None, progress: bool = False,
-                log=None, where: str = "block_sparse", measure: bool | None = None) -> dict:
+                log=None, where: str = "block_sparse", measure: bool | None = None, distributed: bool = False
+                ) -> dict:
     """Prune `model` in place as `cfg` says; returns a report (per-module sparsity, output errors, seconds).
 
     `stats` ({module: LinearStats} from `calibration.collect_stats` on the dense model, with Gram matrices when
     refitting) can be passed in to reuse one calibration for several prunings; otherwise it is collected here.
     `measure`: compute each matrix's relative output error on the calibration inputs (needs Gram matrices; one
     [N, K] x [K, K] product per matrix); default: when refitting.
+    `distributed`: under a torch.distributed group of more than one rank (every rank calls this on the same
+    model): calibration batches are shared (`collect_stats`), rank 0 scores and allocates and broadcasts the
+    masks, the refits are shared by Gram matrix (group g on rank g % world, its Gram sent there by rank 0) and
+    their weights broadcast, so every rank ends with the model and report of a one-process run, bitwise.
     """
     t0 = time.time()
     modules = targeted_linears(model, cfg, where)
@@ -177,35 +185,70 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
     if bad:
         raise PlanError(f"{where}: block {R}x{C} does not tile {', '.join(bad[:6])}; choose another block or"
                         " ignore them")
+    ranks = parallel.active_world() if distributed else None
+    rank, world = ranks or (0, 1)
     if cfg.needs_calibration and stats is None:
         if tokenizer is None:
             raise RecipeError(f"{where}: score {cfg.score!r}{' with refit' if cfg.refit else ''} needs calibration"
                               " text and a tokenizer")
-        stats = calibrate(model, cfg, list(modules), tokenizer, gram=cfg.refit, progress=progress, desc=where)
+        stats = calibrate(model, cfg, list(modules), tokenizer, gram=cfg.refit, progress=progress, desc=where,
+                          distributed=ranks is not None)
     t1 = time.time()
-    act = cfg.score == "activation"
-    scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in modules.items()}
-    masks = S.allocate(scores, cfg.sparsity, cfg.scope, min_sparsity=cfg.min_sparsity,
-                       max_sparsity=cfg.max_sparsity)
+    masks = None
+    if rank == 0:  # scores need the statistics, which only rank 0 holds
+        act = cfg.score == "activation"
+        scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in modules.items()}
+        masks = S.allocate(scores, cfg.sparsity, cfg.scope, min_sparsity=cfg.min_sparsity,
+                           max_sparsity=cfg.max_sparsity)
+    if ranks is not None:
+        masks = _broadcast_masks(masks, modules, cfg.block)
+    measure = cfg.refit if measure is None else measure
     report = {"modules": {}, "block": list(cfg.block), "score": cfg.score, "scope": cfg.scope, "refit": cfg.refit}
-    pruned = total = 0
-    for n, m in modules.items():
-        w = m.weight
-        keep = masks[n]
-        masked = w.to(torch.float32) * S.expand(keep, cfg.block)
-        entry = {"sparsity": round(S.sparsity_of(keep), 4)}
-        gram = stats[n].gram if (stats is not None and n in stats) else None
-        if gram is not None and (cfg.refit if measure is None else measure):
-            entry["out_err"] = round(S.output_error(masked, w, gram), 6)
-        if cfg.refit:
-            new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)
-            entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
+    pruned = sum(int((~masks[n]).sum()) * R * C for n in modules)
+    total = sum(m.weight.numel() for m in modules.values())
+    shared = ranks is not None and (cfg.refit or measure)  # else every rank masks every weight itself
+    if shared:
+        work = [(names, gi % world, has_gram) for gi, (names, has_gram) in enumerate(_gram_groups(stats, modules))]
+    else:
+        work = [([n], rank, True) for n in modules]
+    sends = []
+    for names, dst, has_gram in work:
+        if dst != rank:  # another rank computes these; rank 0 hands it their Gram matrix
+            if rank == 0 and has_gram:
+                sends.append(parallel.isend(stats[names[0]].gram, dst))
+            continue
+        if shared and rank != 0:
+            K = modules[names[0]].weight.shape[1]
+            gram = parallel.recv((K, K), torch.float32, 0, modules[names[0]].weight.device) if has_gram else None
         else:
-            new = masked
-        w.copy_(new.to(w.dtype))
-        report["modules"][n] = entry
-        pruned += int((~keep).sum()) * R * C
-        total += w.numel()
+            gram = stats[names[0]].gram if (stats is not None and names[0] in stats) else None
+        for n in names:
+            w = modules[n].weight
+            keep = masks[n]
+            masked = w.to(torch.float32) * S.expand(keep, cfg.block)
+            entry = {"sparsity": round(S.sparsity_of(keep), 4)}
+            if gram is not None and measure:
+                entry["out_err"] = round(S.output_error(masked, w, gram), 6)
+            if cfg.refit:
+                new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)
+                entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
+            else:
+                new = masked
+            w.copy_(new.to(w.dtype))
+            report["modules"][n] = entry
+        del gram
+    for job, _buf in sends:
+        job.wait()
+    if shared:  # every rank gets every weight and every entry, in module order
+        import torch.distributed as dist
+
+        for names, dst, _ in work:
+            for n in names:
+                parallel.broadcast_(modules[n].weight.data, dst)
+        parts: list = [None] * world
+        dist.all_gather_object(parts, report["modules"])
+        merged = {k: v for p in parts for k, v in p.items()}
+        report["modules"] = {n: merged[n] for n in modules}
     report["sparsity"] = pruned / total if total else 0.0
     report["calibration_s"] = round(t1 - t0, 2)
     report["seconds"] = round(time.time() - t0, 2)
@@ -219,8 +262,44 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
         refits = [e["out_err_refit"] for e in report["modules"].values() if "out_err_refit" in e]
         if refits:
             msg += f" -> {sum(refits) / len(refits):.4f} after refit"
+        msg += (f"; {report['seconds']:.2f} s (calibration {report['calibration_s']:.2f} s)"
+                + (f" on {world} ranks" if ranks is not None else ""))
         log(msg)
     return report
+
+
+def _broadcast_masks(masks: dict | None, modules: dict, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rank 0's block masks on every rank (one flat uint8 broadcast)."""
+    R, C = block
+    shapes = {n: (m.weight.shape[0] // R, m.weight.shape[1] // C) for n, m in modules.items()}
+    dev = next(iter(modules.values())).weight.device
+    if masks is not None:
+        flat = torch.cat([masks[n].reshape(-1).to(torch.uint8) for n in modules]).to(dev)
+    else:
+        flat = torch.empty(sum(a * b for a, b in shapes.values()), dtype=torch.uint8, device=dev)
+    parallel.broadcast_(flat, 0)
+    out, i = {}, 0
+    for n, (a, b) in shapes.items():
+        out[n] = flat[i:i + a * b].reshape(a, b).bool()
+        i += a * b
+    return out
+
+
+def _gram_groups(stats, modules: dict) -> list[tuple[list[str], bool]]:
+    """Rank 0's modules grouped by the Gram matrix they share (q/k/v, gate/up), in module order, with whether the
+    group has one; broadcast to every rank."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        groups: dict = {}
+        for n in modules:
+            g = stats[n].gram if (stats is not None and n in stats) else None
+            groups.setdefault(id(g) if g is not None else ("alone", n), []).append(n)
+        box[0] = [(names, stats is not None and names[0] in stats and stats[names[0]].gram is not None)
+                  for names in groups.values()]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @torch.no_grad()
@@ -254,8 +333,11 @@ def apply_block_sparse(cfg: BlockSparse, model, ctx) -> None:
     if upcast:
         model.to(torch.float32)
     try:
-        report = prune_model(model, cfg, tokenizer=tokenizer, progress=progress,
-                             log=ctx.log if ctx is not None else None, where=where)
+        distributed = bool(getattr(ctx, "distributed", False))  # under torchrun: every rank runs this pass
+        first = not distributed or (parallel.active_world() or (0, 1))[0] == 0  # rank 0 logs
+        report = prune_model(model, cfg, tokenizer=tokenizer, progress=progress and first,
+                             log=ctx.log if ctx is not None and first else None, where=where,
+                             distributed=distributed)
     finally:
         if upcast:
             model.to(dtype)
