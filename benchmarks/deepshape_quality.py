@@ -228,7 +228,12 @@ def main() -> None:
     teacher = None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    # Chains that share a prefix (ds+rec, ds+rec+w4, ...) reuse its result: every step is deterministic, so this
+    # gives the same weights as recomputing the prefix, without paying for a recovery run twice.
+    wanted = {tuple(c.split("+")[:i]) for c in configs for i in range(1, len(c.split("+")))}
+    cache: dict = {}
+    for config in configs:
         t0 = time.time()
         if config == "plots":  # representative tensors before and after DeepShape, with their GG fits
             from bitsmith.prune import distribution as D
@@ -260,16 +265,24 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             continue
-        model = copy.deepcopy(base)
-        facts: dict = {}
         steps = [] if config == "bf16" else config.split("+")
-        for s in steps:
-            if s not in STEPS:
-                raise SystemExit(f"unknown step {s!r} in {config!r} (known: {', '.join(STEPS)})")
+        unknown = [s for s in steps if s not in STEPS]
+        if unknown:
+            raise SystemExit(f"unknown step {unknown[0]!r} in {config!r} (known: {', '.join(STEPS)})")
+        done = max((i for i in range(len(steps)) if tuple(steps[:i]) in cache), default=0)
+        if done:
+            cached, cached_facts = cache[tuple(steps[:done])]
+            model, facts = copy.deepcopy(cached), {**cached_facts, "reused_prefix": "+".join(steps[:done])}
+            log(f"{config}: reusing {'+'.join(steps[:done])}")
+        else:
+            model, facts = copy.deepcopy(base), {}
+        for i, s in enumerate(steps[done:], start=done):
             if s.startswith("rec") and teacher is None:
                 teacher = copy.deepcopy(base)
             log(f"{config}: {s}")
             facts.update(STEPS[s](model, args, teacher=teacher, tokenizer=tok) or {})
+            if tuple(steps[:i + 1]) in wanted:
+                cache[tuple(steps[:i + 1])] = (copy.deepcopy(model), dict(facts))
         model.to(torch.float32)
         log(f"{config}: perplexity")
         res = perplexity(model, tok, text, max_tokens=args.tokens, window=args.window, progress=False)
