@@ -4,26 +4,20 @@
 Under the interpreter bf16 `tl.dot` operands are upcast (exactly) to fp32 (`DOT_F32`), as in the gwint kernels.
 """
 
+import math
 import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import math  # noqa: E402
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from bitsmith.compress.formats import get_format  # noqa: E402
-from bitsmith.kernels import bitplane as bp  # noqa: E402
+from bitsmith.compress.formats import get_format
+from bitsmith.kernels import bitplane as bp
+from tests.kernels.conftest import DEVICE, ON_GPU, needs_kernels, rel_error
 
 triton = pytest.importorskip("triton")
 from bitsmith.kernels import gwint_triton  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
-                                   reason="needs a GPU or TRITON_INTERPRET=1")
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}  # relative Frobenius error vs the fp32 reference
 
 
@@ -37,11 +31,6 @@ def _make(N, K, bits, gs, kind, offset, dtype, seed):
         coef = (torch.randn(bits, G, N, generator=g) * 0.02).to(dtype)
     off = (torch.randn(G, N, generator=g) * 0.01).to(dtype) if offset else None
     return codes, bp.pack_planes(codes, bits), coef, off
-
-
-def _rel(out, ref):
-    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -167,7 +156,7 @@ def test_kernel_matches_reference(regime, bits, kind):
     args = [dev(t) for t in (x, planes, coef, off, bias)]
     out = _launch(regime, *args, kind, gs, K, cfg)
     assert out.dtype == dtype and out.shape == (M, N)
-    err = _rel(out.cpu(), ref)
+    err = rel_error(out.cpu(), ref)
     assert err < TOL[dtype], f"relative error {err:.2e} (M={M} N={N} K={K} g={gs} {dtype} {cfg})"
     if cfg is not None and cfg["split_k"] > 1:  # split-K leaves the shared workspace zeroed for the next call
         for ws, cnt in gwint_triton._WORKSPACES.values():
@@ -189,6 +178,6 @@ def test_default_path_and_batch_dims():
             dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
             out = bp.linear(dev(x), dev(planes), dev(coef), dev(off), kind, gs, K)
             assert out.shape == (2, M, N)
-            assert _rel(out.cpu(), ref) < TOL[dtype]
+            assert rel_error(out.cpu(), ref) < TOL[dtype]
     finally:
         del os.environ["BITSMITH_TRITON"]

@@ -1,15 +1,12 @@
 """kernels.launch: the launcher prologue, the grouped program order (a @triton.jit helper run under
 TRITON_INTERPRET=1), and function_format."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from bitsmith.compress import formats  # noqa: E402
-from bitsmith.kernels import launch  # noqa: E402
+from bitsmith.compress import formats
+from bitsmith.kernels import launch
+from tests.kernels.conftest import DEVICE, needs_kernels
 
 
 def test_flat_rows_views_and_restores_the_leading_dims():
@@ -44,8 +41,6 @@ def test_grouped_pid_reference_covers_every_tile_once_in_bands(M, N, bm, bn, gm)
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @triton.jit
@@ -56,8 +51,7 @@ def _order_kernel(out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G
     tl.store(out_ptr + 2 * pid + 1, pid_n)
 
 
-@pytest.mark.skipif(not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 @pytest.mark.parametrize("M,N,bm,bn,gm", [(80, 48, 16, 16, 3), (17, 100, 16, 32, 8)])
 def test_grouped_pid_kernel_matches_the_reference(M, N, bm, bn, gm):
     n = -(-M // bm) * -(-N // bn)

@@ -1,20 +1,15 @@
 """rf8: the code table, exact pack/unpack, the format registry, and the Triton kernel (TRITON_INTERPRET=1 on CPU)
 against the torch reference on awkward shapes."""
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from bitsmith.compress.errors import CheckpointError
+from bitsmith.compress.formats import check_module_entry, get_format
+from bitsmith.kernels import rf8
+from tests.kernels.conftest import DEVICE, INTERPRETING, ON_GPU
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from bitsmith.compress.errors import CheckpointError  # noqa: E402
-from bitsmith.compress.formats import check_module_entry, get_format  # noqa: E402
-from bitsmith.kernels import rf8  # noqa: E402
-
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_triton = pytest.mark.skipif(rf8.triton is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+needs_triton = pytest.mark.skipif(rf8.triton is None or not (ON_GPU or INTERPRETING),
                                   reason="needs Triton with a GPU or TRITON_INTERPRET=1")
 
 
