@@ -44,6 +44,8 @@ def check(log=print) -> int:
         (False, torch.float16, 515, 1024, 3, 64, False, True),
         (False, torch.bfloat16, 515, 1024, 4, 32, True, False),
         (False, torch.float16, 515, 1024, 2, 64, True, False),
+        (False, torch.float16, 515, 1000, 3, 1000, False, True),
+        (False, torch.bfloat16, 515, 1024, 2, 256, True, False),
     ]
     t0 = time.time()
     for every, dtype, N, K, bits, gs, sym, use_bias in cases:
@@ -55,14 +57,17 @@ def check(log=print) -> int:
         bias = torch.randn(N, device="cuda", generator=gen).to(dtype) if use_bias else None
         wf = gwint.dequantize(qw, s, z, bits, gs, K, dtype=torch.float32)
         for M in (1, 3, 16, 33, 128, 300, 4096):
+            # every candidate of the swapped kernel (the new one) where the case asks for all; the older kernels
+            # (unchanged since their full sweep) by their default candidate
+            swapped = [("gemm", c) for c in gt.gemm_t_configs(M, N, K, bits, gs, sms)] if M < gt.DEQUANT_MIN_M else []
             if M == 1:
-                plans = [("gemv", c) for c in gt.gemv_configs(N, K, bits, gs, sms)]
+                plans = [("gemv", gt.gemv_configs(N, K, bits, gs, sms)[0])]
+                swapped = [("gemv", c) for _, c in swapped]
             elif M >= gt.DEQUANT_MIN_M:
                 plans = [("dequant", None), ("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
             else:
-                plans = [("gemm", c) for c in gt.gemm_configs(M, N, K, bits, gs, sms)]
-            if not every:
-                plans = plans[:1]
+                plans = [("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
+            plans += swapped if every else swapped[:1]
             for regime, cfg in plans:
                 x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
                 ref = x.float() @ wf.t() + (bias.float() if use_bias else 0)
@@ -150,7 +155,8 @@ def dump_asm(out_dir: str, log=print) -> None:
             fmt.call(x, w)  # tune
             cfg = bench._chosen_config(gt, M, N, K, fmt, torch.float16)
             out = torch.empty(M, N, device="cuda", dtype=torch.float16)
-            launch = gt.launch_gemv if M == 1 else gt.launch_gemm
+            launch = (gt.launch_gemm_t if cfg.get("kernel") == "swapped" else
+                      gt.launch_gemv if M == 1 else gt.launch_gemm)
             h = launch(x, w["qweight"], w["scales"], None, None, out, fmt.bits, fmt.gs(K), K, cfg)
             for kind in ("sass", "ptx", "ttgir"):
                 try:

@@ -179,3 +179,73 @@ def test_linear_dispatch_and_batch_dims():
     out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K)
     assert out.shape == (2, 3, N)
     assert _rel(out.cpu(), gwint.linear_reference(x.float(), qw, scales, None, bits, gs, K)) < TOL[torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------------- swapped kernel
+
+def _sw(**kw):
+    return dict(kernel="swapped", block_m=16, block_n=32, block_kw=16, split_k=1) | kw
+
+
+# (M, N, K, bits, group_size, sym, dtype, bias, config): M = 1 and M past one tile, odd N, partial last group
+# (K = 576, g = 128), K not a multiple of the words per tile, splits with a short last one, bits 2/3/8,
+# per-channel groups, grouped tile order over several M tiles.
+SWAPPED = [
+    (1, 67, 576, 4, 128, True, torch.float16, False, _sw(split_k=3)),
+    (1, 67, 576, 4, 128, False, torch.bfloat16, True, _sw(split_k=2, num_warps=2)),
+    (5, 67, 576, 4, 128, False, torch.float16, True, _sw(split_k=2)),
+    (16, 35, 384, 8, 128, True, torch.bfloat16, False, _sw(block_kw=32)),
+    (33, 35, 512, 8, 512, False, torch.float16, True, _sw(block_m=64, block_n=64, block_kw=32, split_k=3)),
+    (20, 33, 200, 3, 200, True, torch.bfloat16, False, _sw(block_m=32)),
+    (7, 33, 512, 2, 256, False, torch.float16, False, _sw(split_k=2)),
+    (40, 45, 256, 4, 128, True, torch.float16, False, _sw(group_m=2, split_k=2)),
+]
+
+
+@pytest.mark.parametrize("case", SWAPPED, ids=lambda c: _ids(c[:7] + ("swapped",)))
+def test_swapped_kernel_matches_reference(case):
+    M, N, K, bits, gs, sym, dtype, use_bias, cfg = case
+    assert gt.swapped_ok(bits, gs, K, cfg["block_kw"])
+    _, qw, scales, zeros = _make(N, K, bits, gs, sym, dtype, seed=M * 7 + N + K + bits)
+    bias = torch.randn(N).to(dtype) if use_bias else None
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    for rep in range(2 if cfg["split_k"] > 1 else 1):  # split-K leaves its workspace zeroed for the next call
+        x = torch.randn(M, K).to(dtype)
+        ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K, None if bias is None else bias.float())
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+        gt.launch_gemm_t(dev(x), dev(qw), dev(scales), dev(zeros), dev(bias), out, bits, gs, K, cfg)
+        err = _rel(out.cpu(), ref)
+        assert err < TOL[dtype], f"relative error {err:.2e} (call {rep})"
+        for ws, cnt in gt._WORKSPACES.values():
+            assert not ws.any() and not cnt.any()
+
+
+def test_xperm_layout():
+    """Activation permutation: slot j of K tile t is the contiguous run t * BK + j * BKW + [0, BKW)."""
+    M, K, P, bkw = 3, 200, 10, 16
+    x = torch.randn(M, K).to(torch.float16)
+    k_tiles = -(-(-(-K // P)) // bkw)
+    xp = torch.full((M, k_tiles * bkw * P), float("nan"), dtype=torch.float16)
+    gt._xperm_kernel[(k_tiles, 2)](x.to(DEVICE), xp.to(DEVICE) if ON_GPU else xp, M, K, x.stride(0), xp.stride(0),
+                                    P=P, P2=16, BLOCK_KW=bkw, BLOCK_R=2)
+    want = torch.zeros(M, k_tiles * bkw * P, dtype=torch.float16)
+    for t in range(k_tiles):
+        for j in range(P):
+            for i in range(bkw):
+                k = (t * bkw + i) * P + j
+                if k < K:
+                    want[:, t * bkw * P + j * bkw + i] = x[:, k]
+    assert torch.equal(xp.cpu(), want)
+
+
+def test_swapped_applicability():
+    assert gt.swapped_ok(4, 128, 4096, 16) and not gt.swapped_ok(4, 128, 4096, 8)  # a dot needs K >= 16
+    assert not gt.swapped_ok(4, 64, 4096, 16)  # a 128-code tile would straddle 64-code groups
+    assert gt.swapped_ok(4, 64, 64, 16)  # one group (g == K): any tile
+    assert gt.gemm_t_configs(16, 4096, 4096, 4, 32, 132) == []
+    cfgs = gt.gemm_t_configs(16, 4096, 4096, 8, 128, 132)
+    assert cfgs and all(c["kernel"] == "swapped" and gt.swapped_ok(8, 128, 4096, c["block_kw"]) for c in cfgs)
+    _, qw, scales, _ = _make(16, 256, 4, 64, True, torch.float16, seed=1)
+    out = torch.empty(2, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="swapped kernel cannot take"):
+        gt.launch_gemm_t(torch.randn(2, 256).half(), qw, scales, None, None, out, 4, 64, 256, _sw())

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import flat_rows, grouped_pid
+
 MAGIC_F32 = 0x4B000000  # float32 2^23; a kernel argument so that it sits in a register (see `_slot`)
 DEQUANT_MIN_M = 256  # from this many rows on, dequantize once and call cuBLAS (see docs/results/kernels-gwint.md)
 
@@ -338,6 +340,89 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
               split_k, HAS_BIAS)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# 1 <= M < 256, weights as the A operand ("swapped"): out^T [N, M] = W [N, K] @ x^T [K, M]
+
+
+@triton.jit
+def _xperm_kernel(x_ptr, xp_ptr, M, K, stride_xm, stride_pm,
+                  P: tl.constexpr, P2: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_R: tl.constexpr):
+    """xp[m, t * BK + j * BLOCK_KW + i] = x[m, (t * BLOCK_KW + i) * P + j] (zero past K), BK = BLOCK_KW * P.
+
+    Within each K tile of `_gemm_t_kernel`, the activations of code slot j become one contiguous run of BLOCK_KW,
+    so that the B operand of the slot-j dot is a plain tile (asynchronously copied, multi-buffered) of xp.
+    """
+    t = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = tl.arange(0, BLOCK_KW)
+    j = tl.arange(0, P2)
+    src = (t * BLOCK_KW + i)[None, :] * P + j[:, None]  # [P2, BKW]
+    dst = t * (BLOCK_KW * P) + j[:, None] * BLOCK_KW + i[None, :]
+    rm = (rows < M)[:, None, None]
+    v = tl.load(x_ptr + rows[:, None, None] * stride_xm + src[None, :, :],
+                mask=rm & (src < K)[None, :, :] & (j < P)[None, :, None], other=0.0)
+    tl.store(xp_ptr + rows[:, None, None] * stride_pm + dst[None, :, :], v, mask=rm & (j < P)[None, :, None])
+
+
+@triton.jit
+def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                   M, N, KW, KWP, G, group_size, stride_pm, stride_om, k_iters, split_k,
+                   BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # xp: [M, KWP * P] from `_xperm_kernel`, qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N].
+    # Every K tile (BLOCK_KW words = BLOCK_KW * P codes) lies inside one group (the launcher checks).
+    # The weights are the A operand: slot j of the [BLOCK_N, BLOCK_KW] word tile, dequantized elementwise, is a
+    # [BLOCK_N, BLOCK_KW] operand that the compiler builds straight in the registers of the mma fragments (the
+    # word tile goes global -> shared asynchronously, then each thread reads its own words); the B operand is
+    # the slot-j run of xp, [BLOCK_KW, BLOCK_M]. The tiny M is the mma's N (>= 16), not its 64-row M.
+    DT = xp_ptr.dtype.element_ty
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rw = tl.arange(0, BLOCK_KW)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ZC: tl.constexpr = 1 << (BITS - 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    kw_begin = pid_k * k_iters * BLOCK_KW
+    for it in range(k_iters):
+        kw0 = kw_begin + it * BLOCK_KW
+        kw = kw0 + rw
+        w = tl.load(qw_ptr + kw[None, :] * N + offs_n[:, None], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
+        g = tl.minimum((kw0 * P) // group_size, G - 1)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+        if DT == tl.float16:  # codes | 0x6400 read as fp16 are 1024 + code: one subtraction, one multiply
+            if SYM:
+                zh = tl.full([1, 1], 1024.0 + ZC, tl.float16)  # a tensor: a float argument would be fp32
+            else:
+                zh = (tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 1024.0)
+                zh = zh.to(tl.float16)[:, None]
+            sh = s[:, None]
+        else:  # bf16: exact (code - z) in fp32, scaled in fp32, rounded once to bf16
+            if SYM:
+                zf = 8388608.0 + ZC
+            else:
+                zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None] + 8388608.0
+            sf = s.to(tl.float32)[:, None]
+        for j in tl.static_range(P):
+            q = (w >> (j * BITS)) & MASK
+            if DT == tl.float16:
+                a = (_code_minus_zero_f16(q, zh) * sh).to(DT)
+            else:
+                a = (_code_minus_zero_f32(q, zf) * sf).to(DT)
+            xb = tl.load(xp_ptr + offs_m[None, :] * stride_pm + (kw0 * P + j * BLOCK_KW + rw)[:, None],
+                         mask=m_mask[None, :] & (kw < KWP)[:, None], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), xb.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, xb, acc)
+    _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
+              pid_m * tl.cdiv(N, BLOCK_N) + pid_n, split_k, HAS_BIAS)
+
+
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, G, group_size,
                     BITS: tl.constexpr, P: tl.constexpr, P2: tl.constexpr, SYM: tl.constexpr,
@@ -463,6 +548,43 @@ def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
 
+def swapped_ok(bits: int, group_size: int, K: int, block_kw: int) -> bool:
+    """Whether `_gemm_t_kernel` takes this format with this K tile: a dot needs K >= 16 (block_kw >= 16) and
+    every K tile must lie inside one group (G == 1, or block_kw * P dividing the group size)."""
+    P = 32 // bits
+    G = -(-K // group_size)
+    return block_kw >= 16 and (G == 1 or group_size % (block_kw * P) == 0)
+
+
+def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
+    """x2 [M, K] -> out [M, N] through `_xperm_kernel` + `_gemm_t_kernel`.
+    cfg: block_m, block_n, block_kw, split_k, group_m, num_warps, num_stages."""
+    M = x2.shape[0]
+    KW, N = qweight.shape
+    G = scales.shape[0]
+    P = 32 // bits
+    bm, bn, bkw = cfg["block_m"], cfg["block_n"], cfg["block_kw"]
+    if not swapped_ok(bits, group_size, K, bkw):
+        raise ValueError(f"the swapped kernel cannot take bits={bits}, group_size={group_size}, K={K} with "
+                         f"block_kw={bkw}")
+    k_tiles = -(-KW // bkw)
+    k_iters, split = _split(k_tiles, cfg["split_k"])
+    KWP = k_tiles * bkw
+    xp = torch.empty((M, KWP * P), dtype=x2.dtype, device=x2.device)
+    br = min(_next_pow2(M), 4)
+    _xperm_kernel[(k_tiles, -(-M // br))](x2, xp, M, K, x2.stride(0), xp.stride(0),
+                                           P=P, P2=_next_pow2(P), BLOCK_KW=bkw, BLOCK_R=br, num_warps=4)
+    num_m, num_n = -(-M // bm), -(-N // bn)
+    ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
+    return _gemm_t_kernel[(num_m * num_n, split)](
+        xp, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws,
+        cnt, M, N, KW, KWP, G, group_size, xp.stride(0), out.stride(0), k_iters, split,
+        BITS=bits, P=P, SYM=zeros is None, HAS_BIAS=bias is not None,
+        DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+
+
 def dequantize_t(qweight, scales, zeros, bits, group_size, K, dtype, block_n=64, block_kw=8):
     """W^T [K, N] in `dtype`, by the Triton kernel."""
     KW, N = qweight.shape
@@ -550,6 +672,32 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -
     return out
 
 
+def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
+    """Candidates for the swapped kernel (`launch_gemm_t`), the heuristic default first; [] when the format does
+    not fit it (see `swapped_ok`). block_m is the mma's N (M rounded up to 16..128); num_warps 2 gives mma.sync
+    (Ampere-style) tiles, 4 and 8 give wgmma on Hopper (a warpgroup per 64 weight rows)."""
+    P = 32 // bits
+    KW = -(-K // P)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    if bm <= 32:  # (block_n, warps, stages, waves)
+        shapes = [(128, 4, 3, 2.0), (64, 4, 4, 2.0), (64, 2, 4, 2.0), (128, 4, 3, 4.0), (256, 8, 3, 2.0)]
+    elif bm == 64:
+        shapes = [(128, 4, 3, 1.0), (64, 4, 3, 2.0), (128, 8, 3, 2.0)]
+    else:
+        shapes = [(128, 8, 3, 1.0), (64, 4, 3, 1.0), (128, 4, 3, 1.0), (256, 8, 3, 1.0), (128, 8, 4, 2.0)]
+    out = []
+    for bkw in (16, 32):
+        if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4):
+            continue
+        for bn, warps, stages, waves in shapes:
+            tiles = -(-M // bm) * -(-N // bn)
+            cfg = dict(kernel="swapped", block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages,
+                       group_m=8, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
 _TUNED: dict[tuple, dict] = {}
 TUNE_LOG: list[dict] = []  # every timing the tuner took (read by the benchmark)
 
@@ -623,19 +771,17 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
            regime: str | None = None):
     """Triton path of `gwint.linear`: x [..., K] fp16/bf16 -> [..., N] in x's dtype.
 
-    `config`/`regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); by default the
-    regime follows M and the configuration is tuned once per (shape, format) on the GPU.
+    `config`/`regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); a config with
+    kernel="swapped" runs `launch_gemm_t` in either of the first two regimes. By default the regime follows M
+    and the configuration is tuned once per (shape, format) on the GPU, over the regime's own kernel and the
+    swapped one (where the format fits it).
     """
     K = in_features
     N = qweight.shape[1]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    rows = flat_rows(x, K, N)
+    x2, out, M = rows.x2, rows.out, rows.M
     if M == 0:
-        return out.reshape(*lead, N)
+        return rows.result()
     if regime is None:
         regime = "gemv" if M == 1 else ("gemm" if M < DEQUANT_MIN_M else "dequant")
     args = (qweight, scales, zeros, bias)
@@ -644,23 +790,28 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
         torch.matmul(x2, wt, out=out)
         if bias is not None:
             out += bias
-        return out.reshape(*lead, N)
+        return rows.result()
+    if regime not in ("gemv", "gemm"):
+        raise ValueError(f"unknown regime {regime!r}: expected gemv, gemm or dequant")
+    if regime == "gemv" and M != 1:
+        raise ValueError("the gemv regime takes exactly one row")
     sms = _num_sms(x.device)
     fmt_key = (bits, group_size, zeros is None, bias is not None, x.dtype, N, K)
-    if regime == "gemv":
-        if M != 1:
-            raise ValueError("the gemv regime takes exactly one row")
+    own = launch_gemv if regime == "gemv" else launch_gemm
 
-        def go(c):
-            return launch_gemv(x2, *args, out, bits, group_size, K, c)
+    def go(c):
+        return (launch_gemm_t if c.get("kernel") == "swapped" else own)(x2, *args, out, bits, group_size, K, c)
 
-        cands = [config] if config is not None else gemv_configs(N, K, bits, group_size, sms)
-        cfg = config or _tune(("gemv",) + fmt_key, cands, go)
+    if config is not None:
+        cfg = config
     else:
-        def go(c):
-            return launch_gemm(x2, *args, out, bits, group_size, K, c)
-
-        cands = [config] if config is not None else gemm_configs(M, N, K, bits, group_size, sms)
-        cfg = config or _tune(("gemm", _next_pow2(M)) + fmt_key, cands, go)
+        swapped = gemm_t_configs(M, N, K, bits, group_size, sms)
+        if regime == "gemv":
+            cands = gemv_configs(N, K, bits, group_size, sms) + swapped
+            key = ("gemv",) + fmt_key
+        else:
+            cands = swapped + gemm_configs(M, N, K, bits, group_size, sms)
+            key = ("gemm", _next_pow2(M)) + fmt_key
+        cfg = _tune(key, cands, go)
     go(cfg)
-    return out.reshape(*lead, N)
+    return rows.result()
