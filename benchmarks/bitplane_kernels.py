@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K) = (out, in)
 OUT_DIR = None  # rows.json is rewritten after every row, so a run cut short still leaves its numbers
@@ -233,16 +232,7 @@ def bench(log, rows: list[dict]) -> list[dict]:
     log(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s")
     rows.append(dict(kernel="d2d-copy", GBs=bw))
     for N, K in SHAPES:
-        R = hb.rotations(N * K * 2)
-        ws = [torch.randn(N, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
-        base = {}
-        for M in MS:
-            xs = [torch.randn(M, K, device=device, dtype=dtype, generator=gen) for _ in range(R)]
-            base[M] = hb.graph_time_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
-            rows.append(dict(kernel="cublas-fp16", N=N, K=K, M=M, us=base[M], speedup=1.0))
-            log(f"{N}x{K} M={M} cublas {base[M]:.1f} us")
-        del ws
-        torch.cuda.empty_cache()
+        base = hb.cublas_baseline(N, K, MS, dtype, gen, rows, log)
 
         def timed(label, kind, bits, M, fn_make, extra=None):
             w0 = fn_make()

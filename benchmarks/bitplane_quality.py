@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import append_jsonl, chosen_configs, log, print_configs
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -184,10 +184,7 @@ def sensitivity(args, log) -> int:
                "uniform_loss": ref, "delta": {f"{t}@{b}": round(v, 5) for (t, b), v in delta.items()},
                "share": {t: round(size[t] / total, 4) for t in TYPES},
                "choice": dict(zip(TYPES, choice)), "avg_code_bits": avg, "predicted_delta": pred}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        print(append_jsonl(args.out, row), flush=True)
         print(f"| type | share | d loss at {base - 1} bits | d loss at {base + 1} bits | chosen |\n|---|---:|---:|---:|---:|")
         for t, b in zip(TYPES, choice):
             print(f"| {t} | {size[t] / total:.3f} | {delta[(t, base - 1)]:+.4f} | {delta[(t, base + 1)]:+.4f} | {b} |")
@@ -214,8 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
-        for k, v in CONFIGS.items():
-            print(f"{k:22s} {v}")
+        print_configs(CONFIGS)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,15 +220,9 @@ def main(argv=None) -> int:
     if not args.model or not args.text:
         ap.error("--model and --text are required")
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
     if args.sensitivity:
         return sensitivity(args, log)
-    names = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        ap.error(f"unknown configs {unknown}")
+    names = chosen_configs(ap, args.configs, CONFIGS)
     from bitsmith.compress.evaluate import perplexity, read_text
 
     text = read_text(args.text)
@@ -253,9 +243,7 @@ def main(argv=None) -> int:
             log(f"  ppl {row['ppl']:.3f}  bits {row['bits']:.4f}  rel_sse {row['rel_sse']:.5f}"
                 f"  ({facts.get('quant_seconds', 0)} s quant, {row['eval_seconds']} s eval)")
             rows.append(row)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.out, row)
             if args.team:
                 desc = "bf16 (unquantized)" if spec is None else (
                     f"{spec[0]} " + ", ".join(f"{k}={v}" for k, v in spec[1].items()) if not spec[0].startswith(
@@ -265,8 +253,7 @@ def main(argv=None) -> int:
                         "tokens": row["tokens"], "window": row["window"], "text": row["text"], "who": args.who,
                         "command": " ".join(["python"] + sys.argv),
                         "note": f"fake-quantized float32 model, weights {WEIGHTS}; bits_per_weight counts packed bytes"}
-                with open(args.team, "a") as f:
-                    f.write(json.dumps(team) + "\n")
+                append_jsonl(args.team, team)
         del model
     print("| model | config | bits/weight | rel. weight SSE | ppl | bits/char |\n|---|---|---:|---:|---:|---:|")
     for r in rows:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import append_jsonl
 
 
 def _blocks(s: str) -> list[tuple[int, int]]:
@@ -77,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     def emit(row: dict) -> None:
         row = {"model": name, "text": args.text.name, "tokens": args.tokens, "window": args.window, **row}
         rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        print(append_jsonl(args.out, row), flush=True)
 
     def ppl() -> tuple[float, float]:
         t = time.time()

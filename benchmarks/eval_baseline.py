@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from _common import append_jsonl
 
 from bitsmith.compress.evaluate import load_model, perplexity, read_text
 from bitsmith.compress.examples import EXAMPLES, fetch_example, sample_text_path
@@ -46,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                            progress=not args.no_progress)
             r.update(model=spec, text=tp.name, dtype=dtype, wall_s=round(time.perf_counter() - w0, 1),
                      cpu_s=round(time.process_time() - c0, 1))
-            line = json.dumps(r)
-            print(line, flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(line + "\n")
+            print(append_jsonl(args.jsonl, r), flush=True)
             rows.append(r)
         del model
 

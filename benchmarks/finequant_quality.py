@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import append_jsonl, chosen_configs, log, print_configs
 
 # name -> FineQuant keys (None = the unquantized model). "auto@gN" budgets are resolved per model.
 CONFIGS: dict[str, dict | None] = {
@@ -191,13 +192,11 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:
-        for k, v in CONFIGS.items():
-            print(f"{k:22s} {v}")
+        print_configs(CONFIGS)
         return 0
-    names = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown or not args.model or not args.text:
-        ap.error(f"unknown configs {unknown}" if unknown else "--model and --text are required")
+    names = chosen_configs(ap, args.configs, CONFIGS)
+    if not args.model or not args.text:
+        ap.error("--model and --text are required")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     command = " ".join(["python"] + [a if a and " " not in a else repr(a) for a in sys.argv])
@@ -211,10 +210,6 @@ def main(argv=None) -> int:
         adaptive.set_score(args.score)
     score = adaptive._score
     text = read_text(args.text)
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
     done = set()
     if args.skip_done and args.out and Path(args.out).exists():
         for line in Path(args.out).read_text().splitlines():
@@ -246,9 +241,7 @@ def main(argv=None) -> int:
             log(f"  ppl {row['ppl']:.3f}  bits {row['bits']:.4f}  {facts.get('group_sizes', '')}"
                 f"  ({facts.get('quant_seconds', 0)} s quant, {row['eval_seconds']} s eval)")
             rows.append(row)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.out, row)
             if args.team:
                 desc = "bf16 (unquantized)" if spec is None else "finequant " + ", ".join(
                     f"{k}={v}" for k, v in spec.items() if k != "bits_budget") + (
@@ -260,8 +253,7 @@ def main(argv=None) -> int:
                         "text": row["text"], "who": args.who, "command": command,
                         "note": "fake-quantized float32 model with the exact dequantized weights (what the packed"
                                 " folder computes with on the CPU)"}
-                with open(args.team, "a") as f:
-                    f.write(json.dumps(team) + "\n")
+                append_jsonl(args.team, team)
         del model
     print("| model | config | bits/weight | ppl | group sizes |\n|---|---|---:|---:|---|")
     for r in rows:

@@ -54,6 +54,23 @@ def graph_time_us(calls: list[Callable[[], object]], min_calls: int = 32, replay
     return ms * 1e3 / (reps * len(calls))
 
 
+def cublas_baseline(N: int, K: int, ms: Iterable[int], dtype: torch.dtype, gen: torch.Generator, rows: list[dict],
+                    log: Callable[[str], None]) -> dict[int, float]:
+    """cuBLAS (`F.linear`) microseconds per call of x [M, K] @ W^T, W random [N, K] on `gen`'s device, for each M
+    in `ms`, timed like the formats (rotated input sets); appends a row `cublas-fp16` and logs a line per M."""
+    sets = rotations(N * K * 2)
+    ws = [torch.randn(N, K, device=gen.device, dtype=dtype, generator=gen) for _ in range(sets)]
+    base = {}
+    for M in ms:
+        xs = [torch.randn(M, K, device=gen.device, dtype=dtype, generator=gen) for _ in range(sets)]
+        base[M] = graph_time_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
+        rows.append(dict(kernel="cublas-fp16", N=N, K=K, M=M, us=base[M], speedup=1.0))
+        log(f"{N}x{K} M={M} cuBLAS fp16 {base[M]:.1f} us")
+    del ws
+    torch.cuda.empty_cache()
+    return base
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + bytes written per second (GB/s)."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()

@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark scripts. They run as `python benchmarks/NAME.py`, which puts this folder on
+sys.path, so they import this module as `_common`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Mapping
+
+
+def log(msg: str) -> None:
+    """Progress to stderr (stdout carries the results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def append_jsonl(path: str | Path | None, row: dict) -> str:
+    """Append `row` as one JSON line to `path` (nothing when `path` is None or empty); returns the line."""
+    line = json.dumps(row)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return line
+
+
+def print_configs(configs: Mapping[str, object]) -> None:
+    """The `--list` output: one configuration name and its spec per line."""
+    for name, spec in configs.items():
+        print(f"{name:22s} {spec}")
+
+
+def chosen_configs(ap: argparse.ArgumentParser, spec: str, configs: Mapping[str, object]) -> list[str]:
+    """The names in a comma-separated `--configs` value; an unknown name is a usage error (exits)."""
+    names = [c for c in spec.split(",") if c]
+    unknown = [c for c in names if c not in configs]
+    if unknown:
+        ap.error(f"unknown configs {unknown}")
+    return names
