@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import BitsmithError, RecipeError
 
@@ -303,3 +304,28 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Te
         lam = max(lam * 10, 1e-6)
     raise BitsmithError("least-squares refit: the calibration Gram matrix is not positive definite even with a large"
                         " ridge; use more calibration samples")
+
+
+# ---------------------------------------------------------------------------------------------- recipe settings
+
+
+class CalibrationSettings(BaseModel):
+    """The calibration keys of a recipe, defined once for every calibrating pass: where the text comes from, how
+    it is sampled (`samples` windows of `seq_len` tokens, seeded) and batched, and which tokenizer cuts it.
+
+    `rounding: gptq` nests them (`calibration: {...}`, `bitsmith.quant.gptq.Calibration`, larger defaults);
+    block_sparse, recover and rf8_gptq take them at the top level of the pass (`CalibrationFields` in
+    `bitsmith.prune.block_sparse`, these defaults).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str | None = Field(None, description="calibration text: a UTF-8 file or a local `datasets` folder"
+                                                " (save_to_disk); default: the small sample bundled with bitsmith")
+    text_field: str = "text"
+    split: str | None = None
+    samples: int = Field(32, ge=1, description="calibration sequences")
+    seq_len: int = Field(256, ge=2, description="tokens per calibration sequence")
+    seed: int = 0
+    batch_size: int = Field(4, ge=1, description="sequences per forward")
+    tokenizer: str | None = Field(None, description="folder with the tokenizer; default: the input checkpoint")

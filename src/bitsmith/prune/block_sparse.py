@@ -24,7 +24,7 @@ passes see them: `recover` keeps them zero, `finequant` keeps them zero (symmetr
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal, Optional, Union
+from typing import ClassVar, Literal, Union
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -50,18 +50,9 @@ def _block_field(v):
     return v
 
 
-class CalibrationFields(TargetedPass):
-    """Calibration text settings shared by the model passes of this package."""
-
-    text: Optional[str] = Field(None, description="calibration text: a UTF-8 file or a local `datasets` folder;"
-                                                  " default: the small sample bundled with bitsmith")
-    text_field: str = "text"
-    split: Optional[str] = None
-    samples: int = Field(32, ge=1, description="calibration sequences")
-    seq_len: int = Field(256, ge=2, description="tokens per calibration sequence")
-    seed: int = 0
-    batch_size: int = Field(4, ge=1)
-    tokenizer: Optional[str] = Field(None, description="folder with the tokenizer; default: the input checkpoint")
+class CalibrationFields(calibration.CalibrationSettings, TargetedPass):
+    """Calibration text settings shared by the model passes of this package, as top-level keys of the pass
+    (defined once in `bitsmith.compress.calibration.CalibrationSettings`)."""
 
 
 class BlockSparse(CalibrationFields):

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from ..compress.calibration import CalibrationSettings
 from ..compress.errors import PlanError, RecipeError
 from ..compress.formats import PackedTensor
 from ..compress.passes import PassKind, TargetedPass, TensorState
@@ -52,20 +53,13 @@ log = logging.getLogger("bitsmith")
 
 # ------------------------------------------------------------------------------------------------------- config
 
-class Calibration(BaseModel):
-    """Where calibration tokens come from (text file or local `datasets` folder, seeded sampling)."""
+class Calibration(CalibrationSettings):
+    """`calibration:` of `rounding: gptq` (keys in `bitsmith.compress.calibration.CalibrationSettings`), with more and
+    longer sequences by default: GPTQ solves with a full [K, K] Hessian per Linear."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    text: Optional[str] = Field(None, description="a UTF-8 file or a local `datasets` folder (save_to_disk);"
-                                                  " default: the small sample bundled with bitsmith")
-    text_field: str = "text"
-    split: Optional[str] = None
     samples: int = Field(128, ge=1, description="calibration sequences")
-    seq_len: int = Field(512, ge=2, description="tokens per sequence")
-    seed: int = 0
+    seq_len: int = Field(512, ge=2, description="tokens per calibration sequence")
     batch_size: int = Field(8, ge=1, description="sequences per forward")
-    tokenizer: Optional[str] = Field(None, description="folder with the tokenizer; default: the input checkpoint")
 
 
 class QuantizerPass(TargetedPass):
