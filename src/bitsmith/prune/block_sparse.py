@@ -50,6 +50,14 @@ def _block_field(v):
     return v
 
 
+def _block_checked(v, handler):
+    """The `block` field of block_sparse and pack_bsr: "16x16" or [16, 16] (or pack_bsr's "auto"), sides >= 1."""
+    v = handler(_block_field(v))
+    if v != "auto" and (v[0] < 1 or v[1] < 1):
+        raise ValueError(f"block sides must be positive integers, got {list(v)}")
+    return v
+
+
 class CalibrationFields(calibration.CalibrationSettings, TargetedPass):
     """Calibration text settings shared by the model passes of this package, as top-level keys of the pass
     (defined once in `bitsmith.compress.calibration.CalibrationSettings`)."""
@@ -75,17 +83,10 @@ class BlockSparse(CalibrationFields):
     def kind(self) -> PassKind:  # type: ignore[override]
         return PassKind.MODEL if self.needs_calibration or self.scope == "global" else PassKind.TENSOR
 
-    @field_validator("block", mode="before")
+    @field_validator("block", mode="wrap")
     @classmethod
-    def _block(cls, v):
-        return _block_field(v)
-
-    @field_validator("block")
-    @classmethod
-    def _block_positive(cls, v):
-        if v[0] < 1 or v[1] < 1:
-            raise ValueError(f"block sides must be positive integers, got {list(v)}")
-        return v
+    def _block(cls, v, handler):
+        return _block_checked(v, handler)
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -358,17 +359,10 @@ class PackBsr(TargetedPass):
     packs: ClassVar[bool] = True
     accepts_packed: ClassVar[bool] = True  # converts a gwint-packed weight (finequant) into quantized bsr
 
-    @field_validator("block", mode="before")
+    @field_validator("block", mode="wrap")
     @classmethod
-    def _block(cls, v):
-        return _block_field(v)
-
-    @field_validator("block")
-    @classmethod
-    def _block_positive(cls, v):
-        if v != "auto" and (v[0] < 1 or v[1] < 1):
-            raise ValueError(f"block sides must be positive integers, got {list(v)}")
-        return v
+    def _block(cls, v, handler):
+        return _block_checked(v, handler)
 
 
 def plan_pack_bsr(cfg: PackBsr, modules) -> dict[str, str]:
