@@ -679,12 +679,15 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int)
     P = 32 // bits
     KW = -(-K // P)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    if bm <= 32:  # (block_n, warps, stages, waves)
-        shapes = [(128, 4, 3, 2.0), (64, 4, 4, 2.0), (64, 2, 4, 2.0), (128, 4, 3, 4.0), (256, 8, 3, 2.0)]
+    # (block_n, warps, stages, waves). Pruned by the H100 measurements in docs/results/kernels-gwint.md: at M = 16
+    # mma.sync tiles (2 warps) and 256-row tiles were 1.2-1.6x slower than these; at M = 128 the 4-warp 128-row
+    # and the 256-row tiles spill and were 1.05-1.2x slower.
+    if bm <= 32:
+        shapes = [(128, 4, 3, 4.0), (64, 4, 4, 2.0)]
     elif bm == 64:
         shapes = [(128, 4, 3, 1.0), (64, 4, 3, 2.0), (128, 8, 3, 2.0)]
     else:
-        shapes = [(128, 8, 3, 1.0), (64, 4, 3, 1.0), (128, 4, 3, 1.0), (256, 8, 3, 1.0), (128, 8, 4, 2.0)]
+        shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 1.0)]
     out = []
     for bkw in (16, 32):
         if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4):
@@ -807,10 +810,15 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
     else:
         swapped = gemm_t_configs(M, N, K, bits, group_size, sms)
         if regime == "gemv":
-            cands = gemv_configs(N, K, bits, group_size, sms) + swapped
+            # one row: the swapped kernel came within 2-4 % of the GEMV for 8-bit codes (32-word tiles) and was
+            # 1.3x slower for 4-bit ones at 8192x8192 (docs/results/kernels-gwint.md), so only the former compete
+            cands = gemv_configs(N, K, bits, group_size, sms) + [c for c in swapped if c["block_kw"] >= 32]
             key = ("gemv",) + fmt_key
         else:
-            cands = swapped + gemm_configs(M, N, K, bits, group_size, sms)
+            own_cands = gemm_configs(M, N, K, bits, group_size, sms)
+            if swapped:  # where both apply, the older kernel's sliced tiles were its best (measured); keep those
+                own_cands = [c for c in own_cands if c.get("sliced")][:2] or own_cands[:1]
+            cands = swapped + own_cands
             key = ("gemm", _next_pow2(M)) + fmt_key
         cfg = _tune(key, cands, go)
     go(cfg)
