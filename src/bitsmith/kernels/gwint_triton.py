@@ -682,8 +682,8 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int)
     # (block_n, warps, stages, waves). Pruned by the H100 measurements in docs/results/kernels-gwint.md: at M = 16
     # mma.sync tiles (2 warps) and 256-row tiles were 1.2-1.6x slower than these; at M = 128 the 4-warp 128-row
     # and the 256-row tiles spill and were 1.05-1.2x slower.
-    if bm <= 32:
-        shapes = [(128, 4, 3, 4.0), (64, 4, 4, 2.0)]
+    if bm <= 32:  # more splits only change a run-time argument (no extra compile)
+        shapes = [(128, 4, 3, 4.0), (64, 4, 4, 4.0), (64, 4, 4, 8.0), (128, 4, 3, 8.0), (64, 4, 4, 2.0)]
     elif bm == 64:
         shapes = [(128, 4, 3, 1.0), (64, 4, 3, 2.0), (128, 8, 3, 2.0)]
     else:
