@@ -24,7 +24,10 @@ adds its own partial of a module and then, inside the same forward hook, receive
 1, 2, ... for that module (point-to-point, module by module, in hook order). No rank ever holds more than one
 module's partials besides the totals (rank 0: the totals plus two partials of one module; other ranks: one
 partial); the price is one [K, K] product per batch into a temporary instead of an in-place `addmm_`, and on rank
-0 the W - 1 received partials per module per round. Only rank 0 returns the statistics (the others return {}).
+0 the W - 1 received partials per module per round. Each partial travels after a small header (module, call
+number, whether a Gram follows, token count) that rank 0 checks against its own call: a model whose forward calls
+different modules on different batches (experts routed per token) gets a clear error, not mixed-up sums. Only rank
+0 returns the statistics (the others return {}).
 """
 
 from __future__ import annotations
@@ -175,22 +178,64 @@ class _Collector:
     n_batches: int = 0
     rank: int = 0
     world: int = 1  # > 1: batches shared between ranks, partial sums gathered on rank 0 in batch order
+    index: dict = field(default_factory=dict)  # module name -> position in the targets (message headers)
+    calls: int = 0  # hook calls so far in this batch
 
-    def add(self, st: LinearStats, sumsq: torch.Tensor, tokens: int, gram: torch.Tensor | None) -> None:
+    def add(self, name: str, st: LinearStats, sumsq: torch.Tensor, tokens: int, gram: torch.Tensor | None) -> None:
         """Add one batch's partial sums of one module (see the module docstring for the distributed order)."""
         from . import parallel
 
+        if self.world == 1:
+            self._accumulate(st, sumsq, tokens, gram)
+            return
+        self.calls += 1
+        head = [self.index[name], self.calls, int(gram is not None), tokens]
         if self.rank != 0:  # rank 0 adds it in its place
-            parallel.send(torch.cat([sumsq, sumsq.new_tensor([float(tokens)])]), 0)
+            parallel.send(torch.tensor(head, dtype=torch.int64, device=sumsq.device), 0)
+            parallel.send(sumsq, 0)
             if gram is not None:
                 parallel.send(gram, 0)
             return
         self._accumulate(st, sumsq, tokens, gram)
         k = sumsq.shape[0]
-        for peer in range(1, min(self.world, self.n_batches - self.batch)):  # this round's other batches, in order
-            part = parallel.recv((k + 1,), torch.float64, peer, sumsq.device)
+        for peer in self._peers():
+            got = self._header(peer, head, sumsq.device)
+            part = parallel.recv((k,), torch.float64, peer, sumsq.device)
             g = parallel.recv((k, k), torch.float32, peer, sumsq.device) if gram is not None else None
-            self._accumulate(st, part[:k], int(part[k]), g)
+            self._accumulate(st, part, got[3], g)
+
+    def end_batch(self, device: torch.device) -> None:
+        """After each forward: an end mark from every other rank of the round, so that a rank whose forward called
+        more or fewer modules is caught here instead of leaving rank 0 waiting."""
+        from . import parallel
+
+        if self.world == 1:
+            return
+        head = [-1, self.calls + 1, 0, 0]
+        if self.rank != 0:
+            parallel.send(torch.tensor(head, dtype=torch.int64, device=device), 0)
+            return
+        for peer in self._peers():
+            self._header(peer, head, device)
+
+    def _peers(self) -> range:
+        """The ranks whose batches complete rank 0's round, in batch order."""
+        return range(1, min(self.world, self.n_batches - self.batch))
+
+    def _header(self, peer: int, want: list[int], device: torch.device) -> list[int]:
+        from . import parallel
+
+        got = parallel.recv((4,), torch.int64, peer, device).tolist()
+        if got[:3] != want[:3]:  # the ranks' forwards called different modules: refuse, never mix them up
+            names = list(self.index)
+
+            def what(h):
+                return "the end of its forward" if h[0] < 0 else f"{names[h[0]]} (hook call {h[1]})"
+            raise BitsmithError(
+                f"calibration on {self.world} ranks: in batch {self.batch + peer} rank {peer} reached {what(got)}"
+                f" where rank 0, in batch {self.batch}, reached {what(want)}; the forward calls different modules"
+                " on different batches (experts chosen per token?): run this pass in one process")
+        return got
 
     @staticmethod
     def _accumulate(st: LinearStats, sumsq: torch.Tensor, tokens: int, gram: torch.Tensor | None) -> None:
@@ -225,7 +270,7 @@ def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch
     if missing:
         raise BitsmithError(f"{desc}: no modules named {missing[:4]} in the model")
     want_gram = set(names) if gram is True else set(gram or ())
-    col = _Collector(gram_for=want_gram)
+    col = _Collector(gram_for=want_gram, index={n: i for i, n in enumerate(names)})
     ranks = parallel.active_world() if distributed else None
     if ranks is not None:
         col.rank, col.world = ranks
@@ -245,7 +290,7 @@ def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch
                 else:
                     col.seen[id(x)] = (name, x)
             part = x2.t() @ x2 if name in col.gram_for and st.shares_gram_with is None else None  # [K, K]
-            col.add(st, x2.pow(2).sum(0, dtype=torch.float64), x2.shape[0], part)
+            col.add(name, st, x2.pow(2).sum(0, dtype=torch.float64), x2.shape[0], part)
         return hook
 
     handles = [named[n].register_forward_pre_hook(hook_for(n)) for n in names]
@@ -256,8 +301,9 @@ def collect_stats(model: torch.nn.Module, modules: Iterable[str], batches: torch
         col.n_batches = len(starts)
         mine = [j for j in range(len(starts)) if j % col.world == col.rank]
         for j in tqdm(mine, desc=desc, disable=not progress, leave=False):
-            col.batch = j
+            col.batch, col.calls = j, 0
             model(input_ids=batches[starts[j]:starts[j] + batch_size].to(dev), use_cache=False)
+            col.end_batch(dev)
             if col.first_batch:
                 col.first_batch = False
                 col.seen.clear()
