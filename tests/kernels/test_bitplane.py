@@ -104,7 +104,7 @@ def test_dispatch():
         assert bp.use_triton(x, 100, 100)  # one group per row: any K
     finally:
         del os.environ["BITSMITH_TRITON"]
-    assert bp.use_triton(x, 32, 64) == ON_GPU
+    assert bp.use_triton(x.to(DEVICE), 32, 64) == ON_GPU  # by default: the kernels where x is on a GPU
 
 
 # ---------------------------------------------------------------------------------------------------- kernels

@@ -126,8 +126,8 @@ def test_triton_kernel_matches_the_reference(M, N, K, group, scope, dtype):
 @needs_triton
 def test_dispatch_uses_triton_when_forced(monkeypatch):
     w = torch.randn(16, 32)
-    tensors, params = rf8.pack(w)
-    x = torch.randn(2, 32).to(torch.bfloat16)
+    tensors, params = rf8.pack(w.to(DEVICE))  # forced Triton needs the tensors where the kernels run
+    x = torch.randn(2, 32).to(DEVICE, torch.bfloat16)
     monkeypatch.setenv("BITSMITH_TRITON", "1")
     calls = []
     real = rf8.triton_linear
