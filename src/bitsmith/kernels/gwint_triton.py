@@ -11,6 +11,15 @@ Three regimes, one launcher (`linear`):
                     on the reshaped [BLOCK_K, BN] tile; the tuner picks.
     M >= 256        `_dequant_kernel` writes W^T once, then cuBLAS (`DEQUANT_MIN_M`, from the measured crossover).
 
+    1 <= M < 256    `_gemm_t_kernel` ("swapped", a tuning candidate beside the two above wherever each K tile lies
+                    in one group): out^T = W @ x^T, so the weights are the mma's A operand and M its N dimension
+                    (16..128). The word tile is copied to shared memory asynchronously; each code slot j is
+                    dequantized elementwise straight into the registers of the A fragments (no shared-memory
+                    round trip of dequantized weights) and dotted with a [BLOCK_KW, BLOCK_M] tile of activations
+                    that `_xperm_kernel` (a second, small launch) laid out so that slot j's activations of a K
+                    tile are contiguous. Triton 3.6 still waits for each such wgmma before the next (its A
+                    operand is made inside the loop), so latency is hidden by several programs per SM.
+
 Codes become floats with the exponent trick instead of int->float conversions (which run at a quarter of the
 ALU rate): `code | 0x4B000000` read as float32 is 2^23 + code, `code | 0x6400` read as float16 is 1024 + code;
 one subtraction of (magic + zero point) then gives the exact value (code - z).
@@ -279,15 +288,9 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
     # word tile in place (no reshape of the weights); A's slot-j columns come from splitting the loaded x tile.
     # Otherwise: the [BKW, P2, BN] codes are reshaped into one [BK, BN] operand.
     DT = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
