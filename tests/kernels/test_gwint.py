@@ -249,3 +249,18 @@ def test_swapped_applicability():
     out = torch.empty(2, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="swapped kernel cannot take"):
         gt.launch_gemm_t(torch.randn(2, 256).half(), qw, scales, None, None, out, 4, 64, 256, _sw())
+
+
+def test_swapped_through_linear_dispatch():
+    """A pinned swapped config runs through `linear` in both regimes, on rows with a stride wider than K."""
+    N, K, bits, gs = 40, 256, 4, 128
+    _, qw, scales, zeros = _make(N, K, bits, gs, False, torch.float16, seed=11)
+    wide = torch.randn(6, K + 8).to(torch.float16)
+    for M, regime in ((1, "gemv"), (6, "gemm")):
+        x = wide[:M, :K]  # row stride K + 8
+        ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K)
+        out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), bits, gs, K,
+                        config=_sw(split_k=2), regime=regime)
+        assert out.shape == (M, N) and _rel(out.cpu(), ref) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="unknown regime"):
+        gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), bits, gs, K, regime="gemm_t")
