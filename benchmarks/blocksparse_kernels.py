@@ -7,9 +7,12 @@ GPU: timing through the shared harness (`bitsmith.kernels.bench.graph_time_us`: 
 the weights come from HBM), shapes N x K (--shapes, default 8192x8192 and 28672x8192), M in --ms, and the formats
 below (--formats), each a random block mask of exactly that sparsity (uniform over blocks) and random values.
 cuBLAS fp16 (`F.linear` on the dense weight) and `torch.sparse._triton_ops.bsr_dense_mm` (fp16 values, same mask)
-run in the same process. --check first runs a correctness sweep: every launch candidate, fp16/bf16, dense, int8
-and int4 values, both scale layouts, thin and square blocks, empty and full block rows, outputs poisoned with NaN,
-and a CUDA-graph replay. rows.json, table.md and bench.log go to --out.
+run in the same process; --variants also times every launch candidate of the named cases (forced configs), and the
+tuner's own cold-L2 timings of every candidate go to rows.json ("tune_log"). --check then runs a correctness sweep
+(after the timings, in the same process): the first three tiles of each M and every split-K size of the first, with
+too few and too many splits, fp16/bf16, dense, int8 and int4 values, both scale layouts, thin and square blocks,
+empty and full block rows, outputs poisoned with NaN, the split-K workspace left zeroed, and CUDA-graph replays
+(tuned and split-K launches). --formats '' runs the check alone. rows.json, table.md and bench.log go to --out.
 
 CPU: dense `F.linear` (float32) vs `bitsmith.kernels.bsr_cpu.gather_linear` vs torch's CSR/BSR sparse matmul, the
 best of --reps timings each (the machine is shared: the minimum is the least disturbed run).
@@ -84,25 +87,28 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------------------------ GPU
 
+CHECK_CASES = [  # N, K, sparsity, block, bits, group, dtype, bias
+    (1024, 768, 0.7, (16, 16), None, None, torch.float16, False),
+    (1024, 768, 0.5, (32, 32), None, None, torch.bfloat16, True),
+    (2048, 1024, 0.9, (64, 64), None, None, torch.float16, True),
+    (1024, 1024, 0.8, (32, 32), 4, 128, torch.float16, False),
+    (1024, 1024, 0.8, (64, 64), 4, 128, torch.bfloat16, True),
+    (1024, 1024, 0.6, (32, 32), 8, 128, torch.float16, True),
+    (1024, 1024, 0.6, (64, 64), 4, 16, torch.float16, False),
+    (1024, 1024, 0.6, (32, 64), 8, 32, torch.bfloat16, False),
+    (512, 256, 0.5, (1, 4), None, None, torch.float16, False),
+    (512, 256, 0.5, (4, 1), 8, 64, torch.float16, True),
+    (512, 512, 0.5, (16, 64), None, None, torch.float16, False),
+    (512, 512, 0.5, (64, 16), 4, 128, torch.float16, False),
+]
+
+
 def check(log) -> int:
     from bitsmith.kernels import bsr
 
     gen = torch.Generator(device=DEV).manual_seed(1)
     tol = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
-    cases = [  # N, K, sparsity, block, bits, group, dtype, bias
-        (1024, 768, 0.7, (16, 16), None, None, torch.float16, False),
-        (1024, 768, 0.5, (32, 32), None, None, torch.bfloat16, True),
-        (2048, 1024, 0.9, (64, 64), None, None, torch.float16, True),
-        (1024, 1024, 0.8, (32, 32), 4, 128, torch.float16, False),
-        (1024, 1024, 0.8, (64, 64), 4, 128, torch.bfloat16, True),
-        (1024, 1024, 0.6, (32, 32), 8, 128, torch.float16, True),
-        (1024, 1024, 0.6, (64, 64), 4, 16, torch.float16, False),
-        (1024, 1024, 0.6, (32, 64), 8, 32, torch.bfloat16, False),
-        (512, 256, 0.5, (1, 4), None, None, torch.float16, False),
-        (512, 256, 0.5, (4, 1), 8, 64, torch.float16, True),
-        (512, 512, 0.5, (16, 64), None, None, torch.float16, False),
-        (512, 512, 0.5, (64, 16), 4, 128, torch.float16, False),
-    ]
+    cases = CHECK_CASES
     failures = 0
     t0 = time.time()
     for N, K, sp, block, bits, g, dtype, use_bias in cases:
@@ -116,43 +122,96 @@ def check(log) -> int:
         wd = bsr.dequantize(t, params, torch.float32)
         bias = torch.randn(N, device=DEV, generator=gen).to(dtype) if use_bias else None
         for M in (1, 3, 33, 200):
-            for cfg in bsr.configs(M, params)[:3]:
+            for cfg in check_configs(M, params):
                 x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
                 ref = x.float() @ wd.t() + (bias.float() if use_bias else 0)
                 out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
-                bsr.launch(x, t, params, bias, out, cfg)
-                err = rel_err(out, ref)
+                try:
+                    bsr.launch(x, t, params, bias, out, cfg)
+                    err = rel_err(out, ref)
+                except Exception as e:  # a launch that does not compile counts as a failure; the sweep goes on
+                    log(f"ERROR {type(e).__name__}: {str(e)[:300]}")
+                    err = float("nan")
                 if not err < tol[dtype]:
                     failures += 1
                     log(f"FAIL {N}x{K} {block} bits={bits} g={g} {dtype} M={M} {cfg}: {err:.2e}")
         log(f"checked {N}x{K} s={sp} {block} bits={bits} g={g} {str(dtype)[6:]} bias={use_bias}"
             f" ({time.time() - t0:.0f}s)")
+    # split-K at full size, every split config of 8192x8192 s80-b32 M=128 (the first GPU run without a fence in
+    # the split epilogue read a partly summed tile in 2 of ~40 such launches), 8 fresh inputs each
+    if DEV == "cuda":
+        params, t, _ = make(8192, 8192, FORMATS["s80-b32"], torch.float16, DEV, gen)
+        wd = bsr.dequantize(t, params, torch.float32)
+        n = 0
+        for cfg in [c for c in bsr.configs(128, params) if c["chunk"]]:
+            for _ in range(8):
+                x = torch.randn(128, 8192, device=DEV, generator=gen).half()
+                out = torch.full((128, 8192), float("nan"), device=DEV, dtype=torch.float16)
+                bsr.launch(x, t, params, None, out, cfg)
+                err = rel_err(out, x.float() @ wd.t())
+                n += 1
+                if not err < tol[torch.float16]:
+                    failures += 1
+                    log(f"FAIL split stress {cfg}: {err:.2e}")
+        log(f"split stress: {n} launches ({time.time() - t0:.0f}s)")
+        del wd, t
+    from bitsmith.kernels.gwint_triton import _workspace
+
+    ws, cnt = _workspace(torch.device(DEV), 0, 0)
+    if ws.any() or cnt.any():  # split-K launches must leave the shared workspace zeroed for the next call
+        failures += 1
+        log("FAIL split-K workspace left non-zero")
     # CUDA-graph replay of the public op with fresh inputs
     if DEV != "cuda":
         return failures
     params, t, _ = make(4096, 4096, FORMATS["s80-b32-w4"], torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     for M in (1, 16, 128):
-        x = torch.randn(M, 4096, device=DEV, dtype=torch.float16)
-        bsr.triton_linear(x, t, params)
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            bsr.triton_linear(x, t, params)
-        torch.cuda.current_stream().wait_stream(st)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=st):
-            y = bsr.triton_linear(x, t, params)
-        for _ in range(3):
-            x.copy_(torch.randn(M, 4096, device=DEV).half())
-            graph.replay()
-            torch.cuda.synchronize()
-            err = rel_err(y, x.float() @ wd.t())
-            if not err < tol[torch.float16]:
-                failures += 1
-                log(f"FAIL graph replay M={M}: {err:.2e}")
+        split = next(c for c in bsr.configs(M, params) if c["chunk"])
+        for cfg in (None, split):  # the tuned pick, and a split-K launch (workspace and counters inside the graph)
+            x = torch.randn(M, 4096, device=DEV, dtype=torch.float16)
+            bsr.triton_linear(x, t, params, config=cfg)
+            st = torch.cuda.Stream()
+            st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                bsr.triton_linear(x, t, params, config=cfg)
+            torch.cuda.current_stream().wait_stream(st)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=st):
+                y = bsr.triton_linear(x, t, params, config=cfg)
+            for _ in range(3):
+                x.copy_(torch.randn(M, 4096, device=DEV).half())
+                graph.replay()
+                torch.cuda.synchronize()
+                err = rel_err(y, x.float() @ wd.t())
+                if not err < tol[torch.float16]:
+                    failures += 1
+                    log(f"FAIL graph replay M={M} {cfg}: {err:.2e}")
     log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
     return failures
+
+
+def check_configs(M: int, params: dict) -> list[dict]:
+    """What the sweep launches: the first three tiles, the last one (64-row x tiles for M > 64) and the first of the
+    other GEMV memory order, whole-row (chunk 0); every split size of the first tile, and that tile with too few and
+    too many splits (the last split takes the rest; idle splits write nothing)."""
+    from bitsmith.kernels import bsr
+
+    cands = bsr.configs(M, params)
+    tiles = []
+    for c in cands:
+        tile = {k: v for k, v in c.items() if k != "chunk"}
+        if tile not in tiles:
+            tiles.append(tile)
+    splits = [c for c in cands if c["chunk"] and all(c[k] == v for k, v in tiles[0].items())]
+    other = [dict(tiles[0], jmajor=True)] if M == 1 else []  # the other GEMV memory order (a kernel option)
+    picked = tiles[:3] + [t for t in tiles[-1:] + other if t not in tiles[:3]]
+    out = [dict(tile, chunk=0) for tile in picked] + splits
+    KB = params["in_features"] // params["block_cols"]
+    out += [dict(t, chunk=2 * t["nblk"]) for t in picked[1:] if 2 * t["nblk"] < KB]  # split-K on every tile
+    if splits:
+        out += [dict(splits[-1], n_split=2), dict(splits[-1], n_split=64)]
+    return out
 
 
 def _with_mask(params, t, mask, dtype, gen):
@@ -177,7 +236,7 @@ def _with_mask(params, t, mask, dtype, gen):
     return p, nt, mask
 
 
-def bench_gpu(shapes, ms, formats, log) -> list[dict]:
+def bench_gpu(shapes, ms, formats, log, variants=()) -> list[dict]:
     from bitsmith.kernels import bench, bsr
 
     try:
@@ -225,13 +284,24 @@ def bench_gpu(shapes, ms, formats, log) -> list[dict]:
                 xc = torch.randn(M, K, device=DEV, generator=gen, dtype=dtype)
                 err = rel_err(bsr.triton_linear(xc, t0, p0), xc.float() @ wd.t())
                 us = bench.graph_time_us([lambda x=x, s=s: bsr.triton_linear(x, s[1], s[0]) for x, s in zip(xs, sets)])
-                key = (bsr._m_bucket(M), N, K, spec[1][0], spec[1][1], spec[2], spec[3])
-                cfg = next((v for k, v in bsr._TUNED.items() if k[:7] == key), None)
+                cfg = bsr._TUNED.get(bsr.tune_key(M, p0, dtype, False, xc.device))
                 nb = set_bytes + 2 * M * (K + N)
                 rows.append(dict(kernel="bitsmith", format=fname, N=N, K=K, M=M, us=us, speedup=base[M] / us,
                                  GBs=nb / us / 1e3, rel_err=err, config=cfg, weight_bytes=set_bytes))
                 log(f"{N}x{K} M={M} {fname} bitsmith {us:.1f} us ({base[M] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f}"
                     f" GB/s, err {err:.1e}) cfg {cfg}")
+                if (fname, N, K, M) in variants:  # every launch candidate, forced, timed the same way
+                    for c in bsr.configs(M, p0):
+                        try:
+                            vus = bench.graph_time_us([lambda x=x, s=s, c=c: bsr.triton_linear(x, s[1], s[0], config=c)
+                                                       for x, s in zip(xs, sets)])
+                        except Exception as e:
+                            log(f"  variant {c} failed: {type(e).__name__}: {str(e)[:200]}")
+                            continue
+                        verr = rel_err(bsr.triton_linear(xc, t0, p0, config=c), xc.float() @ wd.t())
+                        rows.append(dict(kernel="bitsmith-variant", format=fname, N=N, K=K, M=M, us=vus,
+                                         speedup=base[M] / vus, rel_err=verr, config=c))
+                        log(f"  variant {c}: {vus:.1f} us ({base[M] / vus:.2f}x, err {verr:.1e})")
                 if peers:
                     try:
                         xts = [x.t().contiguous() for x in xs]
@@ -262,15 +332,24 @@ def table(rows: list[dict]) -> str:
     by = {(r["kernel"], r["format"], r["N"], r["K"], r["M"]): r for r in rows if "format" in r}
     keys = sorted({(r["format"], r["N"], r["K"], r["M"]) for r in rows if r["kernel"] == "bitsmith"},
                   key=lambda k: (k[0], k[1] * k[2], k[3]))
-    out = ["| format | N x K | M | cuBLAS fp16 us | bitsmith us (x cuBLAS) | torch BSR us (x cuBLAS) | err |",
-           "|---|---|--:|--:|--:|--:|--:|"]
+    out = ["| format | N x K | M | cuBLAS fp16 us | bitsmith us (x cuBLAS) | torch BSR us (x cuBLAS) | err | config |",
+           "|---|---|--:|--:|--:|--:|--:|---|"]
     for f, N, K, M in keys:
         b = by[("bitsmith", f, N, K, M)]
         p = by.get(("torch-bsr", f, N, K, M))
         pc = "-" if p is None else f"{p['us']:.1f} ({p['speedup']:.2f}x)"
+        c = b.get("config") or {}
+        cs = f"r{c.get('block_r')} m{c.get('block_m')} n{c.get('nblk')} k{c.get('chunk')} w{c.get('num_warps')}" \
+             f" s{c.get('num_stages')}"
         out.append(f"| {f} | {N}x{K} | {M} | {base[(N, K, M)]:.1f} | {b['us']:.1f} ({b['speedup']:.2f}x) | {pc} |"
-                   f" {b['rel_err']:.1e} |")
+                   f" {b['rel_err']:.1e} | {cs} |")
     return "\n".join(out)
+
+
+def bsr_tune_log() -> list[dict]:
+    from bitsmith.kernels import bsr
+
+    return [dict(r, key=[str(k) for k in r["key"]]) for r in bsr.TUNE_LOG]
 
 
 # ------------------------------------------------------------------------------------------------------------ CPU
@@ -319,6 +398,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,16,128")
     ap.add_argument("--formats", default="s90-b64,s90-b32,s80-b64,s80-b32,s80-b32-w4,s80-b64-w4,"
                                          "s80-b32-w8,s80-b16-w4,s50-b16,s50-b32")
+    ap.add_argument("--variants", default="",
+                    help="FORMAT:NxK:M,... cases whose every launch candidate is also timed (forced config)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bsr-bench"))
@@ -338,14 +419,23 @@ def main(argv=None) -> int:
         import triton
 
         log(f"torch {torch.__version__}, triton {triton.__version__}")
-        if args.check:
-            result["check_failures"] = check(log)
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        rows = bench_gpu(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), log)
-        result["gpu"] = rows
-        log("\n" + table(rows))
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table(rows) + "\n")
+        variants = set()
+        for v in filter(None, args.variants.split(",")):
+            f, nk, m = v.split(":")
+            n, k = (int(a) for a in nk.split("x"))
+            variants.add((f, n, k, int(m)))
+        if args.formats:
+            rows = bench_gpu(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), log, variants)
+            result["gpu"] = rows
+            result["tune_log"] = bsr_tune_log()
+            log("\n" + table(rows))
+            with open(os.path.join(args.out, "table.md"), "w") as f:
+                f.write(table(rows) + "\n")
+            with open(os.path.join(args.out, "rows.json"), "w") as f:  # kept if the check below is cut short
+                json.dump(result, f, indent=1, default=str)
+        if args.check:  # after the timings (a long sweep cut short by a time limit loses no timing)
+            result["check_failures"] = check(log)
     if args.cpu:
         log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         result["cpu"] = bench_cpu(args.reps, log)

@@ -28,16 +28,18 @@ whose blocks were all pruned are still stored in the first layout (they cost 16 
 Params in config.json: in_features, out_features, block_rows, block_cols, nnz_blocks, bits (null, 4 or 8),
 group_size (null unless quantized).
 
-Kernels (Triton, fp16/bf16 activations, CUDA; TRITON_INTERPRET=1 runs them on the CPU for tests). One kernel,
-`_bsr_kernel`: a program owns BLOCK_R consecutive output rows inside one block row (so one crow range) and BLOCK_M
-rows of x, walks its stored blocks and accumulates [BLOCK_M, BLOCK_R] in fp32:
+Kernels (Triton, fp16/bf16 activations, CUDA; TRITON_INTERPRET=1 runs them on the CPU for tests). A program owns
+BLOCK_R consecutive output rows inside one block row (so one crow range), BLOCK_M rows of x and a run of that block
+row's stored blocks, NBLK blocks per step, accumulating in fp32:
 
-    M == 1        GEMV: no tensor cores; each block tile [BLOCK_R, C] times the gathered x segment [C], reduced
-                  over C on CUDA cores (memory-bound: the stored blocks are read once).
-    M >= 2        `tl.dot` of the gathered x tile [BLOCK_M, C] with the block tile^T when R, C >= 16 (int4: C/2 >= 16),
-                  else the same multiply-reduce as GEMV. Quantized blocks whose rows have one scale each (g >= C)
-                  dot the exact integer codes and scale the [BLOCK_M, BLOCK_R] product once.
+    M == 1        `_bsr_gemv_kernel`: no tensor cores; [NBLK, BLOCK_R, CW] tiles times the gathered x segments,
+                  reduced on CUDA cores (memory-bound: the stored blocks are read once).
+    M >= 2        `_bsr_mm_kernel`: `tl.dot` of the gathered x tile [BLOCK_M, NBLK*CW] with the block tile^T when
+                  the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
+                  are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
+Split-K (`chunk` > 0 in the launch config): a block row's stored blocks are spread over several programs whose fp32
+partial tiles meet in a workspace (`_split_epilogue`; no host sync, CUDA-graph safe); the tuner picks it or not.
 Block shapes whose sides are not powers of two run the torch reference. On the CPU, `bitsmith.kernels.bsr_cpu`
 (gather + batched matmul) is used. What was measured: docs/results/blocksparse.md; format notes: docs/formats/bsr.md.
 """
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -267,89 +270,164 @@ def _pow2(n: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
+
+MAGIC_F32 = 0x4B000000  # float32 2^23, passed at run time so that (code & mask) | magic is one LOP3
+
 
 if triton is not None:
+    from .gwint_triton import _num_sms, _workspace, time_cold_us
 
     @triton.jit
-    def _q_f32(codes, ZERO: tl.constexpr):
-        """int32 codes (< 2^23) -> exact float32 (code - ZERO), by the exponent trick (no int->float convert)."""
-        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+    def _fence(tile_id, ON: tl.constexpr):
+        """One GPU-scope acq_rel fence in every thread (a [1] tensor, so once per thread); returns tile_id.
+        ON False (the interpreter): no fence."""
+        t = tl.zeros([1], dtype=tl.int32) + tile_id
+        if ON:
+            t = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+        return tl.sum(t, axis=0)
 
     @triton.jit
-    def _bsr_gemv_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, group_size,
+    def _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, parts,
+                        HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
+        """acc fp32 [BM, BN] -> out (+ bias). With parts > 1 every split adds its tile into the fp32 workspace and
+        counts itself in; the last one to count reads the sum, writes the output and puts the workspace tile and
+        the counter back to zero (gwint's no-host-sync pattern). Each thread fences after its adds (a GPU-scope
+        fence, before the barrier and the count): the first GPU run without it read a partly summed tile in 2 of
+        ~40 split launches (8 warps, 128 x 32 tiles): a barrier alone does not wait for other warps' adds."""
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        if parts == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            tile = _fence(tile_id, FENCE)  # this thread's adds are performed at GPU scope before the count
+            tl.debug_barrier()
+            prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if prev == parts - 1:
+                tile = _fence(tile, FENCE)
+                tot = tl.load(ws_ptrs, mask=mask, other=0.0, volatile=True)
+                if HAS_BIAS:
+                    tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(ws_ptrs, tl.zeros_like(tot), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0)
+
+    @triton.jit
+    def _lop_f32(codes, mask: tl.constexpr, magic, zero: tl.constexpr):
+        """(codes & mask) | magic read as float32 is 2^23 + the masked field (at its bit position); minus
+        (2^23 + zero) it is exact: field - zero. No shift and no int->float conversion (a quarter-rate op)."""
+        return ((codes & mask) | magic).to(tl.float32, bitcast=True) - (8388608.0 + zero)
+
+    @triton.jit
+    def _split_range(start, end, s, chunk, n_split):
+        """Split s of a block row's stored blocks [start, end) -> (lo, hi, parts).
+
+        Splits take `chunk` blocks each and the last split that holds work takes everything left, so every n_split
+        is correct (a small one only costs balance); parts (>= 1, so that an empty block row is still written) is
+        how many splits hold work; splits s >= parts get an empty range and write nothing."""
+        parts = tl.minimum(n_split, tl.maximum(1, tl.cdiv(end - start, chunk)))
+        lo = start + s * chunk
+        hi = tl.where(s == parts - 1, end, tl.minimum(end, lo + chunk))
+        hi = tl.where(s < parts, hi, lo)
+        return lo, hi, parts
+
+    @triton.jit(do_not_specialize=["chunk", "n_split"])
+    def _bsr_gemv_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, group_size,
+                         chunk, n_split, magic,
                          R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
-                         NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # M == 1. x: [K]; values [B, R, CW]; out: [N]. A program owns BLOCK_R rows of one block row and reads
-        # NBLK stored blocks per step as one [BLOCK_R, NBLK, CW] tile (bytes in flight), reducing in fp32.
-        # scales: GB == 0 -> [ceil(K / group_size), N]; GB >= 1 -> [B, R, GB] (per block row segment)
+                         NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         JMAJOR: tl.constexpr, FENCE: tl.constexpr):
+        # M == 1. x: [K]; values [B, R, CW]; out: [N]. Program (pid, s) owns BLOCK_R rows of one block row and
+        # split s of its stored blocks; it reads NBLK blocks per step as one [NBLK, BLOCK_R, CW] tile (bytes in
+        # flight; JMAJOR: loaded block index outermost, so that threads walk each block's BLOCK_R * CW contiguous
+        # values, else row outermost) and accumulates in fp32 without reducing over blocks inside the loop; splits of one row meet in the fp32 workspace
+        # (`_split_epilogue`). scales: GB == 0 -> [ceil(K / group_size), N]; GB >= 1 -> [B, R, GB]
         pid = tl.program_id(0)
         row0 = pid * BLOCK_R
         brow = row0 // R
         sub = row0 - brow * R
-        start = tl.load(crow_ptr + brow)
-        end = tl.load(crow_ptr + brow + 1)
+        lo, hi, parts = _split_range(tl.load(crow_ptr + brow), tl.load(crow_ptr + brow + 1), tl.program_id(1),
+                                     chunk, n_split)
         offs_r = tl.arange(0, BLOCK_R)
         offs_j = tl.arange(0, NBLK)
         offs_c = tl.arange(0, CW)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for i in range(start, end, NBLK):
+        if BITS == 0:
+            acc = tl.zeros((NBLK, BLOCK_R, CW), dtype=tl.float32)
+        else:
+            acc = tl.zeros((NBLK, BLOCK_R), dtype=tl.float32)
+        for i in range(lo, hi, NBLK):
             blk = i + offs_j  # [NBLK]
-            valid = blk < end
+            valid = blk < hi
             cb = tl.load(col_ptr + blk, mask=valid, other=0)
-            v = tl.load(v_ptr + blk[None, :, None] * (R * CW) + (sub + offs_r)[:, None, None] * CW
-                        + offs_c[None, None, :], mask=valid[None, :, None], other=0)  # [BR, NBLK, CW]
+            if JMAJOR:  # threads walk c, then r: each block's BLOCK_R * CW values are contiguous
+                v = tl.load(v_ptr + blk[:, None, None] * (R * CW) + (sub + offs_r)[None, :, None] * CW
+                            + offs_c[None, None, :], mask=valid[:, None, None], other=0)  # [NBLK, BR, CW]
+            else:  # threads walk c, then j (one row of NBLK blocks), then r
+                v = tl.permute(tl.load(v_ptr + blk[None, :, None] * (R * CW) + (sub + offs_r)[:, None, None] * CW
+                                       + offs_c[None, None, :], mask=valid[None, :, None], other=0), (1, 0, 2))
             xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None],
                          other=0.0).to(tl.float32)  # [NBLK, CW]
             if BITS == 0:
-                acc += tl.sum(tl.sum(v.to(tl.float32) * xk[None, :, :], axis=2), axis=1)
+                acc += v.to(tl.float32) * xk[:, None, :]
             else:
                 ZERO: tl.constexpr = 1 << (BITS - 1)
+                vi = v.to(tl.int32)
                 if BITS == 8:
-                    q = _q_f32(v.to(tl.int32), ZERO)
+                    ql = _lop_f32(vi, 0xFF, magic, ZERO)
                 else:
-                    q = _q_f32((v & 0xF).to(tl.int32), ZERO)
-                if GB <= 1:  # one scale per (row, block): reduce over the block's columns first
-                    part = tl.sum(q * xk[None, :, :], axis=2)  # [BR, NBLK]
+                    # low nibble: column c; high nibble: column c + CW, read in place as 16 * (code - ZERO) (no
+                    # shift); its x is divided by 16 instead (exact in fp32)
+                    ql = _lop_f32(vi, 0xF, magic, ZERO)
+                    qh = _lop_f32(vi, 0xF0, magic, 16 * ZERO)
+                    xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
+                                 other=0.0).to(tl.float32) * 0.0625
+                if GB <= 1:  # one scale per (block, row): reduce the exact codes over the block's columns first
+                    prod = ql * xk[:, None, :]
                     if BITS == 4:
-                        xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
-                                     other=0.0).to(tl.float32)
-                        part += tl.sum(_q_f32((v >> 4).to(tl.int32), ZERO) * xh[None, :, :], axis=2)
+                        prod += qh * xh[:, None, :]
+                    part = tl.sum(prod, axis=2)  # [NBLK, BR]
                     if GB == 0:
-                        sc = tl.load(s_ptr + ((cb * C) // group_size)[None, :] * N + (row0 + offs_r)[:, None],
-                                     mask=valid[None, :], other=0.0)
+                        sc = tl.load(s_ptr + ((cb * C) // group_size)[:, None] * N + (row0 + offs_r)[None, :],
+                                     mask=valid[:, None], other=0.0)
                     else:
-                        sc = tl.load(s_ptr + blk[None, :] * R + (sub + offs_r)[:, None], mask=valid[None, :],
+                        sc = tl.load(s_ptr + blk[:, None] * R + (sub + offs_r)[None, :], mask=valid[:, None],
                                      other=0.0)
-                    acc += tl.sum(part * sc.to(tl.float32), axis=1)
+                    acc += part * sc.to(tl.float32)
                 else:
                     GS: tl.constexpr = C // GB
-                    srow = (blk[None, :, None] * R + (sub + offs_r)[:, None, None]) * GB
-                    sc = tl.load(s_ptr + srow + (offs_c // GS)[None, None, :], mask=valid[None, :, None], other=0.0)
-                    acc += tl.sum(tl.sum(q * sc.to(tl.float32) * xk[None, :, :], axis=2), axis=1)
+                    srow = (blk[:, None, None] * R + (sub + offs_r)[None, :, None]) * GB
+                    sc = tl.load(s_ptr + srow + (offs_c // GS)[None, None, :], mask=valid[:, None, None], other=0.0)
+                    prod = ql * sc.to(tl.float32) * xk[:, None, :]
                     if BITS == 4:
-                        xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
-                                     other=0.0).to(tl.float32)
-                        sh = tl.load(s_ptr + srow + ((CW + offs_c) // GS)[None, None, :], mask=valid[None, :, None],
+                        sh = tl.load(s_ptr + srow + ((CW + offs_c) // GS)[None, None, :], mask=valid[:, None, None],
                                      other=0.0)
-                        qh = _q_f32((v >> 4).to(tl.int32), ZERO)
-                        acc += tl.sum(tl.sum(qh * sh.to(tl.float32) * xh[None, :, :], axis=2), axis=1)
-        offs_n = row0 + offs_r
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty))
+                        prod += qh * sh.to(tl.float32) * xh[:, None, :]
+                    acc += tl.sum(prod, axis=2)
+        if BITS == 0:
+            res = tl.sum(tl.sum(acc, axis=2), axis=0)
+        else:
+            res = tl.sum(acc, axis=0)
+        if tl.program_id(1) < parts:
+            _split_epilogue(res[None, :], tl.arange(0, 1), row0 + offs_r, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr,
+                            pid, parts, HAS_BIAS, FENCE)
 
     @triton.jit
-    def _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, HIGH: tl.constexpr,
+    def _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, HIGH: tl.constexpr,
                       R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr):
         """Codes [BR, KK] of the (low or high half) columns cc of blocks blk -> float32 weights [BR, KK]."""
         ZERO: tl.constexpr = 1 << (BITS - 1)
+        vi = v.to(tl.int32)
         if BITS == 8:
-            q = _q_f32(v.to(tl.int32), ZERO)
+            q = _lop_f32(vi, 0xFF, magic, ZERO)
         elif HIGH:
-            q = _q_f32((v >> 4).to(tl.int32), ZERO)
+            q = _lop_f32(vi >> 4, 0xF, magic, ZERO)
         else:
-            q = _q_f32((v & 0xF).to(tl.int32), ZERO)
+            q = _lop_f32(vi, 0xF, magic, ZERO)
         if GB == 0:
             sc = tl.load(s_ptr + ((cb * C) // group_size)[None, :] * N + (row0 + offs_r)[:, None],
                          mask=valid[None, :], other=0.0)
@@ -372,22 +450,24 @@ if triton is not None:
             acc += tl.sum(xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         return acc
 
-    @triton.jit
-    def _bsr_mm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr,
-                       M, N, group_size, stride_xm, stride_om,
+    @triton.jit(do_not_specialize=["chunk", "n_split"])
+    def _bsr_mm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                       M, N, group_size, stride_xm, stride_om, chunk, n_split, magic,
                        R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
-                       USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # x: [M, K], values [B, R, CW], out: [M, N]. A program owns BLOCK_R rows of one block row and BLOCK_M rows
-        # of x; each step gathers NBLK stored blocks into one K-tile of KK = NBLK * CW columns:
-        # w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and x [BLOCK_M, KK] (the blocks' x segments).
+                       USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FENCE: tl.constexpr):
+        # x: [M, K], values [B, R, CW], out: [M, N]. Program (r, m, s) owns BLOCK_R rows of one block row,
+        # BLOCK_M rows of x and split s of the block row's stored blocks; each step gathers NBLK stored blocks into
+        # one K-tile of KK = NBLK * CW columns: w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and
+        # x [BLOCK_M, KK] (the blocks' x segments). Splits meet in the fp32 workspace (`_split_epilogue`).
         pid_r = tl.program_id(0)
         pid_m = tl.program_id(1)
         row0 = pid_r * BLOCK_R
         brow = row0 // R
         sub = row0 - brow * R
-        start = tl.load(crow_ptr + brow)
-        end = tl.load(crow_ptr + brow + 1)
+        lo, hi, parts = _split_range(tl.load(crow_ptr + brow), tl.load(crow_ptr + brow + 1), tl.program_id(2),
+                                     chunk, n_split)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         offs_r = tl.arange(0, BLOCK_R)
@@ -397,9 +477,9 @@ if triton is not None:
         cc = kk % CW
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for i in range(start, end, NBLK):
+        for i in range(lo, hi, NBLK):
             blk = i + jj  # [KK]
-            valid = blk < end
+            valid = blk < hi
             cb = tl.load(col_ptr + blk, mask=valid, other=0)
             v = tl.load(v_ptr + blk[None, :] * (R * CW) + (sub + offs_r)[:, None] * CW + cc[None, :],
                         mask=valid[None, :], other=0)  # [BR, KK]
@@ -407,20 +487,18 @@ if triton is not None:
             if BITS == 0:
                 acc = _mac(acc, xk, v, USE_DOT, DOT_F32)
             else:
-                w = _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, False,
+                w = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, False,
                                   R, C, CW, BITS, GB)
                 acc = _mac(acc, xk, w, USE_DOT, DOT_F32)
                 if BITS == 4:
                     xh = tl.load(x_rows + (cb * C + CW + cc)[None, :], mask=m_mask[:, None] & valid[None, :],
                                  other=0.0)
-                    wh = _dequant_tile(v, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, True,
+                    wh = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, True,
                                        R, C, CW, BITS, GB)
                     acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
-        offs_n = row0 + offs_r
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+        if tl.program_id(2) < parts:
+            _split_epilogue(acc, offs_m, row0 + offs_r, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
+                            pid_r * tl.num_programs(1) + pid_m, parts, HAS_BIAS, FENCE)
 
 
 def _interpreting() -> bool:
@@ -440,39 +518,70 @@ def _can_dot(params: dict, block_m: int, block_r: int, nblk: int) -> bool:
     return block_m >= 16 and block_r >= 16 and nblk * _cw(params) >= 16
 
 
-def configs(M: int, params: dict) -> list[dict]:
+def _chunks(params: dict, row_programs: int, nblk: int, sms: int, waves=(4, 8, 16)) -> list[int]:
+    """Split sizes (stored blocks per program, multiples of nblk) to try: 0 (whole block rows), about the mean block
+    row (only the long rows are split: balance), and the sizes that make about `waves` programs per SM."""
+    R, C = params["block_rows"], params["block_cols"]
+    NB, KB = params["out_features"] // R, params["in_features"] // C
+    mean = max(1.0, params["nnz_blocks"] / NB)
+    out = [0]
+    for w in (None, *waves):
+        per = mean if w is None else mean * row_programs / (w * sms)
+        chunk = nblk * max(1, math.ceil(per / nblk) if w is None else round(per / nblk))
+        if chunk < KB and chunk not in out:
+            out.append(chunk)
+    return out
+
+
+def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
     """Launch candidates for an [M, K] input, the heuristic default first.
 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
-    for the tensor cores (M >= 2) whatever the block width.
+    for the tensor cores (M >= 2) whatever the block width. `chunk` (0: whole block rows) splits each block row's
+    stored blocks over several programs of `chunk` blocks (split-K), for the grid to fill the GPU and for long block
+    rows not to set the time; the first `split_tiles` tiles get split variants.
     """
-    R, bits = params["block_rows"], params.get("bits")
+    N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
     elt = 1 if bits else 2  # bytes per stored code/value (int4: two codes per byte, counted per byte)
     out = []
 
-    def add(cfg):
-        if cfg not in out:
-            out.append(cfg)
+    def add(cfg, split_tile):
+        chunks = _chunks(params, (N // cfg["block_r"]) * -(-M // cfg["block_m"]), cfg["nblk"], sms) if split_tile \
+            else [0]
+        for ch in chunks:
+            c = dict(cfg, chunk=ch)
+            if c not in out:
+                out.append(c)
 
     if M == 1:
-        for br, kk_bytes, warps, stages in ((16, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 4), (32, 256, 8, 3),
-                                            (16, 1024, 8, 3), (8, 1024, 4, 2)):
+        # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
+        # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate
+        for k, (br, kk_bytes, warps, stages) in enumerate(((16, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 4),
+                                                            (32, 256, 8, 3), (16, 1024, 8, 3), (8, 1024, 4, 2),
+                                                            (32, 512, 8, 3))):
             br = min(br, R)
             nblk = _next_pow2(max(1, kk_bytes // (cw * elt)))
             while br * nblk * cw > 16384 and nblk > 1:
                 nblk //= 2
-            add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages))
+            add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages, jmajor=False), k < 2)
         return out
     bm = min(128, max(16, _next_pow2(M)))
     if R >= 16:
-        for br, kk, warps, stages in ((32, 128, 4, 3), (64, 64, 8, 3), (16, 128, 4, 4), (64, 128, 8, 3),
-                                      (32, 64, 4, 4)):
+        for k, (br, kk, warps, stages) in enumerate(((32, 128, 4, 3), (64, 64, 8, 3), (16, 128, 4, 4),
+                                                     (64, 128, 8, 3), (32, 64, 4, 4), (32, 128, 4, 4),
+                                                     (64, 64, 4, 4))):
             br = min(br, R)
             nblk = _next_pow2(max(1, kk // cw))
             if bm * br > 128 * 64 or not _can_dot(params, bm, br, nblk):
                 continue
-            add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages))
+            add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), k < 3)
+        if bm == 128:  # two 64-row tiles of x: twice the programs, no workspace
+            for br, kk, warps, stages in ((64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)):
+                br = min(br, R)
+                nblk = _next_pow2(max(1, kk // cw))
+                if _can_dot(params, 64, br, nblk):
+                    add(dict(block_m=64, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), False)
         if out:
             return out
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
@@ -483,14 +592,51 @@ def configs(M: int, params: dict) -> list[dict]:
         nblk //= 2
     while bm * br * nblk * cw > 8192 and br > 1:
         br //= 2
-    return [dict(block_m=bm, block_r=br, nblk=nblk, num_warps=4, num_stages=2)]
+    # no split-K here: split launches of this path gave wrong sums on the H100 (2nd GPU run: (4, 1) blocks, int8,
+    # M = 33 and 200, errors 1e-2..4e-2; tiles of 16 x 4 outputs, fewer than the threads); `launch` refuses it
+    add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=4, num_stages=2), False)
+    return out
+
+
+_ROW_MAX: dict[int, tuple] = {}
+
+
+def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
+    """Most stored blocks in one block row: read once per crow tensor (a host sync, like the first call's tuning)
+    and cached. Under CUDA-graph capture without a cached value: an estimate from nnz_blocks (twice the mean);
+    every value gives correct results, since the last split of a block row takes whatever is left."""
+    KB = params["in_features"] // params["block_cols"]
+    try:
+        version = crow._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    hit = _ROW_MAX.get(id(crow))
+    if hit is not None and hit[0]() is crow and hit[1] == version and version is not None:
+        return hit[2]
+    NB = crow.numel() - 1
+    if NB <= 0:
+        return 0
+    if crow.is_cuda and torch.cuda.is_current_stream_capturing():
+        return min(KB, 2 * -(-params["nnz_blocks"] // NB) + 1)
+    most = int((crow[1:] - crow[:-1]).max())
+    if version is not None:
+        key = id(crow)
+
+        def drop(ref, key=key):
+            if _ROW_MAX.get(key, (None,))[0] is ref:
+                del _ROW_MAX[key]
+
+        _ROW_MAX[key] = (weakref.ref(crow, drop), version, most)
+    return most
 
 
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None, out: torch.Tensor,
-           cfg: dict) -> torch.Tensor:
-    """x2 [M, K] (contiguous rows) -> out [M, N] with the given launch config."""
+           cfg: dict):
+    """x2 [M, K] (contiguous rows) -> out [M, N] with the given launch config (block_m, block_r, nblk, chunk,
+    num_warps, num_stages; `n_split` forces the number of splits per block row, for tests)."""
     M = x2.shape[0]
-    N, R, C = params["out_features"], params["block_rows"], params["block_cols"]
+    N, K, R, C = params["out_features"], params["in_features"], params["block_rows"], params["block_cols"]
+    KB = K // C
     bits = params.get("bits")
     br, bm, nblk = cfg["block_r"], cfg["block_m"], cfg.get("nblk", 1)
     if R % br:
@@ -501,37 +647,52 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
         v, s = tensors["qvalues"], tensors["scales"]
         gb = C // params["group_size"] if block_scales(params) else 0
     b = bias if bias is not None else s
+    crow = tensors["crow_indices"]
+    chunk = cfg.get("chunk") or KB
+    gemv = bm == 1 and M == 1
+    if not gemv and not _can_dot(params, bm, br, nblk):
+        chunk = KB  # the thin-block multiply-reduce path does not split (measured wrong on the H100, see configs)
+    n_split = cfg.get("n_split") or (1 if chunk >= KB else max(1, -(-max_row_blocks(crow, params) // chunk)))
+    if chunk >= KB:
+        n_split = 1
+    num_m = 1 if gemv else triton.cdiv(M, bm)
+    ws, cnt = _workspace(x2.device, M * N if n_split > 1 else 0, (N // br) * num_m if n_split > 1 else 0)
     common = dict(R=R, C=C, CW=_cw(params), BLOCK_R=br, NBLK=nblk, BITS=bits or 0, GB=gb, HAS_BIAS=bias is not None,
-                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    if bm == 1 and M == 1:
-        _bsr_gemv_kernel[(N // br,)](x2, tensors["crow_indices"], tensors["col_indices"], v, s, b, out, N,
-                                     params.get("group_size") or 1, **common)
-        return out
-    grid = (N // br, triton.cdiv(M, bm))
-    _bsr_mm_kernel[grid](
-        x2, tensors["crow_indices"], tensors["col_indices"], v, s, b, out,
-        M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), BLOCK_M=bm,
+                  FENCE=not _interpreting(), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if gemv:
+        return _bsr_gemv_kernel[(N // br, n_split)](
+            x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt, N, params.get("group_size") or 1,
+            chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), **common)
+    return _bsr_mm_kernel[(N // br, num_m, n_split)](
+        x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt,
+        M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), chunk, n_split, MAGIC_F32, BLOCK_M=bm,
         USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, **common)
-    return out
 
 
 _TUNED: dict[tuple, dict] = {}
+TUNE_LOG: list[dict] = []  # every timing the tuner took: key, config, cold-L2 us (read by the benchmark)
 
 
-def _tune(key: tuple, candidates: list[dict], run) -> dict:
-    """First call of a key on CUDA: time every candidate (triton.testing.do_bench, median), keep the fastest."""
+def _tune(key: tuple, candidates: list[dict], run, device: torch.device) -> dict:
+    """First call of a key on CUDA: time every candidate with a cold L2 (gwint's `time_cold_us`: CUDA graphs of
+    (L2 flush, call)), keep the fastest. The first candidate is used under CUDA-graph capture, TRITON_INTERPRET=1
+    or BITSMITH_TUNE=0."""
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    if len(candidates) == 1 or _interpreting() or torch.cuda.is_current_stream_capturing():
+    if (len(candidates) == 1 or _interpreting() or device.type != "cuda" or os.environ.get("BITSMITH_TUNE") == "0"
+            or torch.cuda.is_current_stream_capturing()):
         cfg = candidates[0]
     else:
         best = None
         for c in candidates:
             try:
-                t = triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median")
-            except Exception:  # a candidate that does not compile/launch here is skipped
+                run(c)  # compile, workspace and the row-length read outside the timed region
+                t = time_cold_us(lambda c=c: run(c))
+            except Exception as e:  # a candidate that does not compile/launch here is skipped
+                TUNE_LOG.append({"key": key, "config": c, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
+            TUNE_LOG.append({"key": key, "config": c, "us": t})
             if best is None or t < best[0]:
                 best = (t, c)
         cfg = best[1] if best else candidates[0]
@@ -543,9 +704,15 @@ def _m_bucket(M: int) -> int:
     return 1 if M == 1 else min(128, max(16, _next_pow2(M)))
 
 
+def tune_key(M: int, params: dict, dtype: torch.dtype, has_bias: bool, device) -> tuple:
+    N, K = params["out_features"], params["in_features"]
+    return (_m_bucket(M), N, K, params["block_rows"], params["block_cols"], params.get("bits"),
+            params.get("group_size"), round(density(params), 1), dtype, has_bias, str(device))
+
+
 def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16) @ W^T (+ bias) -> [..., N] by `_bsr_kernel`; `config` forces a launch config."""
+    """x [..., K] (fp16/bf16) @ W^T (+ bias) -> [..., N] by the Triton kernels; `config` forces a launch config."""
     K, N = params["in_features"], params["out_features"]
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
@@ -558,11 +725,9 @@ def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tens
     if M == 0:
         return out.reshape(*lead, N)
     if config is None:
-        density = params["nnz_blocks"] / max(1, (N // params["block_rows"]) * (K // params["block_cols"]))
-        key = (_m_bucket(M), N, K, params["block_rows"], params["block_cols"], params.get("bits"),
-               params.get("group_size"), round(density, 1), x.dtype, bias is not None, str(x.device))
-        cands = configs(M, params)
-        config = _tune(key, cands, lambda c: launch(x2, tensors, params, bias, out, c))
+        cands = configs(M, params, _num_sms(x.device))
+        config = _tune(tune_key(M, params, x.dtype, bias is not None, x.device), cands,
+                       lambda c: launch(x2, tensors, params, bias, out, c), x.device)
     launch(x2, tensors, params, bias, out, config)
     return out.reshape(*lead, N)
 
