@@ -171,6 +171,28 @@ def test_compress_packs_and_the_folder_loads(tmp_path, calib_file):
     assert (out / "model.safetensors").read_bytes() == (out2 / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("body", ["finequant\n    bits: 4\n    group_size: 32",
+                                  "bipolar\n    bits: 3\n    group_size: 32",
+                                  "bcq\n    bits: 2\n    group_size: 32"], ids=["finequant", "bipolar", "bcq"])
+def test_gptq_coefficients_follow_the_model_dtype(tmp_path, calib_file, body):
+    """The layers are calibrated in float32, but a bf16 model's scales/alphas are stored in bf16 (scale_dtype auto),
+    so loading in the model's dtype keeps every weight exactly on the grid GPTQ rounded to."""
+    from bitsmith.api import load
+    from safetensors.torch import load_file
+
+    model = make_calibrated_llama(tmp_path / "m")  # bf16
+    out = tmp_path / "out"
+    compress(parse_recipe(_gptq_recipe(body, calib_file)), model, out, progress=False)
+    floats = {k: v.dtype for k, v in load_file(out / "model.safetensors").items()
+              if v.is_floating_point() and ("scale" in k or "alpha" in k)}
+    assert floats and set(floats.values()) == {torch.bfloat16}, floats
+    exact = dict(load(out, dtype=torch.float32).named_modules())
+    native = dict(load(out, dtype=torch.bfloat16).named_modules())
+    for n, m in exact.items():
+        if hasattr(m, "dequantized_weight"):
+            assert torch.equal(m.dequantized_weight().to(torch.bfloat16), native[n].dequantized_weight()), n
+
+
 @pytest.mark.parametrize("body", ["finequant\n    bits: 3\n    group_size: 32",
                                   "bipolar\n    bits: 3\n    group_size: 32"], ids=["finequant3", "bipolar3"])
 def test_gptq_beats_nearest_through_the_engine(tmp_path, calib_file, body):

@@ -408,7 +408,9 @@ def quantize_model(cfg, model: torch.nn.Module, tokens: torch.Tensor, targets: d
             hs.remove()
             for m, mod in mods.items():
                 wname, cls = by_module[m]
-                state = TensorState(wname, mod.weight.detach().clone(), m, cls)
+                # the layer computes in float32, but the grid's coefficients (scale_dtype: auto) must follow the
+                # model's dtype; the upcast was exact, so casting back loses nothing
+                state = TensorState(wname, mod.weight.detach().to(dtype), m, cls)
                 state, deq = quantize_with_hessian(cfg, state, hs.H[m], group_sizes.get(wname))
                 with torch.no_grad():
                     mod.weight.copy_(deq)  # the next layers see exactly what the packed format computes
