@@ -110,8 +110,10 @@ def test_split_candidates_are_valid_and_run():
     t = {k: v.to(DEVICE) for k, v in t.items()}
     g = torch.Generator().manual_seed(4)
     for M in (1, 3):
-        cands = bsr.configs(M, params, sms=4)
+        assert not any(c["chunk"] for c in bsr.configs(M, params, sms=4))  # split-K is opt-in
+        cands = bsr.configs(M, params, sms=4, split=True)
         assert cands[0]["chunk"] == 0 and any(c["chunk"] for c in cands)
+        assert all(c["block_m"] <= 16 for c in cands if c["chunk"])
         x = torch.randn(M, 1024, generator=g).half().to(DEVICE)
         ref = x.float().cpu() @ wd.t()
         for cfg in cands:

@@ -38,8 +38,9 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
                   the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
                   are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
-Split-K (`chunk` > 0 in the launch config): a block row's stored blocks are spread over several programs whose fp32
-partial tiles meet in a workspace (`_split_epilogue`; no host sync, CUDA-graph safe); the tuner picks it or not.
+Split-K (`chunk` > 0 in the launch config; opt-in, BITSMITH_BSR_SPLIT=1, M == 1 and 16-row tiles only): a block
+row's stored blocks are spread over several programs whose fp32 partial tiles meet in a workspace
+(`_split_epilogue`; no host sync, CUDA-graph safe). Not used by default: see `_split_epilogue` for why.
 Block shapes whose sides are not powers of two run the torch reference. On the CPU, `bitsmith.kernels.bsr_cpu`
 (gather + batched matmul) is used. What was measured: docs/results/blocksparse.md; format notes: docs/formats/bsr.md.
 """
@@ -279,14 +280,12 @@ if triton is not None:
     from .gwint_triton import _num_sms, _workspace, time_cold_us
 
     @triton.jit
-    def _fence(tile_id, ON: tl.constexpr):
-        """One GPU-scope acq_rel fence in every thread (a [1] tensor, so once per thread); returns tile_id.
-        ON False (the interpreter): no fence."""
-        t = tl.zeros([1], dtype=tl.int32) + tile_id
+    def _fenced(x, ON: tl.constexpr):
+        """x, returned through a GPU-scope acq_rel fence in every thread holding it (ON False: the interpreter)."""
         if ON:
-            t = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [t], dtype=tl.int32,
+            x = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
                                           is_pure=False, pack=1)
-        return tl.sum(t, axis=0)
+        return x
 
     @triton.jit
     def _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, parts,
@@ -294,8 +293,11 @@ if triton is not None:
         """acc fp32 [BM, BN] -> out (+ bias). With parts > 1 every split adds its tile into the fp32 workspace and
         counts itself in; the last one to count reads the sum, writes the output and puts the workspace tile and
         the counter back to zero (gwint's no-host-sync pattern). Each thread fences after its adds (a GPU-scope
-        fence, before the barrier and the count): the first GPU run without it read a partly summed tile in 2 of
-        ~40 split launches (8 warps, 128 x 32 tiles): a barrier alone does not wait for other warps' adds."""
+        fence, before the barrier and the count, its result feeding the counter address through a reduction).
+        Measured on the H100: without a fence, 2 of ~40 split launches with 128 x 32 tiles read a partly summed
+        tile; with this form 0 of ~200 split launches failed in one run; with a single fence per thread (no data
+        dependency) 60 of ~200 failed, all with BLOCK_M >= 64. So split-K is opt-in (BITSMITH_BSR_SPLIT=1) and
+        `launch` uses it only for M == 1 and BLOCK_M <= 16, where no failure was seen in three runs."""
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         if parts == 1:
@@ -305,11 +307,12 @@ if triton is not None:
         else:
             ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
             tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-            tile = _fence(tile_id, FENCE)  # this thread's adds are performed at GPU scope before the count
+            chk = _fenced(offs_n, FENCE)  # == offs_n, after this thread's adds are performed at GPU scope
             tl.debug_barrier()
-            prev = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            prev = tl.atomic_add(cnt_ptr + tile_id + tl.min(chk - offs_n, axis=0), 1, sem="acq_rel")
             if prev == parts - 1:
-                tile = _fence(tile, FENCE)
+                chk = _fenced(offs_n, FENCE)
+                ws_ptrs = ws_ptr + offs_m[:, None] * N + chk[None, :]
                 tot = tl.load(ws_ptrs, mask=mask, other=0.0, volatile=True)
                 if HAS_BIAS:
                     tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -533,20 +536,26 @@ def _chunks(params: dict, row_programs: int, nblk: int, sms: int, waves=(4, 8, 1
     return out
 
 
-def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
+def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> list[dict]:
     """Launch candidates for an [M, K] input, the heuristic default first.
 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
     for the tensor cores (M >= 2) whatever the block width. `chunk` (0: whole block rows) splits each block row's
     stored blocks over several programs of `chunk` blocks (split-K), for the grid to fill the GPU and for long block
-    rows not to set the time; the first `split_tiles` tiles get split variants.
+    rows not to set the time. Split variants (of the first tiles, M == 1 and 16-row tiles only) are offered only
+    with split=True or BITSMITH_BSR_SPLIT=1: on the H100 they gained little (8192x8192 s90-b64 M=16: 11.9 vs 12.6
+    us) and 64/128-row split tiles gave wrong sums (see `_split_epilogue`).
     """
     N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
     elt = 1 if bits else 2  # bytes per stored code/value (int4: two codes per byte, counted per byte)
     out = []
 
+    if split is None:
+        split = os.environ.get("BITSMITH_BSR_SPLIT", "0") == "1"
+
     def add(cfg, split_tile):
+        split_tile = split_tile and split and cfg["block_m"] <= 16
         chunks = _chunks(params, (N // cfg["block_r"]) * -(-M // cfg["block_m"]), cfg["nblk"], sms) if split_tile \
             else [0]
         for ch in chunks:
@@ -650,8 +659,8 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     crow = tensors["crow_indices"]
     chunk = cfg.get("chunk") or KB
     gemv = bm == 1 and M == 1
-    if not gemv and not _can_dot(params, bm, br, nblk):
-        chunk = KB  # the thin-block multiply-reduce path does not split (measured wrong on the H100, see configs)
+    if not gemv and (bm > 16 or not _can_dot(params, bm, br, nblk)):
+        chunk = KB  # split-K only for the GEMV and 16-row mm tiles (see `_split_epilogue`, `configs`)
     n_split = cfg.get("n_split") or (1 if chunk >= KB else max(1, -(-max_row_blocks(crow, params) // chunk)))
     if chunk >= KB:
         n_split = 1
