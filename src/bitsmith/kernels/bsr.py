@@ -722,23 +722,18 @@ def tune_key(M: int, params: dict, dtype: torch.dtype, has_bias: bool, device) -
 def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """x [..., K] (fp16/bf16) @ W^T (+ bias) -> [..., N] by the Triton kernels; `config` forces a launch config."""
-    K, N = params["in_features"], params["out_features"]
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    from .launch import flat_rows
+
+    rows = flat_rows(x, params["in_features"], params["out_features"])
+    x2, out, M = rows.x2, rows.out, rows.M
     if M == 0:
-        return out.reshape(*lead, N)
+        return rows.result()
     if config is None:
         cands = configs(M, params, _num_sms(x.device))
         config = _tune(tune_key(M, params, x.dtype, bias is not None, x.device), cands,
                        lambda c: launch(x2, tensors, params, bias, out, c), x.device)
     launch(x2, tensors, params, bias, out, config)
-    return out.reshape(*lead, N)
+    return rows.result()
 
 
 # --------------------------------------------------------------------------------------------------------------
