@@ -6,6 +6,14 @@ calibration text, Wanda-style, summed per block as output energy). Allocation: p
 `global` (one threshold over all layers, each layer's sparsity bounded by min/max_sparsity). `refit: true` re-solves
 the kept weights of every output row by ridge least squares on the calibration inputs (mask fixed).
 
+`sequential: true` prunes the decoder layers one after another (SparseGPT's order): each layer's statistics (input
+norms, Gram matrices) are collected on the inputs that the already pruned (and refitted) earlier layers produce,
+through the layer runner of `bitsmith.quant.gptq` (`run_layers`: one layer in float32 at a time, plus the hidden
+states of the calibration set), so a layer's scores and refit see the errors of the layers before it. Allocation is
+per matrix (`layer` or `row`); `global` needs every layer's scores at once and is refused with it. Targeted
+modules outside the decoder layers are pruned last, on statistics from a forward of the pruned model. One process
+only (refused under ranks).
+
 Its kind follows the config: with `score: magnitude`, no refit and a per-layer or per-row allocation it needs
 nothing but each weight, so it is a tensor pass (streamed one weight at a time, like the quantizers: checkpoints
 bigger than memory, `--workers`, ranks); activation scores, refit or a global threshold need the whole model, so it
@@ -76,8 +84,13 @@ class BlockSparse(CalibrationFields):
     refit: bool = Field(False, description="re-solve the kept weights by least squares on calibration inputs")
     ridge: float = Field(0.01, ge=0.0, description="refit: ridge, relative to the mean diagonal of X^T X")
     refit_iters: int = Field(25, ge=0, description="refit: conjugate-gradient steps; 0 = exact (slow for thin blocks)")
+    sequential: bool = Field(False, description="prune decoder layer by layer, each on the inputs that the pruned"
+                                                " earlier layers produce (activation scores or refit; scope layer/row)")
 
-    supports_ranks: ClassVar[bool] = True  # as a model pass under torchrun: shares its work, same bytes as 1 rank
+    @property
+    def supports_ranks(self) -> bool:
+        """As a model pass under torchrun it shares its work (same bytes as 1 rank); the sequential form does not."""
+        return not self.sequential
 
     @property
     def kind(self) -> PassKind:  # type: ignore[override]
@@ -93,6 +106,12 @@ class BlockSparse(CalibrationFields):
         if self.scope == "global" and not self.min_sparsity <= self.sparsity <= self.max_sparsity:
             raise ValueError(f"sparsity {self.sparsity} must lie within [min_sparsity {self.min_sparsity},"
                              f" max_sparsity {self.max_sparsity}]")
+        if self.sequential and self.scope == "global":
+            raise ValueError("sequential: true allocates per matrix, layer after layer; scope global needs every"
+                             " layer's scores at once: use scope layer or row, or sequential: false")
+        if self.sequential and not self.needs_calibration:
+            raise ValueError("sequential: true needs calibration statistics: score activation or refit: true"
+                             " (magnitude scores without refit do not depend on the earlier layers)")
         return self
 
     @property
@@ -178,6 +197,17 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
         raise PlanError(f"{where}: block {R}x{C} does not tile {', '.join(bad[:6])}; choose another block or"
                         " ignore them")
     ranks = parallel.active_world() if distributed else None
+    if cfg.sequential:
+        if ranks is not None:
+            raise PlanError(f"{where}: sequential: true runs in one process (each layer waits for the ones before"
+                            " it); run it without torchrun, or use sequential: false")
+        if stats is not None:
+            raise RecipeError(f"{where}: sequential: true collects its statistics layer by layer; precomputed"
+                              " `stats` cannot be used with it")
+        if tokenizer is None:
+            raise RecipeError(f"{where}: sequential pruning needs calibration text and a tokenizer")
+        return _prune_sequential(model, cfg, modules, tokenizer, progress=progress, log=log, where=where,
+                                 measure=cfg.refit if measure is None else measure, t0=t0)
     rank, world = ranks or (0, 1)
     if cfg.needs_calibration and stats is None:
         if tokenizer is None:
@@ -215,19 +245,7 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
         else:
             gram = stats[names[0]].gram if (stats is not None and names[0] in stats) else None
         for n in names:
-            w = modules[n].weight
-            keep = masks[n]
-            masked = w.to(torch.float32) * S.expand(keep, cfg.block)
-            entry = {"sparsity": round(S.sparsity_of(keep), 4)}
-            if gram is not None and measure:
-                entry["out_err"] = round(S.output_error(masked, w, gram), 6)
-            if cfg.refit:
-                new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)
-                entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
-            else:
-                new = masked
-            w.copy_(new.to(w.dtype))
-            report["modules"][n] = entry
+            report["modules"][n] = _prune_one(modules[n].weight, masks[n], cfg, gram, measure)
         del gram
     for job, _buf in sends:
         job.wait()
@@ -245,18 +263,109 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
     report["calibration_s"] = round(t1 - t0, 2)
     report["seconds"] = round(time.time() - t0, 2)
     if log is not None:
-        sp = [e["sparsity"] for e in report["modules"].values()]
-        msg = (f"{where}: {len(modules)} matrices, {R}x{C} blocks, {cfg.score} scores, {cfg.scope} allocation:"
-               f" {report['sparsity']:.1%} of their weights zeroed (per matrix {min(sp):.1%}..{max(sp):.1%})")
-        errs = [e["out_err"] for e in report["modules"].values() if "out_err" in e]
-        if errs:
-            msg += f"; mean relative output error {sum(errs) / len(errs):.4f}"
-        refits = [e["out_err_refit"] for e in report["modules"].values() if "out_err_refit" in e]
-        if refits:
-            msg += f" -> {sum(refits) / len(refits):.4f} after refit"
-        msg += (f"; {report['seconds']:.2f} s (calibration {report['calibration_s']:.2f} s)"
-                + (f" on {world} ranks" if ranks is not None else ""))
-        log(msg)
+        log(_summary(report, cfg, where) + (f" on {world} ranks" if ranks is not None else ""))
+    return report
+
+
+@torch.no_grad()
+def _prune_one(w: torch.Tensor, keep: torch.Tensor, cfg: BlockSparse, gram, measure: bool,
+               dtype: torch.dtype | None = None) -> dict:
+    """Zero the pruned blocks of `w` in place (refitting the kept weights when asked; the result rounded to `dtype`,
+    default w's) and return its report entry."""
+    masked = w.to(torch.float32) * S.expand(keep, cfg.block)
+    entry = {"sparsity": round(S.sparsity_of(keep), 4)}
+    if gram is not None and measure:
+        entry["out_err"] = round(S.output_error(masked, w, gram), 6)
+    if cfg.refit:
+        new = S.refit_rows(w, keep, cfg.block, gram, cfg.ridge, cfg.refit_iters)
+        entry["out_err_refit"] = round(S.output_error(new, w, gram), 6)
+    else:
+        new = masked
+    w.copy_(new.to(dtype or w.dtype))
+    return entry
+
+
+def _summary(report: dict, cfg: BlockSparse, where: str) -> str:
+    R, C = cfg.block
+    sp = [e["sparsity"] for e in report["modules"].values()]
+    msg = (f"{where}: {len(report['modules'])} matrices, {R}x{C} blocks, {cfg.score} scores, {cfg.scope} allocation"
+           f"{', sequential' if cfg.sequential else ''}: {report['sparsity']:.1%} of their weights zeroed (per matrix"
+           f" {min(sp):.1%}..{max(sp):.1%})")
+    errs = [e["out_err"] for e in report["modules"].values() if "out_err" in e]
+    if errs:
+        msg += f"; mean relative output error {sum(errs) / len(errs):.4f}"
+    refits = [e["out_err_refit"] for e in report["modules"].values() if "out_err_refit" in e]
+    if refits:
+        msg += f" -> {sum(refits) / len(refits):.4f} after refit"
+    return msg + f"; {report['seconds']:.2f} s (calibration {report['calibration_s']:.2f} s)"
+
+
+def _prune_masks(cfg: BlockSparse, mods: dict, stats: dict, measure: bool, dtype, pruned: dict) -> dict:
+    """Score, allocate (per matrix) and prune `mods` with their statistics; {module: report entry}, and
+    pruned[module] = its number of zeroed weights."""
+    act = cfg.score == "activation"
+    scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in mods.items()}
+    masks = S.allocate(scores, cfg.sparsity, cfg.scope)
+    R, C = cfg.block
+    pruned.update({n: int((~k).sum()) * R * C for n, k in masks.items()})
+    return {n: _prune_one(m.weight, masks[n], cfg, stats[n].gram, measure, dtype) for n, m in mods.items()}
+
+
+@torch.no_grad()
+def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, progress, log, where, measure, t0
+                      ) -> dict:
+    """`sequential: true` (see the module docstring): prune_model's work, decoder layer by decoder layer."""
+    from tqdm.auto import tqdm
+
+    from ..quant.gptq import _Hessians, find_layers, run_layers
+
+    tokens = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
+                                             text_field=cfg.text_field, split=cfg.split, where=where)
+    device = next(model.parameters()).device
+    entries: dict = {}
+    counts: dict = {}
+    stack_name, layers = find_layers(model)
+    bar = tqdm(total=len(layers), desc=f"{where} sequential", disable=not progress, leave=False)
+    stat_s = [0.0]
+
+    def process(step) -> None:
+        mods = {n: m for n, m in modules.items() if n.startswith(step.name + ".")}
+        if mods:
+            t = time.time()
+            hs = _Hessians(mods)  # one Gram matrix per distinct input (q/k/v, gate/up), float32
+            step.run()
+            hs.remove()
+            stats = {n: calibration.LinearStats(hs.H[n].diagonal().to(torch.float64), gram=hs.H[n]) for n in mods}
+            stat_s[0] += time.time() - t
+            # rounded to the model's dtype at once, so the next layers see the weights that will be stored
+            entries.update(_prune_masks(cfg, mods, stats, measure, step.dtype, counts))
+        bar.update(1)
+
+    run_layers(model, tokens, cfg.batch_size, device, process)
+    bar.close()
+    rest = {n: m for n, m in modules.items() if n not in entries}
+    if rest:  # outside the decoder layers (e.g. an untied head): statistics from the pruned model's forward
+        t = time.time()
+        dtype = next(model.parameters()).dtype
+        upcast = device.type == "cpu" and dtype != torch.float32
+        if upcast:
+            model.to(torch.float32)
+        try:
+            stats = calibrate(model, cfg, list(rest), tokenizer, gram=True, desc=where)
+            stat_s[0] += time.time() - t
+            entries.update(_prune_masks(cfg, rest, stats, measure, dtype, counts))
+        finally:
+            if upcast:
+                model.to(dtype)
+    pruned = sum(counts.values())
+    total = sum(m.weight.numel() for m in modules.values())
+    report = {"modules": {n: entries[n] for n in modules}, "block": list(cfg.block), "score": cfg.score,
+              "scope": cfg.scope, "refit": cfg.refit, "sequential": True,
+              "sparsity": pruned / total if total else 0.0, "calibration_s": round(stat_s[0], 2),
+              "seconds": round(time.time() - t0, 2), "outside_layers": sorted(rest)}
+    if log is not None:
+        log(_summary(report, cfg, where) + (f"; pruned after the layers ({stack_name}): {', '.join(sorted(rest))}"
+                                            if rest else ""))
     return report
 
 
@@ -319,9 +428,11 @@ def apply_block_sparse(cfg: BlockSparse, model, ctx) -> None:
     progress = bool(getattr(ctx, "progress", False))
     device = getattr(ctx, "device", None)
     tokenizer = resolve_tokenizer(cfg, model, ctx, where) if cfg.needs_calibration else None
-    # Calibration on a CPU runs in float32 (bf16 matmuls are slower there and round the statistics).
+    # Calibration on a CPU runs in float32 (bf16 matmuls are slower there and round the statistics); the sequential
+    # form upcasts one layer at a time itself.
     dtype = next(model.parameters()).dtype
-    upcast = cfg.needs_calibration and (device is None or str(device) == "cpu") and dtype != torch.float32
+    upcast = (cfg.needs_calibration and not cfg.sequential and (device is None or str(device) == "cpu")
+              and dtype != torch.float32)
     if upcast:
         model.to(torch.float32)
     try:

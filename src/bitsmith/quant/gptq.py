@@ -22,7 +22,8 @@ Per Linear W [N, K] and its H [K, K]:
 
 The result is the pass's packed tensors, and its dequantized weight is exactly what the format dequantizes to.
 
-Sequential calibration over the model (`quantize_model`): the calibration tokens go through the embeddings once (the
+Sequential calibration over the model (`run_layers`, used by `quantize_model` and by `block_sparse` with
+`sequential: true`): the calibration tokens go through the embeddings once (the
 decoder layers are replaced by stand-ins that record their inputs and keyword arguments: masks, rotary embeddings);
 then for each decoder layer in turn: upcast it to float32, accumulate H for its targeted Linears (one Gram matrix
 per distinct input tensor: q/k/v and gate/up share theirs), quantize them, run the quantized layer to get the inputs
@@ -38,7 +39,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol
 
 import torch
 from pydantic import Field
@@ -365,11 +366,58 @@ class GptqReport:
     nearest_fallback: list = field(default_factory=list)
 
 
+@dataclass
+class LayerStep:
+    """One decoder layer during `run_layers`: `layer` is in float32 until the step ends; `run()` sends the
+    calibration inputs (the outputs of the already processed earlier layers) through it, so that hooks on its
+    modules see them."""
+
+    index: int
+    name: str  # the layer's module name, e.g. "model.layers.3"
+    layer: torch.nn.Module
+    dtype: torch.dtype  # the layer's own dtype (restored when the step ends)
+    hidden: list  # float32 hidden states entering the layer, one per batch
+    kwargs: list  # (args, kwargs) of the layer per batch
+
+    @torch.no_grad()
+    def run(self) -> list[torch.Tensor]:
+        """The layer's outputs on the calibration inputs (float32, one per batch)."""
+        return [_first(self.layer(h, *a, **k)).to(torch.float32) for h, (a, k) in zip(self.hidden, self.kwargs)]
+
+
+def run_layers(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, device,
+               process: Callable[[LayerStep], None], finished: Callable[[LayerStep], None] | None = None
+               ) -> tuple[str, int]:
+    """Sequential calibration: the tokens [S, L] go through the embeddings once (`capture_layer_inputs`); then for
+    each decoder layer in order: upcast it to float32, `process(step)` (collect statistics with `step.run()` under
+    hooks, change its weights), run the processed layer to get the next layer's inputs, cast it back, then
+    `finished(step)`. Memory: one layer in float32 and the hidden states of the calibration set.
+    Returns (the layer stack's name, its number of layers)."""
+    stack_name, layers = find_layers(model)
+    hidden, kwargs = capture_layer_inputs(model, layers, tokens, batch_size, device)
+    for li in range(len(layers)):
+        layer = layers[li]
+        dtype = next(layer.parameters()).dtype
+        layer.to(torch.float32)
+        step = LayerStep(li, f"{stack_name}.{li}", layer, dtype, hidden, kwargs[li])
+        try:
+            process(step)
+            hidden = step.run()
+        finally:
+            layer.to(dtype)
+        kwargs[li] = None
+        step.hidden = step.kwargs = None
+        if finished is not None:
+            finished(step)
+    return stack_name, len(layers)
+
+
 def quantize_model(cfg, model: torch.nn.Module, tokens: torch.Tensor, targets: dict[str, tuple[str, str]],
                    group_sizes: dict[str, int], *, device=None, progress: bool = False, log_fn=None,
                    nearest=None) -> tuple[dict[str, TensorState], GptqReport]:
-    """GPTQ over the decoder layers in order. `targets`: {weight name: (module, class)}; `group_sizes`: {weight name:
-    size} where the pass chose them beforehand (finequant auto). Returns ({weight name: packed state}, report).
+    """GPTQ over the decoder layers in order (`run_layers`). `targets`: {weight name: (module, class)};
+    `group_sizes`: {weight name: size} where the pass chose them beforehand (finequant auto). Returns ({weight name:
+    packed state}, report).
 
     `nearest(state) -> state` rounds a targeted weight that lies outside the decoder layers (no calibration inputs
     are collected there).
@@ -383,51 +431,50 @@ def quantize_model(cfg, model: torch.nn.Module, tokens: torch.Tensor, targets: d
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     stack_name, layers = find_layers(model)
-    prefix = stack_name + "."
     by_module = {mod: (wname, cls) for wname, (mod, cls) in targets.items()}
     named = dict(model.named_modules())
     calib = cfg.calib
-    hidden, kwargs = capture_layer_inputs(model, layers, tokens, calib.batch_size, device)
     report = GptqReport(tokens=int(tokens.numel()), layers=len(layers))
     results: dict[str, TensorState] = {}
     done: set[str] = set()
-    bar = tqdm(range(len(layers)), desc=f"{cfg.type} gptq", disable=not progress, leave=False)
-    for li in bar:
-        t0 = time.time()
-        layer = layers[li]
-        lname = f"{prefix}{li}"
-        dtype = next(layer.parameters()).dtype
-        layer.to(torch.float32)
-        mods = {m: named[m] for m in by_module if m.startswith(lname + ".")}
-        errs = []
-        if mods:
-            hs = _Hessians(mods)
+    bar = tqdm(total=len(layers), desc=f"{cfg.type} gptq", disable=not progress, leave=False)
+    cur: dict = {}
+
+    def process(step: LayerStep) -> None:
+        cur["t0"] = time.time()
+        mods = {m: named[m] for m in by_module if m.startswith(step.name + ".")}
+        errs = cur["errs"] = []
+        cur["n"] = len(mods)
+        if not mods:
+            return
+        hs = _Hessians(mods)
+        step.run()
+        hs.remove()
+        for m, mod in mods.items():
+            wname, cls = by_module[m]
+            # the layer computes in float32, but the grid's coefficients (scale_dtype: auto) must follow the
+            # model's dtype; the upcast was exact, so casting back loses nothing
+            state = TensorState(wname, mod.weight.detach().to(step.dtype), m, cls)
+            state, deq = quantize_with_hessian(cfg, state, hs.H[m], group_sizes.get(wname))
             with torch.no_grad():
-                for h, (a, k) in zip(hidden, kwargs[li]):
-                    layer(h, *a, **k)
-            hs.remove()
-            for m, mod in mods.items():
-                wname, cls = by_module[m]
-                # the layer computes in float32, but the grid's coefficients (scale_dtype: auto) must follow the
-                # model's dtype; the upcast was exact, so casting back loses nothing
-                state = TensorState(wname, mod.weight.detach().to(dtype), m, cls)
-                state, deq = quantize_with_hessian(cfg, state, hs.H[m], group_sizes.get(wname))
-                with torch.no_grad():
-                    mod.weight.copy_(deq)  # the next layers see exactly what the packed format computes
-                state.tensor = deq.to(dtype)
-                results[wname] = state
-                done.add(m)
-                errs.append(state.facts[cfg.type]["output_rel_error"])
-            del hs
-        with torch.no_grad():
-            hidden = [_first(layer(h, *a, **k)).to(torch.float32) for h, (a, k) in zip(hidden, kwargs[li])]
-        layer.to(dtype)
-        kwargs[li] = None
-        secs = time.time() - t0
+                mod.weight.copy_(deq)  # the next layers see exactly what the packed format computes
+            state.tensor = deq.to(step.dtype)
+            results[wname] = state
+            done.add(m)
+            errs.append(state.facts[cfg.type]["output_rel_error"])
+        del hs
+
+    def finished(step: LayerStep) -> None:
+        secs = time.time() - cur["t0"]
+        errs = cur["errs"]
         mean_err = sum(errs) / len(errs) if errs else 0.0
-        report.per_layer.append((li, round(secs, 2), round(mean_err, 6)))
-        say(f"{cfg.type} gptq: layer {li + 1}/{len(layers)}: {len(mods)} Linears, {secs:.1f} s, mean output"
+        report.per_layer.append((step.index, round(secs, 2), round(mean_err, 6)))
+        say(f"{cfg.type} gptq: layer {step.index + 1}/{len(layers)}: {cur['n']} Linears, {secs:.1f} s, mean output"
             f" relative error {mean_err:.5f}, peak {peak_memory_mb(device):.0f} MB")
+        bar.update(1)
+
+    run_layers(model, tokens, calib.batch_size, device, process, finished)
+    bar.close()
     for m, (wname, cls) in by_module.items():
         if m in done:
             continue
