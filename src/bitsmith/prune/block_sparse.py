@@ -338,7 +338,14 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
             stats = {n: calibration.LinearStats(hs.H[n].diagonal().to(torch.float64), gram=hs.H[n]) for n in mods}
             stat_s[0] += time.time() - t
             # rounded to the model's dtype at once, so the next layers see the weights that will be stored
-            entries.update(_prune_masks(cfg, mods, stats, measure, step.dtype, counts))
+            done = _prune_masks(cfg, mods, stats, measure, step.dtype, counts)
+            entries.update(done)
+            if log is not None:
+                errs = [e.get("out_err_refit", e.get("out_err")) for e in done.values()]
+                errs = [x for x in errs if x is not None]
+                log(f"{where}: layer {step.index + 1}/{len(layers)}: {len(mods)} matrices pruned"
+                    + (f", mean relative output error {sum(errs) / len(errs):.4f}" if errs else "")
+                    + f", {time.time() - t:.1f} s")
         bar.update(1)
 
     run_layers(model, tokens, cfg.batch_size, device, process)
