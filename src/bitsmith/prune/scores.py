@@ -134,8 +134,8 @@ def refit_rows(w: torch.Tensor, keep: torch.Tensor, block: tuple[int, int], gram
     """The masked weight with each block row's kept weights re-solved by ridge least squares (float32 [N, K]).
 
     `iters` > 0: use `iters` steps of Jacobi-preconditioned conjugate gradients on all rows at once (`refit_cg`: one
-    [N, K] x [K, K] product per step) when that costs fewer flops than the exact solution below (thin blocks on
-    wide layers); 0: always exact.
+    [N, K] x [K, K] product per step) when that costs less than the exact solution below, its flops weighted by
+    `EXACT_FLOP_COST` (thin blocks); 0: always exact.
 
     Each block row (R output rows sharing one set S of kept columns, P pruned) solves the same problem in whichever
     form is smaller: with A = G + lambda I,
@@ -146,7 +146,7 @@ def refit_rows(w: torch.Tensor, keep: torch.Tensor, block: tuple[int, int], gram
     """
     R, C = block
     N, K = w.shape
-    if iters > 0 and iters * 2 * N * K * K < exact_flops(keep, block, K):
+    if iters > 0 and iters * 2 * N * K * K < EXACT_FLOP_COST * exact_flops(keep, block, K):
         return refit_cg(w, expand(keep, block), gram, ridge, iters)
     NB = N // R
     wf = w.to(torch.float64).reshape(NB, R, K)
@@ -222,6 +222,13 @@ def _solve_chunk(out, wf, keep_cols, rows, m, mat, form_p: bool, rhs_full, y_ful
         res = torch.zeros_like(W)
         res.scatter_add_(2, gidx, new_s)
         out[rows] = res
+
+
+# The exact path's batched float64 factorizations run far fewer flops per second than CG's float32 products: on
+# one CPU thread, a 1536 x 576 weight with 1x16 blocks at 50% took 9.1 s exact (9.3 GFLOP) and 0.7 s with 25 CG
+# steps (25.5 GFLOP), the same output error to 5 digits (docs/results/blocksparse.md, "Sequential pruning"). A flop
+# of the exact path is counted as this many of CG's when choosing.
+EXACT_FLOP_COST = 10.0
 
 
 def exact_flops(keep: torch.Tensor, block: tuple[int, int], K: int) -> float:
