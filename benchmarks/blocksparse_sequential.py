@@ -4,7 +4,8 @@
         [--configs 1x16:seq,1x16:oneshot,16x16:seq,16x16:oneshot] [--sparsity 0.5] [--tokens 8192] [--window 1024] \
         [--recover-steps 100] [--recover-lr 2e-4] [--recover-batch 4] [--recover-seq-len 256] [--out rows.jsonl]
 
-The model is loaded once in float32 (CPU). Each configuration BLOCKxBLOCK:MODE starts from the dense weights and
+The model is loaded once in float32 (CPU). Each configuration RxC:MODE[:SCOPE] (MODE seq or oneshot, SCOPE layer
+(default) or row) starts from the dense weights and
 runs `bitsmith.prune.block_sparse.prune_model` with activation scores and the least-squares refit (`--samples` x
 `--seq-len` calibration tokens of --calib, seeded, as the `block_sparse` pass samples them; MODE seq sets
 `sequential: true`). The pruned weights are rounded to bfloat16, as a bf16 checkpoint stores them, and scored on the
@@ -87,17 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         emit({"config": "dense", "ppl": p, "eval_s": s})
     best = None
     for item in filter(None, args.configs.split(",")):
-        block_s, mode = item.split(":")
+        block_s, mode, scope = (item.split(":") + ["layer"])[:3]
         block = tuple(int(v) for v in block_s.lower().split("x"))
         cfg = BlockSparse(sparsity=args.sparsity, block=block, score="activation", refit=True,
-                          text=str(args.calib), samples=args.samples, seq_len=args.seq_len, sequential=mode == "seq")
+                          text=str(args.calib), samples=args.samples, seq_len=args.seq_len, sequential=mode == "seq",
+                          scope=scope)
         set_weights(dense)
         report = prune_model(model, cfg, tokenizer=tok, log=log)
         round_bf16()
         errs = [e["out_err_refit"] for e in report["modules"].values()]
         p, s = ppl()
-        row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}", "block": block_s,
-               "sequential": mode == "seq", "achieved_sparsity": round(report["sparsity"], 4),
+        row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}" + (":row" if scope == "row" else ""),
+               "block": block_s, "sequential": mode == "seq", "scope": scope, "achieved_sparsity": round(report["sparsity"], 4),
                "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"], "recover_steps": 0,
                "ppl": p, "eval_s": s}
         emit(row)
