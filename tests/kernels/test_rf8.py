@@ -148,7 +148,7 @@ def test_rf8_pass_and_recipe_end_to_end(tmp_path):
 
     src = make_tiny_llama(tmp_path / "tiny")
     out = tmp_path / "rf8"
-    bitsmith.compress(load_recipe("rf8"), src, out, progress=False)
+    bitsmith.compress(load_recipe("rf8-nearest"), src, out, progress=False)
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
     assert len(modules) == 14 and all(m["format"] == "rf8" for m in modules.values())
     assert modules["model.layers.0.mlp.down_proj"]["group_size"] == 96
@@ -214,3 +214,19 @@ def test_rf8_gptq_recipe(tmp_path):
     near, _ = rf8.pack(dense)
     assert not torch.equal(packed["model.layers.0.mlp.down_proj.qweight"], near["qweight"])  # not plain rounding
     assert torch.equal(packed["model.layers.0.mlp.down_proj.exps"], near["exps"])
+
+
+def test_bundled_rf8_recipe_rounds_by_gptq_on_the_bundled_sample(tmp_path):
+    import json
+
+    import bitsmith
+    from bitsmith.compress.recipe import load_recipe
+    from tests.prune.conftest import make_calibrated_llama
+
+    src = make_calibrated_llama(tmp_path / "tiny")
+    recipe = load_recipe("rf8")
+    assert [p.type for p in recipe.passes] == ["rf8_gptq", "rf8"]
+    out = tmp_path / "out"
+    bitsmith.compress(recipe, src, out, progress=False)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == 14 and all(m["format"] == "rf8" for m in modules.values())
