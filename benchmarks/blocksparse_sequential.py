@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         errs = [e["out_err_refit"] for e in report["modules"].values()]
         p, s = ppl()
         row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}" + (":row" if scope == "row" else ""),
-               "block": block_s, "sequential": mode == "seq", "scope": scope, "achieved_sparsity": round(report["sparsity"], 4),
-               "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"], "recover_steps": 0,
+               "block": block_s, "sequential": mode == "seq", "scope": scope,
+               "achieved_sparsity": round(report["sparsity"], 4), "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"], "recover_steps": 0,
                "ppl": p, "eval_s": s}
         emit(row)
         if best is None or p < best[0]["ppl"]:
