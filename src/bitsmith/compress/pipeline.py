@@ -219,12 +219,13 @@ def run(recipe: Recipe, model: str | Path, output: str | Path, *, overwrite: boo
     if workers > 1 and not _tensor_only(plan):
         raise PlanError(f"{recipe.source}: --workers needs a recipe of tensor passes only"
                         f" (this one has {', '.join(p.config.type for p in plan.passes if p.config.kind is not PassKind.TENSOR)})")
-    unranked = [p.config.type for p in plan.passes
+    unranked = [p.config.type + (" (sequential)" if getattr(p.config, "sequential", False) else "")
+                for p in plan.passes
                 if p.config.kind is not PassKind.TENSOR and not getattr(p.config, "supports_ranks", False)]
     if world > 1 and unranked:
         raise PlanError(f"{recipe.source}: a multi-rank run (torchrun, accelerate launch) takes tensor passes and"
-                        f" model passes that share their work between ranks (block_sparse); this recipe has"
-                        f" {', '.join(unranked)}: run it in one process")
+                        f" model passes that share their work between ranks (block_sparse, except sequential);"
+                        f" this recipe has {', '.join(unranked)}: run it in one process")
     if world <= 1:
         return _run(recipe, model, output, plan, source, reader, overwrite, shard_bytes, allow_pickle, device,
                     progress, workers, start)
