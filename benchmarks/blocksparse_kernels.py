@@ -43,6 +43,7 @@ FORMATS = {
     "s80-b64-w4": (0.8, (64, 64), 4, 128),
     "s50-b16": (0.5, (16, 16), None, None),
     "s50-b32": (0.5, (32, 32), None, None),
+    "s50-b1x16": (0.5, (1, 16), None, None),  # the block-sparse-50 recipe's blocks
     "s80-b16": (0.8, (16, 16), None, None),
     "s80-b16-w4": (0.8, (16, 16), 4, 128),
 }
