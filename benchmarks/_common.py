@@ -37,3 +37,17 @@ def chosen_configs(ap: argparse.ArgumentParser, spec: str, configs: Mapping[str,
     if unknown:
         ap.error(f"unknown configs {unknown}")
     return names
+
+
+def load_causal_lm(model_arg: str):
+    """(model in float32, eval mode; its tokenizer; a short name) from a model folder or an example name
+    (`smollm2-135m`, `gemma3-270m`, fetched into the cache if needed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitsmith.compress.examples import EXAMPLES, fetch_example
+
+    folder = fetch_example(model_arg, progress=False) if model_arg in EXAMPLES else Path(model_arg)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    name = model_arg if model_arg in EXAMPLES else Path(model_arg).name
+    return model, AutoTokenizer.from_pretrained(folder), name

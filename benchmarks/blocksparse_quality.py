@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import append_jsonl
+from _common import append_jsonl, load_causal_lm
 
 
 def _blocks(s: str) -> list[tuple[int, int]]:
@@ -60,19 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from bitsmith.compress.calibration import activation_bytes, calibration_batches, collect_stats
     from bitsmith.compress.evaluate import perplexity, read_text
-    from bitsmith.compress.examples import EXAMPLES, fetch_example
     from bitsmith.prune.block_sparse import BlockSparse, prune_model, targeted_linears
     from bitsmith.prune.recover import Recover, recover_model
 
-    folder = fetch_example(args.model, progress=False) if args.model in EXAMPLES else Path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model, tok, name = load_causal_lm(args.model)
     text = read_text(args.text)
-    name = args.model if args.model in EXAMPLES else Path(args.model).name
     rows: list[dict] = []
 
     def emit(row: dict) -> None:

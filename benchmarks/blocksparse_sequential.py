@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import append_jsonl, log
+from _common import append_jsonl, load_causal_lm, log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,18 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from bitsmith.compress.evaluate import perplexity, read_text
-    from bitsmith.compress.examples import EXAMPLES, fetch_example
     from bitsmith.prune.block_sparse import BlockSparse, prune_model, targeted_linears
     from bitsmith.prune.recover import Recover, recover_model
 
-    folder = fetch_example(args.model, progress=False) if args.model in EXAMPLES else Path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model, tok, name = load_causal_lm(args.model)
     text = read_text(args.text)
-    name = args.model if args.model in EXAMPLES else Path(args.model).name
     mods = targeted_linears(model, BlockSparse(), "benchmark")
     dense = {n: m.weight.detach().clone() for n, m in mods.items()}
 
