@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import flat_rows, grouped_pid
+from .launch import flat_rows, grouped_pid, median_replay_ms
 
 MAGIC_F32 = 0x4B000000  # float32 2^23; a kernel argument so that it sits in a register (see `_slot`)
 DEQUANT_MIN_M = 256  # from this many rows on, dequantize once and call cuBLAS (see docs/results/kernels-gwint.md)
@@ -736,18 +736,7 @@ def time_cold_us(fn, reps: int = 8, replays: int = 5) -> float:
                     fn()
         graphs.append(g)
     torch.cuda.current_stream().wait_stream(stream)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    med = []
-    for g in graphs:
-        g.replay()
-        ts = []
-        for _ in range(replays):
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end))
-        med.append(sorted(ts)[len(ts) // 2])
+    med = [median_replay_ms(g, replays) for g in graphs]
     return max(med[0] - med[1], 0.0) * 1e3 / reps
 
 
