@@ -71,3 +71,56 @@ def test_recover_config_checks(tiny_lm, tmp_path):
     with pytest.raises(RecipeError, match="teacher"):
         bitsmith.compress(parse_recipe(f"version: 1\npasses:\n  - {{type: recover, teacher: {tmp_path}}}\n"),
                           tiny_lm, tmp_path / "o", progress=False)
+
+
+def _pruned_and_teacher(tiny_lm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitsmith.prune.block_sparse import BlockSparse
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    bitsmith.apply(student, [BlockSparse(sparsity=0.5, block=(16, 16), score="magnitude")])
+    return student, teacher, AutoTokenizer.from_pretrained(tiny_lm)
+
+
+def test_teacher_cache_same_training_fewer_teacher_forwards(tiny_lm, calib_text):
+    from bitsmith.prune.recover import recover_model
+
+    runs = []
+    for gb in (0.0, 1.0):
+        student, teacher, tok = _pruned_and_teacher(tiny_lm)
+        # 4 samples, 5 steps x 2: every sequence comes back (10 sequences drawn)
+        cfg = Recover(steps=5, lr=0.01, text=str(calib_text), samples=4, seq_len=32, batch_size=2, micro_batch=1,
+                      teacher_cache_gb=gb)
+        report = recover_model(student, cfg, teacher, tok)
+        runs.append((report, {n: p.detach().clone() for n, p in student.named_parameters()}))
+    (plain, w_plain), (cached, w_cached) = runs
+    assert plain["teacher_forwards"] == 10 and cached["teacher_forwards"] == 4
+    assert cached["kl_first"] == pytest.approx(plain["kl_first"], rel=1e-5)
+    assert cached["kl_last"] == pytest.approx(plain["kl_last"], rel=1e-4)
+    for n, w in w_plain.items():
+        torch.testing.assert_close(w_cached[n], w, rtol=1e-4, atol=1e-6)
+        assert torch.equal(w_cached[n] == 0, w == 0)  # same masks kept
+    assert not torch.equal(w_plain["model.layers.0.mlp.up_proj.weight"],
+                           _pruned_and_teacher(tiny_lm)[0].model.layers[0].mlp.up_proj.weight)  # it trained
+
+
+def test_teacher_cache_shared_between_runs_and_bounded(tiny_lm, calib_text):
+    from bitsmith.prune.recover import TeacherLogits, recover_model
+
+    student, teacher, tok = _pruned_and_teacher(tiny_lm)
+    cfg = Recover(steps=2, lr=0.01, text=str(calib_text), samples=4, seq_len=32, batch_size=2)
+    cache = TeacherLogits(teacher)
+    assert recover_model(student, cfg, teacher, tok, teacher_cache=cache)["teacher_forwards"] == 4
+    student2 = _pruned_and_teacher(tiny_lm)[0]
+    assert recover_model(student2, cfg, teacher, tok, teacher_cache=cache)["teacher_forwards"] == 0
+    ids = torch.randint(0, 256, (2, 32))
+    with pytest.raises(ValueError, match="other tokens"):
+        cache(ids, [0, 1])
+    # a budget of one sequence's logits: the second is computed but not kept, and still returned right
+    small = TeacherLogits(teacher, max_bytes=32 * 256 * 4)
+    out = small(ids, [0, 1])
+    assert small.bytes == 32 * 256 * 4 and list(small.store) == [0]
+    with torch.no_grad():
+        torch.testing.assert_close(out, teacher(input_ids=ids).logits.float())

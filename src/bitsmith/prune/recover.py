@@ -19,6 +19,12 @@ GG(mu, nu, beta) is fitted (moment matching) at the start, and every step adds
 gg_prior * mean over tensors of mean_i ((|w_i - mu| + eps) / beta)^nu, eps = 1e-3 * beta — the tensor's GG negative
 log-likelihood up to constants, which holds the weights to the shape the earlier passes gave them (`gg_shape` sets
 one nu for every tensor instead). Off (0) by default: the pass then trains exactly as without the option.
+
+The teacher's forward is about a quarter of a step's arithmetic (one forward against the student's forward and
+backward). `teacher_cache_gb` > 0 keeps the teacher's float32 logits of each calibration sequence (up to that many
+GB) and reuses them when the sequence comes back (`samples` < steps x batch_size): the loss is unchanged, only the
+repeated teacher forwards go. `TeacherLogits` is the cache; a caller distilling several students toward the same
+teacher on the same sequences (benchmarks) passes one to `recover_model` and pays the teacher once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class Recover(CalibrationFields):
     gg_prior: float = Field(0.0, ge=0.0, description="weight of the generalized-Gaussian prior term (0: off)")
     gg_shape: Optional[float] = Field(None, gt=0.0, le=10.0, description="gg_prior: the prior's shape nu for every"
                                                                          " tensor; default: each tensor's fitted nu")
+    teacher_cache_gb: float = Field(0.0, ge=0.0, description="keep up to this many GB of teacher logits (float32)"
+                                                             " for sequences seen again (0: off)")
 
     kind: ClassVar[PassKind] = PassKind.MODEL
 
@@ -79,6 +87,42 @@ def load_teacher(cfg: Recover, ctx, device) -> torch.nn.Module:
     return materialize(source, device)
 
 
+class TeacherLogits:
+    """The teacher's float32 logits per calibration sequence, computed on first use and kept while under `max_bytes`.
+
+    Keys are the sequences' indexes in the token batch [S, L]; each entry also keeps its token ids, and a lookup
+    with other ids under the same key is an error (a cache shared between runs must see the same batches)."""
+
+    def __init__(self, teacher: torch.nn.Module, max_bytes: float = float("inf")):
+        self.teacher = teacher
+        self.max_bytes = max_bytes
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (ids [L], logits [L, V] on CPU)
+        self.bytes = 0
+        self.forwards = 0  # sequences the teacher ran on
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, keys: list[int]) -> torch.Tensor:
+        """Logits [B, L, V] (float32, on ids' device) of the token ids [B, L] whose sequence indexes are `keys`."""
+        for k, row in zip(keys, ids):
+            if k in self.store and not torch.equal(self.store[k][0], row.cpu()):
+                raise ValueError(f"TeacherLogits: sequence {k} has other tokens than when it was cached")
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        fresh = {}
+        if todo:
+            t = time.time()
+            out = self.teacher(input_ids=ids[todo], use_cache=False).logits.float()
+            self.seconds += time.time() - t
+            self.forwards += len(todo)
+            for i, logits in zip(todo, out):
+                fresh[i] = logits
+                if self.bytes + logits.numel() * 4 <= self.max_bytes:
+                    self.store[keys[i]] = (ids[i].cpu(), logits.cpu())
+                    self.bytes += logits.numel() * 4
+        rows = [fresh[i] if i in fresh else self.store[k][1].to(ids.device) for i, k in enumerate(keys)]
+        return torch.stack(rows)
+
+
 def lr_at(step: int, steps: int, peak: float) -> float:
     warm = max(1, round(0.05 * steps))
     if step < warm:
@@ -95,8 +139,10 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.Tensor, cfg: Recover, params,
-            *, progress: bool = False, log=None) -> dict:
-    """Train `params` (a {name: Parameter} of `student`) toward `teacher` on token `batches` [S, L]; zeros fixed."""
+            *, progress: bool = False, log=None, teacher_cache: Optional[TeacherLogits] = None) -> dict:
+    """Train `params` (a {name: Parameter} of `student`) toward `teacher` on token `batches` [S, L]; zeros fixed.
+
+    `teacher_cache`: a `TeacherLogits` of this teacher on these batches (default: one of `cfg.teacher_cache_gb`)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -112,6 +158,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     student, opt = accelerator.prepare(student, opt)
     teacher.to(accelerator.device).eval()
+    if teacher_cache is None:
+        teacher_cache = TeacherLogits(teacher, cfg.teacher_cache_gb * 1e9)
+    forwards0, teacher_s0 = teacher_cache.forwards, teacher_cache.seconds
     student.train()
     g = torch.Generator().manual_seed(cfg.seed + 1)
     order = torch.randperm(batches.shape[0], generator=g)
@@ -123,12 +172,12 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr)
             idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % batches.shape[0]
-            batch = batches[order[idx]]
+            keys = order[idx]
+            batch = batches[keys]
             total = 0.0
-            for mb in batch.split(cfg.micro_batch):
+            for mb, mkeys in zip(batch.split(cfg.micro_batch), keys.split(cfg.micro_batch)):
                 ids = mb.to(accelerator.device)
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits
+                t_logits = teacher_cache(ids, mkeys.tolist())
                 s_logits = student(input_ids=ids, use_cache=False).logits
                 loss = kl_loss(s_logits, t_logits, cfg.temperature) * (mb.shape[0] / batch.shape[0])
                 accelerator.backward(loss)
@@ -154,7 +203,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     k = max(1, len(losses) // 10)
     report = {"steps": cfg.steps, "kl_first": sum(losses[:k]) / k, "kl_last": sum(losses[-k:]) / k,
               "seconds": round(time.time() - t0, 1), "s_per_step": round((time.time() - t0) / cfg.steps, 2),
-              "tokens": cfg.steps * cfg.batch_size * batches.shape[1]}
+              "tokens": cfg.steps * cfg.batch_size * batches.shape[1],
+              "teacher_forwards": teacher_cache.forwards - forwards0,
+              "teacher_s": round(teacher_cache.seconds - teacher_s0, 1)}
     if penalties:
         report["gg_penalty_first"] = sum(penalties[:k]) / k
         report["gg_penalty_last"] = sum(penalties[-k:]) / k
@@ -186,8 +237,11 @@ def gg_penalty(params, prior: dict[str, tuple[float, float, float]]) -> torch.Te
 
 
 def recover_model(model: torch.nn.Module, cfg: Recover, teacher: torch.nn.Module, tokenizer, *,
-                  progress: bool = False, log=None, where: str = "recover") -> dict:
-    """Distill `model` in place toward `teacher` as `cfg` says (float32 training); returns the report."""
+                  progress: bool = False, log=None, where: str = "recover",
+                  teacher_cache: Optional[TeacherLogits] = None) -> dict:
+    """Distill `model` in place toward `teacher` as `cfg` says (float32 training); returns the report.
+
+    `teacher_cache`: a `TeacherLogits` of `teacher` shared with other calls on the same calibration settings."""
     modules = targeted_linears(model, cfg, where)
     params = {f"{n}.weight": m.weight for n, m in modules.items()}
     batches = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
@@ -197,7 +251,7 @@ def recover_model(model: torch.nn.Module, cfg: Recover, teacher: torch.nn.Module
     model.to(torch.float32)
     teacher.to(torch.float32)
     try:
-        return distill(model, teacher, batches, cfg, params, progress=progress, log=log)
+        return distill(model, teacher, batches, cfg, params, progress=progress, log=log, teacher_cache=teacher_cache)
     finally:
         model.to(dtype)
         teacher.to(teacher_dtype)
