@@ -3,7 +3,7 @@
     python benchmarks/blocksparse_quality.py --model DIR --calib FILE --text FILE \
         [--tokens 8192] [--window 512] [--blocks 16x16,1x4,4x1] [--sparsities 0.1,0.3,0.5,0.7,0.9] \
         [--variants magnitude,activation,activation+refit] [--scope layer] \
-        [--recover 16x16@0.5:activation+refit,...] [--recover-steps 100] [--out results.jsonl]
+        [--recover 16x16@0.5:activation+refit,...] [--recover-steps 100] [--recover-cache-gb 4] [--out results.jsonl]
 
 The model is loaded once in float32 (CPU; bf16 weights upcast exactly). Calibration (`--samples` x `--seq-len`
 tokens of --calib, seeded) runs once on the dense model: per-Linear input norms and Gram matrices, reused by every
@@ -12,7 +12,9 @@ weights, prunes every Linear but the output head with `bitsmith.prune.block_spar
 the first --tokens tokens of --text (`bitsmith.compress.evaluate.perplexity`, window --window, non-overlapping).
 `--recover B@S:V` additionally distills that configuration toward the dense model (`recover` pass code, teacher =
 the dense model, --recover-steps steps of --recover-batch sequences of --recover-seq-len tokens from --calib) and
-scores it again. One JSON line per result goes to --out (appended) and stdout; a table is printed at the end.
+scores it again; `*` stands for any block or sparsity (`*@*:activation+refit`: every configuration of that variant).
+Every recovery uses the same calibration sequences, so the teacher's logits are computed once and shared
+(`bitsmith.prune.recover.TeacherLogits`, up to --recover-cache-gb; the loss is the same as without the cache). One JSON line per result goes to --out (appended) and stdout; a table is printed at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from _common import append_jsonl, load_causal_lm
 
 def _blocks(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in b.lower().split("x")) for b in s.split(",") if b]
+
+
+def _done_key(r: dict) -> tuple:
+    """A result row's identity for --skip-done: the configuration, and for a recovered one its recover settings."""
+    if not r.get("recover_steps"):
+        return (r["config"],)
+    return (r["config"], r["recover_steps"], r.get("recover_batch"), r.get("recover_seq_len"), r.get("recover_lr"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-batch", type=int, default=4)
     ap.add_argument("--recover-seq-len", type=int, default=256)
     ap.add_argument("--recover-lr", type=float, default=5e-5)
+    ap.add_argument("--recover-micro-batch", type=int, default=1)
+    ap.add_argument("--recover-cache-gb", type=float, default=4.0, help="teacher logits kept for reuse (0: off)")
     ap.add_argument("--recover-only", action="store_true", help="skip configurations not listed in --recover")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from bitsmith.compress.calibration import activation_bytes, calibration_batches, collect_stats
     from bitsmith.compress.evaluate import perplexity, read_text
     from bitsmith.prune.block_sparse import BlockSparse, prune_model, targeted_linears
-    from bitsmith.prune.recover import Recover, recover_model
+    from bitsmith.prune.recover import Recover, TeacherLogits, recover_model
 
     model, tok, name = load_causal_lm(args.model)
     text = read_text(args.text)
@@ -84,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in args.out.read_text().splitlines():
             r = json.loads(line)
             if r.get("model") == name and r.get("tokens") == args.tokens and r.get("text") == args.text.name:
-                done.add((r["config"], r.get("recover_steps", 0)))
+                done.add(_done_key(r))
                 rows.append(r)
-    if ("dense", 0) not in done:
+    if ("dense",) not in done:
         p, s = ppl()
         emit({"config": "dense", "ppl": p, "eval_s": s})
 
@@ -110,21 +121,28 @@ def main(argv: list[str] | None = None) -> int:
             for n, m in mods.items():
                 m.weight.copy_(dense[n])
 
-    recover_set = set()
+    recover_set = []
     for item in filter(None, args.recover.split(",")):
         where, variant = item.split(":")
         b, sp = where.split("@")
-        recover_set.add((tuple(int(v) for v in b.lower().split("x")), float(sp), variant))
+        recover_set.append((None if b == "*" else tuple(int(v) for v in b.lower().split("x")),
+                            None if sp == "*" else float(sp), variant))
 
-    teacher = None
+    def wants_recover(block, sp, variant) -> bool:
+        return any((b is None or b == block) and (s is None or abs(s - sp) < 1e-9) and v == variant
+                   for b, s, v in recover_set)
+
+    rec_settings = {"recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
+                    "recover_seq_len": args.recover_seq_len, "recover_lr": args.recover_lr}
+    teacher = cache = None
     for block in _blocks(args.blocks):
         for sp in [float(v) for v in args.sparsities.split(",")]:
             for variant in args.variants.split(","):
-                rec = (block, sp, variant) in recover_set
+                rec = wants_recover(block, sp, variant)
                 if args.recover_only and not rec:
                     continue
                 cname = f"{block[0]}x{block[1]}@{sp}:{variant}"
-                if (cname, 0) in done and (not rec or (cname, args.recover_steps) in done):
+                if (cname,) in done and (not rec or _done_key({"config": cname, **rec_settings}) in done):
                     continue
                 score = "magnitude" if variant.startswith("magnitude") else "activation"
                 cfg = BlockSparse(sparsity=sp, block=block, score=score, refit=variant.endswith("+refit"),
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 if errs:
                     base["mean_out_err_masked"] = round(sum(errs0) / len(errs0), 5)
                     base["mean_out_err"] = round(sum(errs) / len(errs), 5)
-                if (cname, 0) not in done:
+                if (cname,) not in done:
                     p, s = ppl()
                     emit({**base, "recover_steps": 0, "ppl": p, "eval_s": s})
                 if rec:
@@ -150,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
                         with torch.no_grad():
                             for n, m in targeted_linears(teacher, probe, "benchmark").items():
                                 m.weight.copy_(dense[n])
-                    rc = Recover(steps=args.recover_steps, batch_size=args.recover_batch, micro_batch=1,
-                                 seq_len=args.recover_seq_len, lr=args.recover_lr, text=str(args.calib),
+                        cache = TeacherLogits(teacher, args.recover_cache_gb * 1e9)
+                    rc = Recover(steps=args.recover_steps, batch_size=args.recover_batch,
+                                 micro_batch=args.recover_micro_batch, seq_len=args.recover_seq_len,
+                                 lr=args.recover_lr, text=str(args.calib),
                                  samples=max(64, args.recover_steps * args.recover_batch // 2), seed=1)
-                    rr = recover_model(model, rc, teacher, tok)
+                    rr = recover_model(model, rc, teacher, tok, teacher_cache=cache)
                     p, s = ppl()
-                    emit({**base, "recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
-                          "recover_seq_len": args.recover_seq_len, "recover_lr": args.recover_lr,
+                    emit({**base, **rec_settings, "recover_micro_batch": args.recover_micro_batch,
                           "kl_first": round(rr["kl_first"], 4), "kl_last": round(rr["kl_last"], 4),
-                          "recover_s": rr["seconds"], "ppl": p, "eval_s": s})
+                          "recover_s": rr["seconds"], "teacher_forwards": rr["teacher_forwards"],
+                          "teacher_s": rr["teacher_s"], "ppl": p, "eval_s": s})
 
     print("\n| model | config | sparsity | recover steps | mean out err (masked -> refit) | ppl |")
     print("|---|---|--:|--:|--:|--:|")
