@@ -22,7 +22,7 @@ def _parse_shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in s.split(",") if part]
 
 
-def check(log=print) -> int:
+def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096)) -> int:
     """Every regime and every tuning candidate on the GPU against the fp32 reference, fresh random inputs."""
     from bitsmith.kernels import gwint
     from bitsmith.kernels import gwint_triton as gt
@@ -56,13 +56,15 @@ def check(log=print) -> int:
         z = None if sym else torch.randint(0, 1 << bits, (G, N), dtype=torch.uint8, device="cuda", generator=gen)
         bias = torch.randn(N, device="cuda", generator=gen).to(dtype) if use_bias else None
         wf = gwint.dequantize(qw, s, z, bits, gs, K, dtype=torch.float32)
-        for M in (1, 3, 16, 33, 128, 300, 4096):
+        for M in ms:
             # every candidate of the swapped kernel (the new one) where the case asks for all; the older kernels
             # (unchanged since their full sweep) by their default candidate
             swapped = [("gemm", c) for c in gt.gemm_t_configs(M, N, K, bits, gs, sms)] if M < gt.DEQUANT_MIN_M else []
             if M == 1:
                 plans = [("gemv", gt.gemv_configs(N, K, bits, gs, sms)[0])]
                 swapped = [("gemv", c) for _, c in swapped]
+                wide = [("gemv", c) for c in gt.gemv_wide_configs(N, K, bits, gs, sms)]
+                plans += wide if every else wide[:1]  # the wide GEMV: every candidate where the case asks
             elif M >= gt.DEQUANT_MIN_M:
                 plans = [("dequant", None), ("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
             else:
@@ -178,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="w4g128,w8pc,w8g128")
     ap.add_argument("--peers", default="tinygemm,gemlite")
     ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
+    ap.add_argument("--check-ms", default="1,3,16,33,128,300,4096", help="rows M of the correctness sweep")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--dump-asm", action="store_true", help="write SASS/PTX/TTGIR of tuned kernels to asm.tgz")
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
         logf.flush()
 
     log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
-    failures = check(log) if args.check else 0
+    failures = check(log, [int(m) for m in args.check_ms.split(",")]) if args.check else 0
     result = {}
     if args.crossover:
         result["crossover"] = crossover(log)

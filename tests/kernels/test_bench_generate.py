@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from bitsmith.kernels import bench_generate
 
 
@@ -17,3 +19,18 @@ def test_every_variant_decodes(tmp_path, capsys):
     hidden, mlp, layers = 64, 128, 2
     fp16 = 2 * layers * (2 * hidden * hidden + 2 * (hidden // 2) * hidden + 3 * hidden * mlp)
     assert w4 < 0.3 * fp16 and w8 < 0.55 * fp16
+
+
+def test_quantized_head_variant_and_kernel_categories(tmp_path):
+    """w4-h8 packs the lm_head too (int8, one scale per row) and still decodes; kernel names map to categories."""
+    out = tmp_path / "rows.json"
+    assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu",
+                                "--variant", "w4-h8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and "error" not in rows[0] and rows[0]["tokens_per_s"] > 0
+    model = bench_generate.build_model("tiny", torch.device("cpu"))
+    bench_generate.pack_linears(model, 4, 128, head=(8, None))
+    assert model.lm_head.params["bits"] == 8 and model.lm_head.params["group_size"] == 64
+    cat = bench_generate.kernel_category
+    assert cat("_gemv_wide_kernel") == "gwint" and cat("nvjet_hsh_64x8_splitK") == "cublas-gemm"
+    assert cat("triton_poi_fused_mul_0") == "other" and cat("flash_fwd_kernel") == "attention"

@@ -264,3 +264,80 @@ def test_swapped_through_linear_dispatch():
         assert out.shape == (M, N) and _rel(out.cpu(), ref) < TOL[torch.float16]
     with pytest.raises(ValueError, match="unknown regime"):
         gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), bits, gs, K, regime="gemm_t")
+
+
+# ---------------------------------------------------------------------------------------------------- wide GEMV
+
+def _wide(**kw):
+    return dict(kernel="wide", block_n=32, block_kw=4, split_k=1, num_warps=1) | kw
+
+
+# (N, K, bits, group_size, sym, dtype, bias, config): odd N (masked columns), K = 576 with g = 128 (partial last
+# group), K not a multiple of the codes per word (3 bits: a partial last word) or of the tile, splits with a short
+# last one and more splits than tiles, bits 2/3/4/8, per-channel groups, full tiles (no masks at all).
+WIDE = [
+    (67, 576, 4, 128, True, torch.float16, False, _wide(split_k=3)),
+    (67, 576, 4, 128, False, torch.bfloat16, True, _wide(split_k=2, block_kw=8)),
+    (64, 512, 4, 128, True, torch.float16, True, _wide(split_k=2)),  # EVEN: unmasked loads
+    (64, 512, 4, 128, False, torch.float16, False, _wide(split_k=1, block_n=64)),  # EVEN, one split, 4 tiles
+    (45, 256, 8, 128, False, torch.bfloat16, False, _wide(split_k=64)),
+    (33, 1000, 8, 1000, True, torch.float16, True, _wide(block_kw=16, split_k=5)),
+    (35, 300, 3, 300, False, torch.float16, False, _wide(split_k=2)),  # partial last word, per channel
+    (33, 512, 2, 256, True, torch.bfloat16, True, _wide(block_kw=2, split_k=3)),
+    (40, 300, 4, 64, False, torch.float16, False, _wide(block_kw=8, split_k=2)),  # g64 = 8 words, K past a tile
+    # unrolled splits of exactly `unroll` tiles: 18 tiles in 3 splits of 8 (the last one 2 real tiles), one split
+    # of 4 tiles with 3 masked, EVEN (64 x 512, 4-bit: 16 tiles = 4 x 4), bf16 asymmetric with bias, 8-bit per channel
+    (67, 576, 4, 128, True, torch.float16, True, _wide(unroll=8)),
+    (33, 80, 4, 80, True, torch.float16, False, _wide(unroll=4)),
+    (64, 512, 4, 128, True, torch.float16, False, _wide(unroll=4, block_n=64)),
+    (67, 576, 4, 128, False, torch.bfloat16, True, _wide(unroll=2, block_kw=8)),
+    (35, 1000, 8, 1000, False, torch.float16, True, _wide(unroll=16)),
+    (35, 200, 3, 200, True, torch.float16, False, _wide(unroll=2, block_kw=8)),
+]
+
+
+@pytest.mark.parametrize("case", WIDE, ids=lambda c: _ids((1,) + c[:6] + ("wide",)))
+def test_wide_gemv_matches_reference(case):
+    N, K, bits, gs, sym, dtype, use_bias, cfg = case
+    assert gt.wide_ok(bits, gs, K, cfg["block_kw"])
+    _, qw, scales, zeros = _make(N, K, bits, gs, sym, dtype, seed=N + K + bits)
+    bias = torch.randn(N).to(dtype) if use_bias else None
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    for rep in range(2 if cfg["split_k"] > 1 or cfg.get("unroll") else 1):  # split-K leaves its workspace zeroed
+        x = torch.randn(1, K).to(dtype)
+        ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K, None if bias is None else bias.float())
+        out = torch.full((1, N), float("nan"), dtype=dtype, device=DEVICE)
+        gt.launch_gemv_wide(dev(x), dev(qw), dev(scales), dev(zeros), dev(bias), out, bits, gs, K, cfg)
+        err = _rel(out.cpu(), ref)
+        assert err < TOL[dtype], f"relative error {err:.2e} (call {rep})"
+        for ws, cnt in gt._WORKSPACES.values():
+            assert not ws.any() and not cnt.any()
+
+
+def test_wide_gemv_applicability_and_configs():
+    assert gt.wide_ok(4, 128, 4096, 16) and not gt.wide_ok(4, 128, 4096, 32)  # a 256-code tile spans 2 groups
+    assert not gt.wide_ok(3, 64, 4096, 2)  # 10 codes per word: words straddle 64-code groups
+    assert gt.gemv_wide_configs(4096, 4096, 3, 64, 132) == []
+    for bits, gs in ((4, 128), (8, 128), (8, 4096), (2, 64)):
+        cfgs = gt.gemv_wide_configs(4096, 4096, bits, gs, 132)
+        assert cfgs and all(c["kernel"] == "wide" and gt.wide_ok(bits, gs, 4096, c["block_kw"]) for c in cfgs)
+        assert all(c["block_n"] // (32 * c["num_warps"]) in (4, 8) for c in cfgs)
+    _, qw, scales, _ = _make(16, 256, 4, 64, True, torch.float16, seed=1)
+    with pytest.raises(ValueError, match="wide GEMV cannot take"):
+        gt.launch_gemv_wide(torch.randn(1, 256).half(), qw, scales, None, None, torch.empty(1, 16).half(), 4, 64,
+                            256, _wide(block_kw=16))
+    with pytest.raises(ValueError, match="exactly one row"):
+        gt.linear(torch.randn(2, 256).half().to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, 4, 64, 256,
+                  config=_wide(), regime="gemm")
+
+
+def test_wide_gemv_through_linear_dispatch():
+    """The wide GEMV is the M == 1 default where it fits; a pinned wide config runs through `linear`."""
+    N, K, bits, gs = 40, 256, 4, 128
+    assert gt.gemv_wide_configs(N, K, bits, gs, 132)[0]["kernel"] == "wide"
+    _, qw, scales, zeros = _make(N, K, bits, gs, False, torch.float16, seed=12)
+    x = torch.randn(3, K + 8).to(torch.float16)[1:2, :K]  # a strided row, not at offset 0
+    ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K)
+    for cfg in (None, _wide(split_k=2)):
+        out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), bits, gs, K, config=cfg)
+        assert out.shape == (1, N) and _rel(out.cpu(), ref) < TOL[torch.float16]

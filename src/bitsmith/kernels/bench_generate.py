@@ -6,6 +6,8 @@ For each shape (Llama-3.2-1B or Llama-3-8B layer shapes) and variant, a model wi
 GPU (speed does not depend on the values): `fp16` keeps every Linear as it is; `w4` / `w8` replace every decoder
 Linear (not the head) by a `PackedLinear` of the gwint format (int4 with fp16 scales per 128 inputs / int8 with one
 scale per output row) holding random codes, exactly what `bitsmith compress finequant-w4 / int8` would store.
+`w4-h8` / `w4-h4` also pack the lm_head (int8 per row / int4 g128): separate, clearly labelled variants, since the
+passes leave the head out by default (`ignore: lm_head`), so a recipe's checkpoint keeps it in fp16.
 Decoding uses a static KV cache: after a prefill of `--prompt` tokens, one decode step (forward of one token per
 sequence, greedy next token written back into the input buffer) is captured into a CUDA graph and replayed
 `--steps` times; tokens/s = batch x steps / time. The same code path runs every variant, so the ratio is the
@@ -26,7 +28,10 @@ SHAPES = {  # (hidden, MLP, layers, heads, KV heads, vocab)
     "1b": (2048, 8192, 16, 32, 8, 128256),
     "8b": (4096, 14336, 32, 32, 8, 128256),
 }
-VARIANTS = {"fp16": None, "w4": (4, 128), "w8": (8, None)}  # (bits, group size; None = one group per row)
+# (bits, group size (None = one group per row), head: None keeps the fp16 lm_head, else (bits, group size) for it)
+VARIANTS = {"fp16": None, "w4": (4, 128, None), "w8": (8, None, None), "w4-h8": (4, 128, (8, None)),
+            "w4-h4": (4, 128, (4, 128))}
+DEFAULT_VARIANTS = ["fp16", "w4", "w8"]
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype = torch.float16):
@@ -46,11 +51,30 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
-def pack_linears(model, bits: int, group_size: int | None, seed: int = 0) -> int:
-    """Replace every decoder Linear by a gwint PackedLinear with random codes and scales; returns bytes stored."""
+def _packed_like(lin: torch.nn.Linear, bits: int, group_size: int | None, gen: torch.Generator):
+    """A gwint PackedLinear of lin's shape with random codes and scales (-> module, bytes stored)."""
     from ..compress.formats import get_format
     from .modules import PackedLinear
 
+    N, K = lin.weight.shape
+    entry = {"format": "gwint", "format_version": 1, "in_features": K, "out_features": N, "bits": bits,
+             "group_size": group_size or K, "symmetric": True}
+    dev, dtype = lin.weight.device, lin.weight.dtype
+    packed = PackedLinear(entry, dtype, bias=False, device=dev)
+    stored = 0
+    for suffix, (shape, dt) in get_format("gwint").tensor_specs(packed.params, dtype).items():
+        buf = getattr(packed, suffix)
+        if dt == torch.int32:
+            buf.copy_(torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=dev, dtype=torch.int32))
+        else:  # scales: a weight of about 0.02 at the largest code
+            buf.copy_(torch.rand(shape, generator=gen, device=dev).mul_(0.01).add_(0.01).div_(2 ** (bits - 1)).to(dt))
+        stored += buf.numel() * buf.element_size()
+    return packed, stored
+
+
+def pack_linears(model, bits: int, group_size: int | None, seed: int = 0, head: tuple | None = None) -> int:
+    """Replace every decoder Linear (and with `head` = (bits, group size) the lm_head too) by a gwint PackedLinear
+    with random codes and scales; returns the bytes stored (decoder Linears only)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stored = 0
     for layer in model.model.layers:
@@ -58,21 +82,12 @@ def pack_linears(model, bits: int, group_size: int | None, seed: int = 0) -> int
             for name, lin in list(parent.named_children()):
                 if not isinstance(lin, torch.nn.Linear):
                     continue
-                N, K = lin.weight.shape
-                entry = {"format": "gwint", "format_version": 1, "in_features": K, "out_features": N, "bits": bits,
-                         "group_size": group_size or K, "symmetric": True}
-                dev, dtype = lin.weight.device, lin.weight.dtype
-                packed = PackedLinear(entry, dtype, bias=False, device=dev)
-                for suffix, (shape, dt) in get_format("gwint").tensor_specs(packed.params, dtype).items():
-                    buf = getattr(packed, suffix)
-                    if dt == torch.int32:
-                        buf.copy_(torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=dev, dtype=torch.int32))
-                    else:  # scales: a weight of about 0.02 at the largest code
-                        buf.copy_(torch.rand(shape, generator=gen, device=dev).mul_(0.01).add_(0.01)
-                                  .div_(2 ** (bits - 1)).to(dt))
-                    stored += buf.numel() * buf.element_size()
+                packed, n = _packed_like(lin, bits, group_size, gen)
+                stored += n
                 setattr(parent, name, packed)
                 del lin
+    if head is not None:
+        model.lm_head = _packed_like(model.lm_head, *head, gen)[0]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -80,7 +95,8 @@ def pack_linears(model, bits: int, group_size: int | None, seed: int = 0) -> int
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs: bool = True) -> dict:
+def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs: bool = True,
+                        profile: bool = False) -> dict:
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -122,8 +138,49 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
         run()
     sync()
     seconds = time.perf_counter() - t0
-    return {"batch": batch, "steps": steps, "seconds": round(seconds, 4), "graphs": use_graph,
-            "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3)}
+    res = {"batch": batch, "steps": steps, "seconds": round(seconds, 4), "graphs": use_graph,
+           "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3)}
+    if profile and device.type == "cuda":
+        res["profile"] = _profile_step(run, sync)
+    return res
+
+
+def kernel_category(name: str) -> str:
+    """Coarse class of a GPU kernel by its name: where a decode step's time goes."""
+    n = name.lower()
+    for cat, keys in (("gwint", ("_gemv", "_gemm_kernel", "_gemm_t_kernel", "_xperm", "_dequant_kernel")),
+                      ("attention", ("flash", "attention", "sdpa", "fmha", "softmax")),
+                      ("cublas-gemm", ("gemm", "gemv", "sm90_xmma", "cutlass", "nvjet", "splitk"))):
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def _profile_step(run, sync, steps: int = 3) -> dict:
+    """GPU kernel time per decode step by kernel category and the top kernels (torch.profiler over `steps`
+    replays; kernels inside a CUDA graph are reported one by one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        sync()
+    per_cat: dict[str, float] = {}
+    per_kernel: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        cat = kernel_category(ev.name)
+        per_cat[cat] = per_cat.get(cat, 0.0) + us / steps
+        k = per_kernel.setdefault(ev.name[:80], [0.0, 0])
+        k[0] += us / steps
+        k[1] += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
+    return {"us_per_step": {k: round(v, 1) for k, v in sorted(per_cat.items())},
+            "launches_per_step": sum(v[1] for v in per_kernel.values()) / steps,
+            "top": [{"kernel": k, "us_per_step": round(v[0], 1), "launches_per_step": v[1] / steps}
+                    for k, v in top]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,20 +192,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true", help="time eager steps (no CUDA graph)")
+    ap.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per kernel category")
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     for shape in args.shape or ["1b", "8b"]:
-        for variant in args.variant or ["fp16", "w4", "w8"]:
+        for variant in args.variant or DEFAULT_VARIANTS:
             model = build_model(shape, device)
             stored = None
             if VARIANTS[variant] is not None:
-                stored = pack_linears(model, *VARIANTS[variant])
+                bits, gs, head = VARIANTS[variant]
+                stored = pack_linears(model, bits, gs, head=head)
             for batch in args.batch or [1, 16]:
                 try:
-                    res = decode_tokens_per_s(model, batch, args.steps, args.prompt, graphs=not args.no_graphs)
+                    res = decode_tokens_per_s(model, batch, args.steps, args.prompt, graphs=not args.no_graphs,
+                                              profile=args.profile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
                 row = {"shape": shape, "variant": variant, "decoder_linear_bytes": stored, **res,

@@ -208,6 +208,106 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
               HAS_BIAS)
 
 
+@triton.jit
+def _gemv_wide_tile(acc, w, x_ptr, s_ptr, z_ptr, kw0, offs_n, n_mask, K, N, G, group_size, magic,
+                    BITS: tl.constexpr, P: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr, EVEN: tl.constexpr,
+                    BLOCK_KW: tl.constexpr):
+    """One [BKW, BN] word tile of `_gemv_wide_kernel` (inside one group) added to acc [BN]."""
+    MAGIC: tl.constexpr = 8388608.0
+    ZC: tl.constexpr = 1 << (BITS - 1)
+    kb = (kw0 + tl.arange(0, BLOCK_KW)) * P  # [BKW], every thread holds all rows
+    g = tl.minimum((kw0 * P) // group_size, G - 1)
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN], a thread's own columns
+    if not SYM:
+        zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    hi = w >> HI
+    t = tl.zeros(w.shape, dtype=tl.float32)
+    for j in tl.static_range(P):
+        pos = j * BITS - HI * (j * BITS + BITS > 23)  # constexpr
+        f = _slot(w, hi, magic, j, BITS, HI)  # 2^23 + code * 2^pos
+        # one x per (row, slot), scaled by 2^-pos, shared by the thread's columns (a broadcast load)
+        if EVEN:
+            xj = tl.load(x_ptr + kb + j).to(tl.float32) * (1.0 / (1 << pos))
+        else:
+            xj = tl.load(x_ptr + kb + j, mask=(kb + j) < K, other=0.0).to(tl.float32) * (1.0 / (1 << pos))
+        if SYM:
+            v = f - (MAGIC + ZC * (1 << pos))  # exact (code - z) * 2^pos
+        else:
+            v = f - (zf * (1 << pos) + MAGIC)[None, :]
+        t += v * xj[:, None]
+    return acc + tl.sum(t, axis=0) * s  # rows are in-thread: the sum is register adds
+
+
+@triton.jit
+def _gemv_wide_words(qw_ptr, kw0, kw_end, rw, offs_n, n_mask, N, EVEN: tl.constexpr):
+    """The [BKW, BN] word tile at word row kw0 (rows from kw_end on read as 0)."""
+    ptrs = qw_ptr + (kw0 + rw)[:, None] * N + offs_n[None, :]
+    if EVEN:
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=((kw0 + rw)[:, None] < kw_end) & n_mask[None, :], other=0)
+    return w
+
+
+@triton.jit
+def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                      N, K, KW, G, group_size, k_iters, split_k, magic,
+                      BITS: tl.constexpr, P: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                      UNROLL: tl.constexpr):
+    # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]; every K tile lies inside one group.
+    # UNROLL > 0: every split is exactly UNROLL tiles (k_iters == UNROLL), unrolled; 0: a run-time loop.
+    # Unlike `_gemv_kernel`, BLOCK_N is wide (4 or 8 columns per thread: BLOCK_N = 128 or 256 x num_warps), so
+    # the compiler puts every warp along N and each thread holds all BLOCK_KW word rows of its columns: x is one
+    # broadcast scalar per (row, slot) shared by the thread's columns, the scales are the thread's own columns (no
+    # shared-memory broadcast, no barrier), and the reduction over K never leaves the thread. The next tile's
+    # words are loaded before the current tile is consumed, so two tiles of loads are in flight per thread.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rw = tl.arange(0, BLOCK_KW)
+    kw_begin = pid_k * k_iters * BLOCK_KW
+    kw_end = tl.minimum(kw_begin + k_iters * BLOCK_KW, KW)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if UNROLL > 0:
+        # k_iters == UNROLL tiles, straight-line code: the compiler is free to issue every tile's loads early
+        w = _gemv_wide_words(qw_ptr, kw_begin, kw_end, rw, offs_n, n_mask, N, EVEN)
+        for i in tl.static_range(UNROLL):
+            if i + 1 < UNROLL:
+                w_next = _gemv_wide_words(qw_ptr, kw_begin + (i + 1) * BLOCK_KW, kw_end, rw, offs_n, n_mask, N,
+                                          EVEN)
+            acc = _gemv_wide_tile(acc, w, x_ptr, s_ptr, z_ptr, kw_begin + i * BLOCK_KW, offs_n, n_mask, K, N, G,
+                                  group_size, magic, BITS, P, HI, SYM, EVEN, BLOCK_KW)
+            if i + 1 < UNROLL:
+                w = w_next
+    else:
+        # a run-time count of tiles, two per iteration: b is loaded before a is consumed, the next a before b is
+        # consumed (ptxas still issues the loop-carried loads of a late: see docs/results/kernels-gwint.md)
+        w_a = _gemv_wide_words(qw_ptr, kw_begin, kw_end, rw, offs_n, n_mask, N, EVEN)
+        n_pairs = (k_iters - 1) // 2
+        for p in range(n_pairs):
+            kw_a = kw_begin + 2 * p * BLOCK_KW
+            w_b = _gemv_wide_words(qw_ptr, kw_a + BLOCK_KW, kw_end, rw, offs_n, n_mask, N, EVEN)
+            acc = _gemv_wide_tile(acc, w_a, x_ptr, s_ptr, z_ptr, kw_a, offs_n, n_mask, K, N, G, group_size, magic,
+                                  BITS, P, HI, SYM, EVEN, BLOCK_KW)
+            w_a = _gemv_wide_words(qw_ptr, kw_a + 2 * BLOCK_KW, kw_end, rw, offs_n, n_mask, N, EVEN)
+            acc = _gemv_wide_tile(acc, w_b, x_ptr, s_ptr, z_ptr, kw_a + BLOCK_KW, offs_n, n_mask, K, N, G,
+                                  group_size, magic, BITS, P, HI, SYM, EVEN, BLOCK_KW)
+        kw_a = kw_begin + 2 * n_pairs * BLOCK_KW
+        if k_iters - 2 * n_pairs == 2:  # two tiles left
+            w_b = _gemv_wide_words(qw_ptr, kw_a + BLOCK_KW, kw_end, rw, offs_n, n_mask, N, EVEN)
+            acc = _gemv_wide_tile(acc, w_a, x_ptr, s_ptr, z_ptr, kw_a, offs_n, n_mask, K, N, G, group_size, magic,
+                                  BITS, P, HI, SYM, EVEN, BLOCK_KW)
+            acc = _gemv_wide_tile(acc, w_b, x_ptr, s_ptr, z_ptr, kw_a + BLOCK_KW, offs_n, n_mask, K, N, G,
+                                  group_size, magic, BITS, P, HI, SYM, EVEN, BLOCK_KW)
+        else:
+            acc = _gemv_wide_tile(acc, w_a, x_ptr, s_ptr, z_ptr, kw_a, offs_n, n_mask, K, N, G, group_size, magic,
+                                  BITS, P, HI, SYM, EVEN, BLOCK_KW)
+    _epilogue(acc[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
+              HAS_BIAS)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # M >= 2: tensor cores
 
@@ -470,6 +570,13 @@ def _hi_shift(bits: int) -> int:
     return j * bits
 
 
+def _hi_shift_wide(bits: int) -> int:
+    """`_gemv_wide_kernel`'s shift for the high slots: the first of them lands at bit >= 1, not 0 (a mask at bit 0
+    of a shifted word is compiled to a bit-field extract, two instructions instead of one LOP3), and the last
+    still ends at or below bit 23 (the float32 mantissa)."""
+    return max(9, _hi_shift(bits) - bits)
+
+
 def _scale_mode(G: int, group_size: int, P: int, block_kw: int) -> int:
     """0: a K-tile never crosses a group; 1: a word never crosses a group; 2: anything else."""
     if G == 1 or group_size % (block_kw * P) == 0:
@@ -527,6 +634,38 @@ def launch_gemv(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
         EVEN=K == KW * P and KW % bkw == 0 and (KW // bkw) % split == 0 and N % cfg["block_n"] == 0,
         BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+
+
+def wide_ok(bits: int, group_size: int, K: int, block_kw: int) -> bool:
+    """Whether `_gemv_wide_kernel` takes this format with this K tile: every tile inside one group."""
+    return _scale_mode(-(-K // group_size), group_size, 32 // bits, block_kw) == 0
+
+
+def launch_gemv_wide(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
+    """x2 [1, K] -> out [1, N] through `_gemv_wide_kernel`. cfg: block_n, block_kw, split_k, num_warps, unroll;
+    block_n should be 128 or 256 x num_warps (4 or 8 columns per thread; the kernel is correct for any power of
+    two). unroll > 0 fixes the tiles per split (split_k is then ignored: ceil(tiles / unroll) splits)."""
+    KW, N = qweight.shape
+    G = scales.shape[0]
+    P = 32 // bits
+    bkw, bn = cfg["block_kw"], cfg["block_n"]
+    if not wide_ok(bits, group_size, K, bkw):
+        raise ValueError(f"the wide GEMV cannot take bits={bits}, group_size={group_size}, K={K} with "
+                         f"block_kw={bkw} (a K tile must lie inside one group)")
+    k_tiles = -(-KW // bkw)
+    unroll = cfg.get("unroll", 0)
+    if unroll:  # splits of exactly `unroll` tiles (the last one's missing tiles are masked)
+        k_iters, split = unroll, -(-k_tiles // unroll)
+    else:
+        k_iters, split = _split(k_tiles, cfg["split_k"])
+    n_blocks = -(-N // bn)
+    ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
+    return _gemv_wide_kernel[(n_blocks, split)](
+        x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
+        N, K, KW, G, group_size, k_iters, split, MAGIC_F32,
+        BITS=bits, P=P, HI=_hi_shift_wide(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
+        EVEN=K == KW * P and KW % bkw == 0 and k_iters * split == k_tiles and N % bn == 0,
+        BLOCK_N=bn, BLOCK_KW=bkw, UNROLL=unroll, num_warps=cfg.get("num_warps", 4), num_stages=1)
 
 
 def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
@@ -639,6 +778,31 @@ def gemv_configs(N: int, K: int, bits: int, group_size: int, sms: int) -> list[d
                    split_k=_split_for(-(-N // bn), -(-KW // bkw), sms, waves))
         if cfg not in out:
             out.append(cfg)
+    return out
+
+
+def gemv_wide_configs(N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
+    """Candidates for `_gemv_wide_kernel` (M == 1), [] where no K tile fits inside a group; the heuristic default
+    first. 4 or 8 columns per thread (block_n = 128 or 256 x warps), 4 word rows per tile; unrolled splits of
+    `unroll` tiles (2..16) sized for about `waves` programs per SM, and one run-time-loop candidate."""
+    P = 32 // bits
+    KW = -(-K // P)
+    bkw = _fit_groups(4, P, group_size, K)
+    if not wide_ok(bits, group_size, K, bkw):
+        return []
+    k_tiles = -(-KW // bkw)
+    out = []
+    for cols, warps, waves in ((8, 4, 2.0), (8, 2, 4.0), (8, 4, 4.0), (8, 2, 2.0), (8, 1, 4.0), (4, 4, 4.0)):
+        bn = 32 * cols * warps
+        blocks = -(-N // bn)
+        unroll = k_tiles * blocks / (waves * sms)  # tiles per program for that many programs
+        unroll = max(2, min(16, _next_pow2(max(1, round(unroll)))))
+        cfg = dict(kernel="wide", block_n=bn, block_kw=bkw, num_warps=warps, unroll=unroll, split_k=1)
+        if cfg not in out:
+            out.append(cfg)
+    bn = 1024
+    out.append(dict(kernel="wide", block_n=bn, block_kw=bkw, num_warps=4, unroll=0,
+                    split_k=_split_for(-(-N // bn), k_tiles, sms, 2.0)))
     return out
 
 
@@ -790,12 +954,16 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
         raise ValueError(f"unknown regime {regime!r}: expected gemv, gemm or dequant")
     if regime == "gemv" and M != 1:
         raise ValueError("the gemv regime takes exactly one row")
+    if regime == "gemm" and config is not None and config.get("kernel") == "wide":
+        raise ValueError("the wide GEMV takes exactly one row")
     sms = _num_sms(x.device)
     fmt_key = (bits, group_size, zeros is None, bias is not None, x.dtype, N, K)
     own = launch_gemv if regime == "gemv" else launch_gemm
 
     def go(c):
-        return (launch_gemm_t if c.get("kernel") == "swapped" else own)(x2, *args, out, bits, group_size, K, c)
+        kind = c.get("kernel")
+        launch = launch_gemm_t if kind == "swapped" else launch_gemv_wide if kind == "wide" else own
+        return launch(x2, *args, out, bits, group_size, K, c)
 
     if config is not None:
         cfg = config
@@ -804,7 +972,8 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
         if regime == "gemv":
             # one row: the swapped kernel came within 2-4 % of the GEMV for 8-bit codes (32-word tiles) and was
             # 1.3x slower for 4-bit ones at 8192x8192 (docs/results/kernels-gwint.md), so only the former compete
-            cands = gemv_configs(N, K, bits, group_size, sms) + [c for c in swapped if c["block_kw"] >= 32]
+            cands = (gemv_wide_configs(N, K, bits, group_size, sms) + gemv_configs(N, K, bits, group_size, sms)
+                     + [c for c in swapped if c["block_kw"] >= 32])
             key = ("gemv",) + fmt_key
         else:
             own_cands = gemm_configs(M, N, K, bits, group_size, sms)

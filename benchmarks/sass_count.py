@@ -1,0 +1,177 @@
+"""Offline SASS reading for Triton kernels (no GPU): compile for sm_90, find the loops, count instructions.
+
+    PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint [name filter...] [--dump]
+
+`/tmp/tri36` is an unpacked triton 3.6 wheel (the GPU machine's version; the venv's newer Triton generates
+different code). Library use, for any kernel:
+
+    from sass_count import compile_sm90, loops
+    k = compile_sm90(fn, signature={"x_ptr": "*fp16", "N": "i32", "BITS": "constexpr"}, constexprs={"BITS": 4},
+                     divisible=("x_ptr", "N"), num_warps=4, num_stages=2)
+    k.n_regs, k.n_spills, loops(k.asm["sass"])   # -> [Loop(start, end, counts by opcode), ...]
+
+A loop is the instruction range between a label and the last backward branch to it; `per_weight` divides a
+loop's instruction count by the weights one thread handles per iteration (the caller knows that number).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Two spellings: cuobjdump's ("/*0a80*/  @P0 BRA `(.L_x_3) ;") and Triton's own listing ("01:-:-:-:8\t@P0 BRA LBB2;",
+# control codes first, no offsets). Offsets here are instruction indices, which serve both.
+_LABEL = re.compile(r"^(?:\.L_x_(\d+)|(LBB\w+)):")
+_INSN = re.compile(r"^(?:/\*[0-9a-f]+\*/|[0-9a-f-]{2}:[-0-9]:[-0-9]:[-Y]:\d+)\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_TARGET = re.compile(r"(?:\.L_x_(\d+)|(LBB\w+))")
+
+
+@dataclass
+class Loop:
+    start: int  # index of the first instruction
+    end: int  # index of the backward branch
+    ops: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.ops)
+
+    def counts(self, depth: int = 1) -> Counter:
+        """Opcode counts, opcodes cut to `depth` dot-separated parts (LDG.E.128 -> LDG at depth 1)."""
+        return Counter(".".join(o.split(".")[:depth]) for o in self.ops)
+
+
+def parse(sass: str) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
+    """-> ([(index, opcode, operands)], {label: index of the instruction after it})."""
+    insns, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        line = line.strip()
+        m = _LABEL.match(line)
+        if m:
+            pending.append(m.group(1) or m.group(2))
+            continue
+        m = _INSN.match(line)
+        if m:
+            for lab in pending:
+                labels[lab] = len(insns)
+            pending = []
+            insns.append((len(insns), m.group(2), m.group(3)))
+    return insns, labels
+
+
+def loops(sass: str) -> list[Loop]:
+    """Every loop (backward branch) of the kernel, innermost-first is not guaranteed; sorted by start."""
+    insns, labels = parse(sass)
+    found = {}
+    for off, op, rest in insns:
+        if not op.startswith("BRA"):
+            continue
+        m = _TARGET.search(rest)
+        lab = m and (m.group(1) or m.group(2))
+        if lab in labels and labels[lab] <= off:
+            start = labels[lab]
+            found[start] = max(found.get(start, 0), off)
+    out = []
+    for start, end in sorted(found.items()):
+        out.append(Loop(start, end, [op for off, op, _ in insns if start <= off <= end and op != "NOP"]))
+    return out
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict, divisible=(), num_warps: int = 4, num_stages: int = 2,
+                 maxnreg: int | None = None):
+    """triton.compile for sm_90 on a machine without a GPU (returns the CompiledKernel: asm, n_regs, n_spills)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn, sig, constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 128),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg))
+
+
+def resources(k) -> dict:
+    """Registers, spill stores/loads and stack bytes of a compiled kernel, from `cuobjdump -res-usage` on its cubin."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for key, pat in (("regs", r"REG:(\d+)"), ("stack", r"STACK:(\d+)"), ("shared", r"SHARED:(\d+)"),
+                     ("local", r"LOCAL:(\d+)")):
+        m = re.search(pat, text)
+        out[key] = int(m.group(1)) if m else None
+    return out
+
+
+def summary(k, weights_per_iter: float | None = None, top: int = 14) -> str:
+    """One text block: registers, stack, and per loop its size, instructions per weight and top opcodes."""
+    r = resources(k)
+    lines = [f"regs {r['regs']}, stack {r['stack']} B, local {r['local']} B, shared {r['shared']} B"]
+    for lp in loops(k.asm["sass"]):
+        pw = f", {lp.n / weights_per_iter:.2f} per weight" if weights_per_iter else ""
+        top_ops = ", ".join(f"{o} {c}" for o, c in lp.counts(2).most_common(top))
+        lines.append(f"  loop [{lp.start}..{lp.end}]: {lp.n} insns{pw}; {top_ops}")
+    return "\n".join(lines)
+
+
+_GWINT_SIG = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16",
+                  ws_ptr="*fp32", cnt_ptr="*i32", N="i32", K="i32", KW="i32", G="i32", group_size="i32",
+                  k_iters="i32", split_k="i32", magic="i32")
+_GWINT_DIV = ("x_ptr", "qw_ptr", "s_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "KW")
+
+
+def gwint_cases():
+    """(name, kernel, signature, constexprs, divisible, warps, stages, weights per thread per loop iteration)."""
+    from bitsmith.kernels import gwint_triton as gt
+
+    cases = []
+    for bits in (4, 8):
+        P = 32 // bits
+        for bn, bkw, warps in ((128, 16, 4), (256, 8, 4)):
+            cx = dict(BITS=bits, P=P, HI=gt._hi_shift(bits), SYM=True, HAS_BIAS=False, SCALE_MODE=0, EVEN=True,
+                      BLOCK_N=bn, BLOCK_KW=bkw)
+            cases.append((f"gemv_b{bits}_n{bn}_kw{bkw}_w{warps}", gt._gemv_kernel, _GWINT_SIG, cx, _GWINT_DIV, warps,
+                          2, bn * bkw * P / (32 * warps)))
+        for bn, bkw, warps, unroll in ((1024, 4, 4, 0), (1024, 4, 4, 8), (512, 4, 2, 8), (512, 8, 4, 4)):
+            cx = dict(BITS=bits, P=P, HI=gt._hi_shift_wide(bits), SYM=True, HAS_BIAS=False, EVEN=True,
+                      BLOCK_N=bn, BLOCK_KW=bkw, UNROLL=unroll)
+            # per weight: a loop iteration is 2 tiles (UNROLL 0); unrolled, the whole kernel is UNROLL tiles
+            tiles = 2 if unroll == 0 else unroll
+            cases.append((f"wide_b{bits}_n{bn}_kw{bkw}_w{warps}_u{unroll}", gt._gemv_wide_kernel, _GWINT_SIG, cx,
+                          _GWINT_DIV, warps, 1, tiles * bn * bkw * P / (32 * warps)))
+    return cases
+
+
+def _gwint_main(argv: list[str]) -> int:
+    """The gwint GEMV kernels (old and wide) for w4 and w8, symmetric, full tiles: the decode shapes' code."""
+    sys.path.insert(0, "src")
+    import triton
+
+    print("triton", triton.__version__)
+    for name, kern, sig, cx, div, warps, stages, wpi in gwint_cases():
+        if len(argv) > 1 and not any(a in name for a in argv[1:] if a != "--dump"):
+            continue
+        k = compile_sm90(kern, sig, cx, div, warps, stages)
+        print(f"== {name} (num_warps {warps}, num_stages {stages})")
+        print(summary(k, wpi))
+        if "--dump" in argv:
+            with open(f"/tmp/sass_{name}.txt", "w") as f:
+                f.write(k.asm["sass"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_gwint_main(sys.argv[1:]))
