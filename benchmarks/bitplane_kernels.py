@@ -88,10 +88,12 @@ def _candidates(kind, bits, M, N, K):
     from bitsmith.kernels import bitplane as bp
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    swapped = bp.gemm_t_configs(M, N, K, bits, kind, sms)
     if M == 1:
         strategies = None if bits in (2, 3, 4) or kind == "bcq" else (0,)
-        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies)]
-    return [("gemm", c) for c in bp.gemm_configs(M, N, K, bits, G, kind, sms)]
+        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies) + swapped]
+    # the older `_gemm_kernel` keeps its two first candidates, so the tune log compares both kernels
+    return [("gemm", c) for c in swapped + bp.gemm_configs(M, N, K, bits, G, kind, sms)[:2]]
 
 
 def timing_tasks():
@@ -109,7 +111,7 @@ def _warm(task):
     ("check",) runs the correctness sweep instead (its compiles overlap the others')."""
     try:
         if task[0] == "check":
-            return ("check", check(lambda m: print(m, flush=True)))
+            return ("check", check(lambda m: print(m, flush=True), task[1]))
         return ("warm", _warm_one(*task))
     except Exception:
         import traceback
@@ -136,7 +138,8 @@ def warm(log, workers=12, with_check=True) -> int:
     """-> check failures (0 without the check)."""
     t0 = time.time()
     ctx = mp.get_context("spawn")
-    tasks = ([("check",)] if with_check else []) + timing_tasks()
+    # the correctness sweep as one task per case (its compiles spread over the processes), first in the queue
+    tasks = ([("check", (i,)) for i in range(N_CASES)] + [("check", ())] if with_check else []) + timing_tasks()
     with ctx.Pool(workers) as pool:
         res = pool.map(_warm, tasks, chunksize=1)
     n = sum(v for k, v in res if k == "warm")
@@ -148,7 +151,12 @@ def warm(log, workers=12, with_check=True) -> int:
 
 # ------------------------------------------------------------------------------------------------ correctness
 
-def check(log) -> int:
+N_CASES = 18  # len(cases) in `check`
+
+
+def check(log, only: tuple[int, ...] | None = None) -> int:
+    """Correctness of every regime against the fp32 reference -> failures. `only`: run just these case indices
+    (the CUDA-graph replay check runs when `only` is None or empty)."""
     from bitsmith.kernels import bitplane as bp
     from bitsmith.kernels import gwint_triton
 
@@ -163,7 +171,10 @@ def check(log) -> int:
         cases.append(("bcq", bits, torch.float16, 1000, 608, 64, bits % 3 == 0, False))
     cases += [("bipolar", 3, torch.bfloat16, 515, 1024, 128, True, True), ("bcq", 3, torch.bfloat16, 515, 576, 576,
                                                                             False, True)]
-    for kind, bits, dtype, N, K, gs, with_off, with_bias in cases:
+    assert len(cases) == N_CASES
+    for ci, (kind, bits, dtype, N, K, gs, with_off, with_bias) in enumerate(cases):
+        if only is not None and ci not in only:
+            continue
         if SMOKE:
             N, K = 40, K // 4 + 32
         w = make(kind, N, K, bits, dtype, gen, offset=with_off, gs=gs)
@@ -179,6 +190,9 @@ def check(log) -> int:
                     plans.append(("gemm", dict(plans[0][1], strategy=1 - plans[0][1]["strategy"])))
             if M == 300:
                 plans.append(("dequant", None))
+            # the swapped kernel: every tile variant (join, xperm, widths) of gemm_t_configs, fewer on the CPU
+            sw = bp.gemm_t_configs(M, N, K, bits, kind, sms)
+            plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:4])]
             for regime, cfg in plans:
                 out = call(x, w, bias=bias, config=cfg, regime=regime)
                 e = rel(out, ref)
@@ -186,12 +200,21 @@ def check(log) -> int:
                 if not e < tol[dtype]:
                     failures += 1
                     log(f"FAIL {kind} b{bits} {str(dtype)[6:]} N{N} K{K} g{gs} M{M} {regime} {cfg}: {e:.2e}")
+                if cfg is not None and cfg == sw[0] and dtype == torch.float16 and bp.gemm_t_mode(dtype, cfg) == 2:
+                    # the PTX (mode 2) and its plain-Triton twin (mode 1, what the CPU tests run) must agree
+                    # bit for bit: same fp16 weights, same dots in the same order
+                    twin = call(x, w, bias=bias, config=dict(cfg, mode=1), regime=regime)
+                    checked += 1
+                    if not torch.equal(twin, out):
+                        failures += 1
+                        log(f"FAIL mode 1 != mode 2: {kind} b{bits} N{N} K{K} M{M} {cfg}: "
+                            f"max diff {(twin.float() - out.float()).abs().max().item():.2e}")
     for ws, cnt in gwint_triton._WORKSPACES.values():
         if ws.any() or cnt.any():
             failures += 1
             log("FAIL split-K workspace not left zeroed")
-    if DEVICE != "cuda":
-        log(f"check: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
+    if DEVICE != "cuda" or only:
+        log(f"check {only or 'all'}: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
         return failures
     # CUDA-graph replay of the public op on fresh inputs
     w = make("bipolar", 4099, 576, 3, torch.float16, gen)

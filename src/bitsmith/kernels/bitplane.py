@@ -499,6 +499,364 @@ if triton is not None:
         mask = (k < K)[:, :, None] & n_mask[None, None, :]
         tl.store(out_ptr + k[:, :, None] * N + offs_n[None, None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # swapped GEMM (any M >= 1): out^T [N, M] = W [N, K] @ x^T [K, M], weights as the mma's A operand
+
+    @triton.constexpr_function
+    def _bipolar_pair_asm(bits, q, has_offset):
+        """PTX for one slot pair (j, j + 16) of a plane word, two fp16 weights in one f16x2 register.
+
+        Inputs $2..$9: plane words pre-shifted so that bit j of plane i sits at bit q + i (and bit j + 16 at
+        q + i + 16); $10: 2s as f16x2; $11: offset as f16x2. One LOP3 per plane ORs the bit under the fp16
+        exponent of 2^(10 - q), so each half reads 2^(10 - q) + u exactly; HADD2 subtracts 2^(10 - q) + L/2
+        (exact: u - L/2), HMUL2 times 2s rounds once: (2u - L) s, the correctly rounded fp16 weight.
+        """
+        bits, q, has_offset = int(bits), int(q), bool(has_offset)
+        L = (1 << bits) - 1
+        mask = (1 << q) | (1 << (q + 16))
+        magic = ((25 - q) << 10) * 0x10001
+        v = float(1 << (10 - q)) + L / 2  # in [2, 640): a normal fp16 with spacing <= 0.5, written out by hand
+        e = 1  # (Triton's dependency check rejects calls to module-level helpers from here)
+        while v >= 2.0 ** (e + 1):
+            e += 1
+        c = (((e + 15) << 10) | int((v / 2.0 ** e - 1.0) * 1024)) * 0x10001
+        lines = ["{", ".reg .b32 t, c;", f"lop3.b32 t, $2, {mask:#x}, {magic:#x}, 0xEA;"]
+        for i in range(1, bits):
+            lines.append(f"lop3.b32 t, ${2 + i}, {mask << i:#x}, t, 0xEA;")
+        lines += [f"mov.b32 c, {c:#x};", "sub.rn.f16x2 t, t, c;", "mul.rn.f16x2 t, t, $10;"]
+        if has_offset:
+            lines.append("add.rn.f16x2 t, t, $11;")
+        lines += ["mov.b32 {$0, $1}, t;", "}"]
+        return "\n".join(lines)
+
+    @triton.constexpr_function
+    def _bcq_pair_asm(bits, j, has_offset):
+        """PTX for one slot pair (j, j + 16) of BCQ: per plane, the bits are shifted to the fp16 sign positions
+        (15, 31) and flip the sign of alpha_i (one SHF, one LOP3), then HADD2 sums the planes in order, in fp16.
+        Inputs $2..$9: plane words; $10..$17: alpha_i as f16x2; $18: offset as f16x2."""
+        bits, j, has_offset = int(bits), int(j), bool(has_offset)
+        lines = ["{", ".reg .b32 t, a;"]
+        for i in range(bits):
+            src = f"${2 + i}"
+            if j < 15:
+                lines.append(f"shl.b32 t, {src}, {15 - j};")
+                src = "t"
+            # (~t & 0x80008000) ^ alpha: bit 0 -> -alpha, bit 1 -> +alpha
+            dst = "a" if i == 0 else "t"
+            lines.append(f"lop3.b32 {dst}, {src}, 0x80008000, ${10 + i}, 0xA6;")
+            if i > 0:
+                lines.append("add.rn.f16x2 a, a, t;")
+        if has_offset:
+            lines.append("add.rn.f16x2 a, a, $18;")
+        lines += ["mov.b32 {$0, $1}, a;", "}"]
+        return "\n".join(lines)
+
+    @triton.jit
+    def _pair16(v):
+        """fp16 tensor -> int32 holding its bits in both halves (an f16x2 of (v, v))."""
+        b = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return b | (b << 16)
+
+    @triton.jit
+    def _halves(t):
+        """int32 -> (low half, high half) read as fp16."""
+        lo = (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = ((t >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _shift_to(w, r: tl.constexpr, i: tl.constexpr):
+        """w >> (r - i) (or << (i - r)): bit j of w moves to j - r + i."""
+        if r >= i:
+            return w >> (r - i)
+        else:
+            return w << (i - r)
+
+    @triton.jit
+    def _a_pair(c0, c1, c2, c3, c4, c5, c6, c7, w0, w1, w2, w3, w4, w5, w6, w7, s2, o2,
+                a0, a1, a2, a3, a4, a5, a6, a7, o, jj: tl.constexpr, q: tl.constexpr,
+                BITS: tl.constexpr, BCQ: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr):
+        """Weights of slots jj and jj + 16 of a [BN, BKW] word tile, as two fp16 (MODE 1, 2) or fp32 (MODE 0)
+        tensors [BN, BKW]. c*: plane words pre-shifted for this slot's window (bipolar, bit jj of plane i at bit
+        q + i); w*: raw plane words; s2 / o2 / a*: f16x2 pairs (MODE 2) or fp16 (MODE 1) or fp32 (MODE 0).
+        MODE 2 is the PTX of `_bipolar_pair_asm` / `_bcq_pair_asm`; MODE 1 computes exactly the same fp16
+        arithmetic in plain Triton (the CPU interpreter's path); MODE 0 rebuilds in fp32 (bf16 activations)."""
+        L: tl.constexpr = (1 << BITS) - 1
+        if MODE == 2:
+            if BCQ:
+                lo, hi = tl.inline_asm_elementwise(
+                    _bcq_pair_asm(BITS, jj, HAS_OFFSET), "=h,=h" + ",r" * 17,
+                    [w0, w1, w2, w3, w4, w5, w6, w7, a0, a1, a2, a3, a4, a5, a6, a7, o2],
+                    dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            else:
+                lo, hi = tl.inline_asm_elementwise(
+                    _bipolar_pair_asm(BITS, q, HAS_OFFSET), "=h,=h" + ",r" * 10,
+                    [c0, c1, c2, c3, c4, c5, c6, c7, s2, o2],
+                    dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        elif MODE == 1:
+            if BCQ:
+                lo = tl.where(((w0 >> jj) & 1) != 0, a0, -a0)
+                hi = tl.where(((w0 >> (jj + 16)) & 1) != 0, a0, -a0)
+                if BITS > 1:
+                    lo += tl.where(((w1 >> jj) & 1) != 0, a1, -a1)
+                    hi += tl.where(((w1 >> (jj + 16)) & 1) != 0, a1, -a1)
+                if BITS > 2:
+                    lo += tl.where(((w2 >> jj) & 1) != 0, a2, -a2)
+                    hi += tl.where(((w2 >> (jj + 16)) & 1) != 0, a2, -a2)
+                if BITS > 3:
+                    lo += tl.where(((w3 >> jj) & 1) != 0, a3, -a3)
+                    hi += tl.where(((w3 >> (jj + 16)) & 1) != 0, a3, -a3)
+                if BITS > 4:
+                    lo += tl.where(((w4 >> jj) & 1) != 0, a4, -a4)
+                    hi += tl.where(((w4 >> (jj + 16)) & 1) != 0, a4, -a4)
+                if BITS > 5:
+                    lo += tl.where(((w5 >> jj) & 1) != 0, a5, -a5)
+                    hi += tl.where(((w5 >> (jj + 16)) & 1) != 0, a5, -a5)
+                if BITS > 6:
+                    lo += tl.where(((w6 >> jj) & 1) != 0, a6, -a6)
+                    hi += tl.where(((w6 >> (jj + 16)) & 1) != 0, a6, -a6)
+                if BITS > 7:
+                    lo += tl.where(((w7 >> jj) & 1) != 0, a7, -a7)
+                    hi += tl.where(((w7 >> (jj + 16)) & 1) != 0, a7, -a7)
+            else:
+                M0: tl.constexpr = (1 << q) | (1 << (q + 16))
+                t = (c0 & M0) | (((25 - q) << 10) * 0x10001)
+                if BITS > 1:
+                    t = t | (c1 & (M0 << 1))
+                if BITS > 2:
+                    t = t | (c2 & (M0 << 2))
+                if BITS > 3:
+                    t = t | (c3 & (M0 << 3))
+                if BITS > 4:
+                    t = t | (c4 & (M0 << 4))
+                if BITS > 5:
+                    t = t | (c5 & (M0 << 5))
+                if BITS > 6:
+                    t = t | (c6 & (M0 << 6))
+                if BITS > 7:
+                    t = t | (c7 & (M0 << 7))
+                lo, hi = _halves(t)  # 2^(10 - q) + u, exact
+                cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
+                lo = (lo - cst) * s2
+                hi = (hi - cst) * s2
+            if HAS_OFFSET:
+                lo += o2
+                hi += o2
+        else:
+            if BCQ:
+                lo = tl.where(((w0 >> jj) & 1) != 0, a0, -a0)
+                hi = tl.where(((w0 >> (jj + 16)) & 1) != 0, a0, -a0)
+                if BITS > 1:
+                    lo += tl.where(((w1 >> jj) & 1) != 0, a1, -a1)
+                    hi += tl.where(((w1 >> (jj + 16)) & 1) != 0, a1, -a1)
+                if BITS > 2:
+                    lo += tl.where(((w2 >> jj) & 1) != 0, a2, -a2)
+                    hi += tl.where(((w2 >> (jj + 16)) & 1) != 0, a2, -a2)
+                if BITS > 3:
+                    lo += tl.where(((w3 >> jj) & 1) != 0, a3, -a3)
+                    hi += tl.where(((w3 >> (jj + 16)) & 1) != 0, a3, -a3)
+                if BITS > 4:
+                    lo += tl.where(((w4 >> jj) & 1) != 0, a4, -a4)
+                    hi += tl.where(((w4 >> (jj + 16)) & 1) != 0, a4, -a4)
+                if BITS > 5:
+                    lo += tl.where(((w5 >> jj) & 1) != 0, a5, -a5)
+                    hi += tl.where(((w5 >> (jj + 16)) & 1) != 0, a5, -a5)
+                if BITS > 6:
+                    lo += tl.where(((w6 >> jj) & 1) != 0, a6, -a6)
+                    hi += tl.where(((w6 >> (jj + 16)) & 1) != 0, a6, -a6)
+                if BITS > 7:
+                    lo += tl.where(((w7 >> jj) & 1) != 0, a7, -a7)
+                    hi += tl.where(((w7 >> (jj + 16)) & 1) != 0, a7, -a7)
+            else:  # u from the float32 exponent trick (one slot at a time: 23 mantissa bits hold any u)
+                l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = _pair_words(
+                    w0, w1, w2, w3, w4, w5, w6, w7, BITS)
+                lo = _u_slot(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, jj, BITS)
+                hi = _u_slot(l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7, jj + 16, BITS)
+                lo = (2.0 * lo - L) * s2
+                hi = (2.0 * hi - L) * s2
+            if HAS_OFFSET:
+                lo += o
+                hi += o
+        return lo, hi
+
+    @triton.jit
+    def _pair_words(w0, w1, w2, w3, w4, w5, w6, w7, BITS: tl.constexpr):
+        """The pre-shifted words `_u_slot` reads (as `_all_planes` makes them, from words already loaded)."""
+        l0 = ((w0 << 0) & 0x007FFFFF) | 0x4B000000
+        h0 = (((w0 >> 16) << 0) & 0x007FFFFF) | 0x4B000000
+        l1, h1 = w1 << 1, (w1 >> 16) << 1
+        l2, h2 = w2 << 2, (w2 >> 16) << 2
+        l3, h3 = w3 << 3, (w3 >> 16) << 3
+        l4, h4 = w4 << 4, (w4 >> 16) << 4
+        l5, h5 = w5 << 5, (w5 >> 16) << 5
+        l6, h6 = w6 << 6, (w6 >> 16) << 6
+        l7, h7 = w7 << 7, (w7 >> 16) << 7
+        return l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7
+
+    @triton.jit
+    def _xperm_kernel(x_ptr, xp_ptr, M, K, stride_xm, stride_pm, JOIN: tl.constexpr, BLOCK_KW: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+        """Activations in the order `_gemm_t_kernel` (XP) reads them: inside K tile t (BK = 32 BLOCK_KW), slot
+        pair jj takes one contiguous run. JOIN: xp[m, t BK + jj 2 BKW + 2 i + h] = x[m, (t BKW + i) 32 + jj + 16 h];
+        else xp[m, t BK + j BKW + i] = x[m, (t BKW + i) 32 + j]. Zero past K."""
+        t = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        i = tl.arange(0, BLOCK_KW)[:, None]  # [BKW, 1]
+        j = tl.arange(0, 32)[None, :]  # [1, 32]
+        src = (t * BLOCK_KW + i) * 32 + j  # [BKW, 32], contiguous
+        if JOIN:
+            dst = t * (BLOCK_KW * 32) + (j % 16) * (2 * BLOCK_KW) + 2 * i + j // 16
+        else:
+            dst = t * (BLOCK_KW * 32) + j * BLOCK_KW + i
+        rm = (rows < M)[:, None, None]
+        v = tl.load(x_ptr + rows[:, None, None] * stride_xm + src[None, :, :], mask=rm & (src < K)[None, :, :],
+                    other=0.0)
+        tl.store(xp_ptr + rows[:, None, None] * stride_pm + dst[None, :, :], v, mask=rm)
+
+    @triton.jit
+    def _gemm_t_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                       M, N, K, KW, G, group_size, stride_xm, stride_om, k_iters, split_k,
+                       BITS: tl.constexpr, BCQ: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       MODE: tl.constexpr, JOIN: tl.constexpr, XP: tl.constexpr, DOT_F32: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+        # x: [M, K]; planes: [BITS, KW, N] int32; c: scales [G, N] or alphas [BITS, G, N]; out: [M, N].
+        # Word tile [BN, BKW] per plane; slot pair (jj, jj + 16) of every word -> two fp16 A tiles [BN, BKW]
+        # (k = 32 kw + jj and 32 kw + jj + 16), dotted with x^T rows of those k: [BKW, BM] each (JOIN 0), or
+        # joined into one [BN, 2 BKW] operand (k' = 2 kw + h) against one [2 BKW, BM] tile (JOIN 1).
+        # Scales / alphas / offsets go into A per word (a word never straddles a group), so K tiles may span
+        # groups. acc [BN, BM] fp32; M is the mma's N (>= 16). XP: x_ptr is `_xperm_kernel`'s output (stride_xm
+        # its row stride), so each pair's B tile is one contiguous run per row (async copies, no gathers).
+        DT = x_ptr.dtype.element_ty
+        pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_k = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        rw = tl.arange(0, BLOCK_KW)
+        r2 = tl.arange(0, 2 * BLOCK_KW)
+        plane_stride = KW * N
+        coef_stride = G * N
+        # slot positions one pre-shifted copy serves: u sits at bits q..q+BITS-1 of the fp16 mantissa with
+        # 1 <= q <= 10 - BITS (q >= 1 keeps 2^(10 - q) + L/2 exact in fp16)
+        WIN: tl.constexpr = 10 - BITS
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        kw_begin = pid_k * k_iters * BLOCK_KW
+        for it in range(k_iters):
+            kw0 = kw_begin + it * BLOCK_KW
+            kw = kw0 + rw
+            wmask = n_mask[:, None] & (kw < KW)[None, :]
+            wp = pl_ptr + kw[None, :] * N + offs_n[:, None]  # [BN, BKW]
+            cp = tl.minimum((kw * 32) // group_size, G - 1)[None, :] * N + offs_n[:, None]
+            w0 = tl.load(wp, mask=wmask, other=0)
+            w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
+            if BITS > 1:
+                w1 = tl.load(wp + plane_stride, mask=wmask, other=0)
+            if BITS > 2:
+                w2 = tl.load(wp + 2 * plane_stride, mask=wmask, other=0)
+            if BITS > 3:
+                w3 = tl.load(wp + 3 * plane_stride, mask=wmask, other=0)
+            if BITS > 4:
+                w4 = tl.load(wp + 4 * plane_stride, mask=wmask, other=0)
+            if BITS > 5:
+                w5 = tl.load(wp + 5 * plane_stride, mask=wmask, other=0)
+            if BITS > 6:
+                w6 = tl.load(wp + 6 * plane_stride, mask=wmask, other=0)
+            if BITS > 7:
+                w7 = tl.load(wp + 7 * plane_stride, mask=wmask, other=0)
+            # per-word coefficients, in the form `_a_pair` takes for this MODE
+            o = tl.zeros([BLOCK_N, BLOCK_KW], dtype=DT)
+            if HAS_OFFSET:
+                o = tl.load(o_ptr + cp, mask=wmask, other=0.0)
+            s2 = o
+            a0, a1, a2, a3, a4, a5, a6, a7 = o, o, o, o, o, o, o, o
+            if BCQ:
+                a0 = tl.load(c_ptr + cp, mask=wmask, other=0.0)
+                a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+                if BITS > 1:
+                    a1 = tl.load(c_ptr + coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 2:
+                    a2 = tl.load(c_ptr + 2 * coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 3:
+                    a3 = tl.load(c_ptr + 3 * coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 4:
+                    a4 = tl.load(c_ptr + 4 * coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 5:
+                    a5 = tl.load(c_ptr + 5 * coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 6:
+                    a6 = tl.load(c_ptr + 6 * coef_stride + cp, mask=wmask, other=0.0)
+                if BITS > 7:
+                    a7 = tl.load(c_ptr + 7 * coef_stride + cp, mask=wmask, other=0.0)
+            else:
+                s2 = tl.load(c_ptr + cp, mask=wmask, other=0.0)
+            if MODE == 0:
+                s2 = s2.to(tl.float32)
+                o = o.to(tl.float32)
+                if BCQ:
+                    a0, a1, a2, a3 = a0.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32), a3.to(tl.float32)
+                    a4, a5, a6, a7 = a4.to(tl.float32), a5.to(tl.float32), a6.to(tl.float32), a7.to(tl.float32)
+            else:
+                s2 = (s2 * 2.0).to(tl.float16)  # 2 s, exact
+                o = o.to(tl.float16)
+            o2 = o
+            if MODE == 2:  # f16x2 pairs (v, v) for the PTX
+                s2 = _pair16(s2)
+                o2 = _pair16(o)
+                if BCQ:
+                    a0, a1, a2, a3 = _pair16(a0), _pair16(a1), _pair16(a2), _pair16(a3)
+                    a4, a5, a6, a7 = _pair16(a4), _pair16(a5), _pair16(a6), _pair16(a7)
+            c0, c1, c2, c3, c4, c5, c6, c7 = w0, w1, w2, w3, w4, w5, w6, w7
+            for jj in tl.static_range(16):
+                if not BCQ and MODE != 0 and jj % WIN == 0:  # a new window: pre-shift every plane once
+                    c0 = _shift_to(w0, (jj // WIN) * WIN - 1, 0)  # bit jj of plane i -> bit 1 + jj % WIN + i
+                    c1 = _shift_to(w1, (jj // WIN) * WIN - 1, 1)
+                    c2 = _shift_to(w2, (jj // WIN) * WIN - 1, 2)
+                    c3 = _shift_to(w3, (jj // WIN) * WIN - 1, 3)
+                    c4 = _shift_to(w4, (jj // WIN) * WIN - 1, 4)
+                    c5 = _shift_to(w5, (jj // WIN) * WIN - 1, 5)
+                    c6 = _shift_to(w6, (jj // WIN) * WIN - 1, 6)
+                    c7 = _shift_to(w7, (jj // WIN) * WIN - 1, 7)
+                lo, hi = _a_pair(c0, c1, c2, c3, c4, c5, c6, c7, w0, w1, w2, w3, w4, w5, w6, w7, s2, o2,
+                                 a0, a1, a2, a3, a4, a5, a6, a7, o, jj, 1 + jj % WIN, BITS, BCQ, HAS_OFFSET, MODE)
+                lo = lo.to(DT)
+                hi = hi.to(DT)
+                if JOIN:
+                    a = tl.reshape(tl.join(lo, hi), [BLOCK_N, 2 * BLOCK_KW])  # k' = 2 kw + h
+                    if XP:
+                        kx = kw0 * 32 + jj * (2 * BLOCK_KW) + r2
+                        xb = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                                     mask=m_mask[None, :], other=0.0)
+                    else:
+                        kx = (kw0 + r2 // 2) * 32 + jj + 16 * (r2 % 2)  # [2 BKW]
+                        xb = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                                     mask=m_mask[None, :] & (kx < K)[:, None], other=0.0)
+                    if DOT_F32:
+                        acc = tl.dot(a.to(tl.float32), xb.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(a, xb, acc)
+                else:
+                    if XP:
+                        k_lo = kw0 * 32 + jj * BLOCK_KW + rw
+                        xl = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_lo[:, None],
+                                     mask=m_mask[None, :], other=0.0)
+                        xh = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k_lo + 16 * BLOCK_KW)[:, None],
+                                     mask=m_mask[None, :], other=0.0)
+                    else:
+                        k_lo = kw * 32 + jj
+                        xl = tl.load(x_ptr + offs_m[None, :] * stride_xm + k_lo[:, None],
+                                     mask=m_mask[None, :] & (k_lo < K)[:, None], other=0.0)
+                        xh = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k_lo + 16)[:, None],
+                                     mask=m_mask[None, :] & (k_lo + 16 < K)[:, None], other=0.0)
+                    if DOT_F32:
+                        acc = tl.dot(lo.to(tl.float32), xl.to(tl.float32), acc)
+                        acc = tl.dot(hi.to(tl.float32), xh.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(lo, xl, acc)
+                        acc = tl.dot(hi, xh, acc)
+        _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
+                  pid_m * tl.cdiv(N, BLOCK_N) + pid_n, split_k, HAS_BIAS)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers
@@ -554,6 +912,45 @@ def launch_gemm(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
+
+def gemm_t_mode(dtype: torch.dtype, cfg: dict | None = None) -> int:
+    """A-operand arithmetic of `_gemm_t_kernel`: 2 = f16x2 PTX (fp16 on a GPU), 1 = the same fp16 arithmetic in
+    plain Triton (fp16 under TRITON_INTERPRET=1, where inline PTX cannot run), 0 = fp32 rebuild (bf16)."""
+    if cfg is not None and "mode" in cfg:
+        return cfg["mode"]
+    if dtype != torch.float16:
+        return 0
+    return 1 if _interpreting() else 2
+
+
+def launch_gemm_t(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
+    """x2 [M, K] -> out [M, N] by the swapped kernel. cfg: block_m (16..128), block_n, block_kw (>= 8; the dot's
+    K is block_kw, or 2 block_kw with join), split_k, join, xperm, group_m, num_warps, num_stages, optional mode."""
+    M = x2.shape[0]
+    bits, KW, N, G, o, b, bcq = _common(planes, coef, offset, bias, kind)
+    bm, bn, bkw = cfg["block_m"], cfg["block_n"], cfg["block_kw"]
+    mode = gemm_t_mode(x2.dtype, cfg)
+    if mode > 0 and x2.dtype != torch.float16:
+        raise ValueError("modes 1 and 2 of the swapped kernel build fp16 weights: fp16 activations only")
+    k_tiles = -(-KW // bkw)
+    k_iters, split = _split(k_tiles, cfg["split_k"])
+    join, xp = bool(cfg.get("join", False)), bool(cfg.get("xperm", False))
+    xs = x2
+    if xp:  # activations re-ordered per K tile, a second small launch; zero past K, also in the tiles that the
+        # last split runs past KW (so the GEMM's B loads need no K mask)
+        xs = torch.empty((M, k_iters * split * bkw * 32), dtype=x2.dtype, device=x2.device)
+        br = min(1 << max(0, (M - 1).bit_length()), 4)
+        _xperm_kernel[(k_iters * split, -(-M // br))](x2, xs, M, K, x2.stride(0), xs.stride(0), JOIN=join, BLOCK_KW=bkw,
+                                              BLOCK_R=br, num_warps=4)
+    num_m, num_n = -(-M // bm), -(-N // bn)
+    ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
+    return _gemm_t_kernel[(num_m * num_n, split)](
+        xs, planes, coef, o, b, out, ws, cnt, M, N, K, KW, G, group_size, xs.stride(0), out.stride(0),
+        k_iters, split,
+        BITS=bits, BCQ=bcq, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=mode,
+        JOIN=join, XP=xp, DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
 def dequantize_t(planes, coef, offset, kind, group_size, K, dtype, block_n=64, block_kw=4):
     """W^T [K, N] in `dtype`, by the Triton kernel."""
@@ -611,13 +1008,37 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, kind: str, 
     return out
 
 
+def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> list[dict]:
+    """Candidates for the swapped kernel (`launch_gemm_t`, any M), the default first. block_m is the mma's N
+    (M rounded up to 16..128); 16-word tiles (a dot of K 16, or 32 joined); `join` feeds one dot per slot pair,
+    `xperm` re-orders x first (one more launch, but async-copied B tiles)."""
+    KW = num_words(K)
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    if bm <= 32:  # (block_n, warps, stages, join, xperm, waves)
+        shapes = [(128, 4, 3, 1, 1, 4.0), (128, 4, 3, 0, 1, 4.0), (64, 4, 3, 1, 1, 4.0), (128, 4, 3, 1, 0, 4.0),
+                  (128, 4, 4, 1, 1, 8.0), (128, 4, 3, 1, 1, 2.0)]
+    elif bm == 64:
+        shapes = [(128, 4, 3, 1, 1, 2.0), (128, 4, 3, 0, 1, 2.0), (64, 4, 3, 1, 1, 2.0)]
+    else:
+        shapes = [(128, 8, 3, 1, 1, 1.0), (128, 8, 3, 0, 1, 1.0), (64, 4, 3, 1, 1, 1.0), (128, 8, 3, 1, 1, 2.0)]
+    out = []
+    for bn, warps, stages, join, xperm, waves in shapes:
+        tiles = -(-M // bm) * -(-N // bn)
+        cfg = dict(kernel="swapped", block_m=bm, block_n=bn, block_kw=16, num_warps=warps, num_stages=stages,
+                   join=join, xperm=xperm, group_m=8, split_k=_split_for(tiles, -(-KW // 16), sms, waves))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=None, config: dict | None = None,
                   regime: str | None = None, candidates: list[dict] | None = None):
     """Triton path of `linear`: x [..., K] fp16/bf16 -> [..., N] in x's dtype.
 
-    `config` / `regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); by default the
-    regime follows M and the configuration is tuned once per (shape, format) on the GPU among `candidates`
-    (default: `gemv_configs` / `gemm_configs`).
+    `config` / `regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks; a config with
+    kernel="swapped" runs `launch_gemm_t` in either of the first two); by default the regime follows M and the
+    configuration is tuned once per (shape, format) on the GPU among `candidates` (default: the regime's own
+    configurations and `gemm_t_configs`).
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed")
@@ -643,15 +1064,17 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
             raise ValueError("the gemv regime takes exactly one row")
 
         def go(c):
-            launch_gemv(x2, *args, out, kind, group_size, K, c)
+            (launch_gemm_t if c.get("kernel") == "swapped" else launch_gemv)(x2, *args, out, kind, group_size, K, c)
 
-        cands = [config] if config is not None else candidates or gemv_configs(N, K, bits, group_size, kind, sms)
+        cands = [config] if config is not None else candidates or (
+            gemv_configs(N, K, bits, group_size, kind, sms) + gemm_t_configs(M, N, K, bits, kind, sms))
         cfg = config or _tune(("gemv",) + key, cands, go)
     else:
         def go(c):
-            launch_gemm(x2, *args, out, kind, group_size, K, c)
+            (launch_gemm_t if c.get("kernel") == "swapped" else launch_gemm)(x2, *args, out, kind, group_size, K, c)
 
-        cands = [config] if config is not None else candidates or gemm_configs(M, N, K, bits, group_size, kind, sms)
+        cands = [config] if config is not None else candidates or (
+            gemm_t_configs(M, N, K, bits, kind, sms) + gemm_configs(M, N, K, bits, group_size, kind, sms)[:2])
         cfg = config or _tune(("gemm", 1 << (M - 1).bit_length()) + key, cands, go)
     go(cfg)
     return rows.result()
