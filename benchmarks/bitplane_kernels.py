@@ -96,9 +96,12 @@ def _candidates(kind, bits, M, N, K):
     return [("gemm", c) for c in swapped + bp.gemm_configs(M, N, K, bits, G, kind, sms)[:2]]
 
 
+QUICK = False  # --quick: 8192x8192 only, bipolar 2/3 bits and BCQ 3, no curve, no gemlite; check of 4 cases
+
+
 def timing_tasks():
     tasks = []
-    for bits in range(1, 9):
+    for bits in ((2, 3) if QUICK else range(1, 9)):
         for M in ((1, 16, 128) if bits in (2, 3, 4) else (1,)):
             tasks.append(("bipolar", bits, M))
     for M in MS:
@@ -139,7 +142,8 @@ def warm(log, workers=12, with_check=True) -> int:
     t0 = time.time()
     ctx = mp.get_context("spawn")
     # the correctness sweep as one task per case (its compiles spread over the processes), first in the queue
-    tasks = ([("check", (i,)) for i in range(N_CASES)] + [("check", ())] if with_check else []) + timing_tasks()
+    cases = (2, 3, 4, 5, 16) if QUICK else range(N_CASES)
+    tasks = ([("check", (i,)) for i in cases] + [("check", ())] if with_check else []) + timing_tasks()
     with ctx.Pool(workers) as pool:
         res = pool.map(_warm, tasks, chunksize=1)
     n = sum(v for k, v in res if k == "warm")
@@ -282,10 +286,10 @@ def bench(log, rows: list[dict]) -> list[dict]:
             del wsets
             torch.cuda.empty_cache()
 
-        for bits in (2, 3, 4):
+        for bits in ((2, 3) if QUICK else (2, 3, 4)):
             for M in MS:
                 timed("bipolar", "bipolar", bits, M, lambda: make("bipolar", N, K, bits, dtype, gen))
-        if (N, K) == SHAPES[0]:
+        if (N, K) == SHAPES[0] and not QUICK:
             for bits in (1, 5, 6, 7, 8):
                 timed("bipolar", "bipolar", bits, 1, lambda: make("bipolar", N, K, bits, dtype, gen))
             timed("bipolar-dequant", "bipolar", 4, 128, lambda: make("bipolar", N, K, 4, dtype, gen),
@@ -293,7 +297,7 @@ def bench(log, rows: list[dict]) -> list[dict]:
         for M in MS:
             timed("bcq", "bcq", 3, M, lambda: make("bcq", N, K, 3, dtype, gen))
         # gemlite peers on gwint-layout weights of the same shape
-        for gbits in (2, 4):
+        for gbits in (() if QUICK else (2, 4)):
             fmt = hb.GwintFormat(f"w{gbits}g128", gbits, 128)
             try:
                 w0 = fmt.make(N, K, dtype, device, gen)
@@ -346,9 +350,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--smoke", action="store_true", help="check only, tiny shapes, CPU interpreter")
+    ap.add_argument("--quick", action="store_true", help="8192x8192, bipolar 2/3 and BCQ 3 only, 4 check cases")
     args = ap.parse_args(argv)
-    global DEVICE, SMOKE, OUT_DIR
+    global DEVICE, SMOKE, OUT_DIR, QUICK, SHAPES
     OUT_DIR = args.out
+    if args.quick:
+        QUICK, SHAPES = True, SHAPES[:1]
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         DEVICE, SMOKE, args.no_bench = "cpu", True, True

@@ -181,3 +181,101 @@ def test_default_path_and_batch_dims():
             assert rel_error(out.cpu(), ref) < TOL[dtype]
     finally:
         del os.environ["BITSMITH_TRITON"]
+
+
+# ---------------------------------------------------------------------------------------------------- swapped kernel
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bipolar", "bcq"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_swapped_kernel_matches_reference(bits, kind):
+    """`_gemm_t_kernel` (weights as the mma's A operand) at M = 1, 2, 16, 33: odd N, K not a multiple of 32 and a
+    partial last group, split-K, every (join, xperm) variant, fp16 through the fp16 A arithmetic (the twin of the
+    GPU's PTX) and bf16 through the fp32 rebuild; bias / offset on some."""
+    rnd = random.Random(1000 + bits * 10 + (kind == "bcq"))
+    gs = rnd.choice([32, 64, 128])
+    K = gs + 32 + rnd.choice([0, 8])  # two groups, the last partial; sometimes a partial last word
+    N = rnd.choice([17, 23, 33])
+    with_offset, with_bias = bits % 2 == 1, bits % 3 == 0
+    for idx, M in enumerate((1, 2, 16, 33)):
+        dtype = torch.bfloat16 if (bits + idx) % 4 == 0 else torch.float16
+        _, planes, coef, off = _make(N, K, bits, gs, kind, with_offset, dtype, seed=bits * 7 + idx)
+        x = torch.randn(M, K).to(dtype)
+        bias = torch.randn(N).to(dtype) if with_bias else None
+        ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), kind, gs, K,
+                                  None if bias is None else bias.float())
+        cfg = dict(kernel="swapped", block_m=16 if M <= 16 else 32, block_n=16, block_kw=rnd.choice([1, 2]),
+                   split_k=rnd.choice([1, 2, 5]), join=idx % 2, xperm=idx // 2, group_m=rnd.choice([1, 8]))
+        dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+        out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+        bp.launch_gemm_t(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, kind, gs, K, cfg)
+        err = rel_error(out.cpu(), ref)
+        assert err < TOL[dtype], f"relative error {err:.2e} (M={M} N={N} K={K} g={gs} {dtype} {cfg})"
+    for ws, cnt in gwint_triton._WORKSPACES.values():
+        assert not ws.any() and not cnt.any()
+
+
+def _run_ptx(asm: str, inputs: list[int]) -> tuple[float, float]:
+    """A tiny emulator of the PTX that `_bipolar_pair_asm` / `_bcq_pair_asm` emit (lop3, shl, mov, f16x2 add / sub
+    / mul with round-to-nearest): inputs are $2, $3, ... as uint32; returns ($0, $1) as fp16 values."""
+    import numpy as np
+
+    def halves(v):
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+
+    regs, ins = {}, [0, 0] + inputs
+    val = lambda t: ins[int(t[1:])] if t.startswith("$") else regs[t] if t in regs else int(t, 0)  # noqa: E731
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if rest.startswith("{"):  # mov.b32 {$0, $1}, t
+            return tuple(float(h) for h in halves(regs[rest.rsplit(",", 1)[1].strip()]).astype(np.float16))
+        d, *a = [t.strip() for t in rest.split(",")]
+        a = [val(t) for t in a]
+        if op == "lop3.b32":
+            regs[d] = sum((((a[3] >> ((((a[0] >> b) & 1) << 2) | (((a[1] >> b) & 1) << 1) | ((a[2] >> b) & 1))) & 1)
+                           << b) for b in range(32))
+        elif op == "shl.b32":
+            regs[d] = (a[0] << a[1]) & 0xFFFFFFFF
+        elif op == "mov.b32":
+            regs[d] = a[0]
+        else:  # exact in float64, one rounding to fp16
+            x, y = halves(a[0]), halves(a[1])
+            r = {"sub.rn.f16x2": x - y, "mul.rn.f16x2": x * y, "add.rn.f16x2": x + y}[op].astype(np.float16)
+            regs[d] = int(r.view(np.uint16)[0]) | (int(r.view(np.uint16)[1]) << 16)
+    raise AssertionError("no output")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_ptx_pairs_compute_the_fp16_rule(bits):
+    """The PTX strings (run on the GPU only) against the fp16 arithmetic their plain-Triton twin uses under the
+    interpreter: bipolar ((u - L/2) rounded-times 2s) [+ offset], BCQ ordered fp16 sum of +-alpha_i [+ offset]."""
+    import numpy as np
+
+    rnd = random.Random(bits)
+    L, WIN = (1 << bits) - 1, 10 - bits
+    f16 = lambda v: np.float16(v)  # noqa: E731
+    pair = lambda h: int(np.array([h, h], dtype=np.float16).view(np.uint32)[0])  # noqa: E731
+    for trial in range(4):
+        w = [rnd.getrandbits(32) for _ in range(8)]
+        s2, off = f16(2 * rnd.uniform(1e-3, 0.05)), f16(rnd.uniform(-0.05, 0.05))
+        alphas = [f16(rnd.uniform(-0.05, 0.05)) for _ in range(8)]
+        for jj in range(16):
+            has_off = (jj + trial) % 2 == 1
+            R = (jj // WIN) * WIN - 1  # the kernel's pre-shift: bit jj of plane i -> bit 1 + jj % WIN + i
+            c = [((wi >> (R - i)) if R >= i else (wi << (i - R))) & 0xFFFFFFFF for i, wi in enumerate(w)]
+            got = _run_ptx(bp._bipolar_pair_asm(bits, 1 + jj % WIN, has_off), c + [pair(s2), pair(off)])
+            got_bcq = _run_ptx(bp._bcq_pair_asm(bits, jj, has_off), w + [pair(a) for a in alphas] + [pair(off)])
+            for h, j in ((0, jj), (1, jj + 16)):
+                u = sum(((w[i] >> j) & 1) << i for i in range(bits))
+                want = f16((u - L / 2) * float(s2))
+                acc = None
+                for i in range(bits):
+                    d = alphas[i] if (w[i] >> j) & 1 else -alphas[i]
+                    acc = d if acc is None else f16(float(acc) + float(d))
+                if has_off:
+                    want, acc = f16(float(want) + float(off)), f16(float(acc) + float(off))
+                assert got[h] == float(want), (bits, jj, h)
+                assert got_bcq[h] == float(acc), (bits, jj, h)
