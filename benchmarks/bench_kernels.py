@@ -63,7 +63,7 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096)) -> int:
             if M == 1:
                 plans = [("gemv", gt.gemv_configs(N, K, bits, gs, sms)[0])]
                 swapped = [("gemv", c) for _, c in swapped]
-                wide = [("gemv", c) for c in gt.gemv_wide_configs(N, K, bits, gs, sms)]
+                wide = [("gemv", c) for c in gt.gemv_wide_configs(N, K, bits, gs, sms, dtype)]
                 plans += wide if every else wide[:1]  # the wide GEMV: every candidate where the case asks
             elif M >= gt.DEQUANT_MIN_M:
                 plans = [("dequant", None), ("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
@@ -207,9 +207,15 @@ def main(argv=None) -> int:
         result["crossover"] = crossover(log)
     if args.dump_asm:
         dump_asm(args.out, log)
+    def save(rows):
+        with open(os.path.join(args.out, "rows.json"), "w") as f:
+            json.dump(dict(result, rows=rows), f, indent=1, default=str)
+        with open(os.path.join(args.out, "tune.json"), "w") as f:
+            json.dump(gt.TUNE_LOG, f, default=str)
+
     if not args.no_bench:
         rows = bench.run(_parse_shapes(args.shapes), [int(m) for m in args.ms.split(",")], args.formats.split(","),
-                         peers=[p for p in args.peers.split(",") if p], log=log)
+                         peers=[p for p in args.peers.split(",") if p], log=log, on_format_done=save)
         result["rows"] = rows
         table = bench.format_table(rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:

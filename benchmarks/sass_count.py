@@ -116,11 +116,32 @@ def resources(k) -> dict:
     return out
 
 
+def full_sass(k) -> str:
+    """cuobjdump -sass of the kernel's cubin (Triton's own `asm["sass"]` listing can stop at 4096 instructions)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
 def summary(k, weights_per_iter: float | None = None, top: int = 14) -> str:
     """One text block: registers, stack, and per loop its size, instructions per weight and top opcodes."""
     r = resources(k)
     lines = [f"regs {r['regs']}, stack {r['stack']} B, local {r['local']} B, shared {r['shared']} B"]
-    for lp in loops(k.asm["sass"]):
+    sass = full_sass(k)
+    insns, _ = parse(sass)
+    ops = Counter(".".join(op.split(".")[:2]) for _, op, _ in insns if op != "NOP")
+    pw = f", {sum(ops.values()) / weights_per_iter:.2f} per weight" if weights_per_iter else ""
+    lines.append(f"  whole kernel: {sum(ops.values())} insns{pw}; "
+                 + ", ".join(f"{o} {c}" for o, c in ops.most_common(top)))
+    for lp in loops(sass):
         pw = f", {lp.n / weights_per_iter:.2f} per weight" if weights_per_iter else ""
         top_ops = ", ".join(f"{o} {c}" for o, c in lp.counts(2).most_common(top))
         lines.append(f"  loop [{lp.start}..{lp.end}]: {lp.n} insns{pw}; {top_ops}")
@@ -152,6 +173,9 @@ def gwint_cases():
             tiles = 2 if unroll == 0 else unroll
             cases.append((f"wide_b{bits}_n{bn}_kw{bkw}_w{warps}_u{unroll}", gt._gemv_wide_kernel, _GWINT_SIG, cx,
                           _GWINT_DIV, warps, 1, tiles * bn * bkw * P / (32 * warps)))
+            if unroll:  # the packed fp16x2 path
+                cases.append((f"packed_b{bits}_n{bn}_kw{bkw}_w{warps}_u{unroll}", gt._gemv_wide_kernel, _GWINT_SIG,
+                              cx | dict(PACKED=True, ASM=True), _GWINT_DIV, warps, 1, tiles * bn * bkw * P / (32 * warps)))
     return cases
 
 
@@ -169,7 +193,7 @@ def _gwint_main(argv: list[str]) -> int:
         print(summary(k, wpi))
         if "--dump" in argv:
             with open(f"/tmp/sass_{name}.txt", "w") as f:
-                f.write(k.asm["sass"])
+                f.write(full_sass(k))
     return 0
 
 

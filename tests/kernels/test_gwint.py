@@ -293,6 +293,13 @@ WIDE = [
     (67, 576, 4, 128, False, torch.bfloat16, True, _wide(unroll=2, block_kw=8)),
     (35, 1000, 8, 1000, False, torch.float16, True, _wide(unroll=16)),
     (35, 200, 3, 200, True, torch.float16, False, _wide(unroll=2, block_kw=8)),
+    # the packed fp16x2 path (fp16, 4/8-bit; its Triton fallback here, the inline PTX on the GPU's --check)
+    (67, 576, 4, 128, True, torch.float16, True, _wide(unroll=4, packed=True)),
+    (67, 576, 4, 128, False, torch.float16, False, _wide(unroll=2, packed=True)),
+    (64, 512, 4, 128, True, torch.float16, False, _wide(unroll=4, block_n=64, packed=True)),  # EVEN
+    (33, 80, 4, 80, False, torch.float16, True, _wide(unroll=4, packed=True)),  # 3 masked tiles, odd last row
+    (35, 1000, 8, 1000, False, torch.float16, True, _wide(unroll=8, packed=True)),
+    (45, 256, 8, 128, True, torch.float16, False, _wide(unroll=2, block_kw=8, packed=True)),
 ]
 
 
@@ -329,6 +336,19 @@ def test_wide_gemv_applicability_and_configs():
     with pytest.raises(ValueError, match="exactly one row"):
         gt.linear(torch.randn(2, 256).half().to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, 4, 64, 256,
                   config=_wide(), regime="gemm")
+
+
+def test_packed_applicability():
+    assert gt.packed_ok(4, torch.float16, 4, 2) and gt.packed_ok(8, torch.float16, 8, 16)
+    assert not gt.packed_ok(4, torch.bfloat16, 4, 2) and not gt.packed_ok(3, torch.float16, 4, 2)
+    assert not gt.packed_ok(4, torch.float16, 1, 2) and not gt.packed_ok(4, torch.float16, 4, 0)
+    _, qw, scales, _ = _make(16, 256, 4, 128, True, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="packed wide GEMV takes fp16"):
+        gt.launch_gemv_wide(torch.randn(1, 256).bfloat16(), qw, scales, None, None, torch.empty(1, 16).bfloat16(), 4,
+                            128, 256, _wide(unroll=2, packed=True))
+    cfgs = gt.gemv_wide_configs(4096, 4096, 4, 128, 132, torch.float16)
+    assert any(c.get("packed") for c in cfgs)
+    assert not any(c.get("packed") for c in gt.gemv_wide_configs(4096, 4096, 4, 128, 132, torch.bfloat16))
 
 
 def test_wide_gemv_through_linear_dispatch():

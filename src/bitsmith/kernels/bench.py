@@ -182,7 +182,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(shapes: Iterable[tuple[int, int]], ms: Iterable[int], formats: Iterable[str],
         dtype: torch.dtype = torch.float16, peers: Iterable[str] = ("tinygemm", "gemlite"),
-        log: Callable[[str], None] = print, seed: int = 0) -> list[dict]:
+        log: Callable[[str], None] = print, seed: int = 0,
+        on_format_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time bitsmith's gwint kernels, fp16 cuBLAS and the peers on every (N, K) x M x format.
 
     Returns one row per (kernel, N, K, M, format): us (median per call, CUDA graph, cold L2), GB/s (weights +
@@ -256,6 +257,8 @@ def run(shapes: Iterable[tuple[int, int]], ms: Iterable[int], formats: Iterable[
                         f"rel_err {perr:.1e}")
             del wsets, w0, wf, peer_fns
             torch.cuda.empty_cache()
+            if on_format_done is not None:  # e.g. save what is measured so far (a run may be cut by a time limit)
+                on_format_done(rows)
     return rows
 
 
