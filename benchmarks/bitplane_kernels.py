@@ -88,12 +88,13 @@ def _candidates(kind, bits, M, N, K):
     from bitsmith.kernels import bitplane as bp
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    swapped = bp.gemm_t_configs(M, N, K, bits, kind, sms)
     if M == 1:
         strategies = None if bits in (2, 3, 4) or kind == "bcq" else (0,)
-        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies) + swapped]
+        extra = [c for c in bp.gemv_candidates(N, K, bits, G, kind, torch.float16, sms) if "kernel" in c]
+        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies) + extra]
     # the older `_gemm_kernel` keeps its two first candidates, so the tune log compares both kernels
-    return [("gemm", c) for c in swapped + bp.gemm_configs(M, N, K, bits, G, kind, sms)[:2]]
+    return [("gemm", c) for c in bp.gemm_t_configs(M, N, K, bits, kind, sms) + bp.gemm_configs(M, N, K, bits, G, kind,
+                                                                                             sms)[:2]]
 
 
 QUICK = False  # --quick: 8192x8192 only, bipolar 2/3 bits and BCQ 3, no curve, no gemlite; check of 4 cases
@@ -197,6 +198,8 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
             # the swapped kernel: every tile variant (join, xperm, widths) of gemm_t_configs, fewer on the CPU
             sw = bp.gemm_t_configs(M, N, K, bits, kind, sms)
             plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:4])]
+            h2 = bp.gemv_h2_configs(N, K, bits, gs, kind, dtype, sms) if M == 1 else []
+            plans += [("gemv", c) for c in h2[:3]]
             for regime, cfg in plans:
                 out = call(x, w, bias=bias, config=cfg, regime=regime)
                 e = rel(out, ref)
@@ -204,10 +207,12 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
                 if not e < tol[dtype]:
                     failures += 1
                     log(f"FAIL {kind} b{bits} {str(dtype)[6:]} N{N} K{K} g{gs} M{M} {regime} {cfg}: {e:.2e}")
-                if cfg is not None and cfg == sw[0] and dtype == torch.float16 and bp.gemm_t_mode(dtype, cfg) == 2:
+                if cfg is not None and (cfg == sw[0] or cfg in h2[:1]) and bp.gemm_t_mode(dtype, cfg) == 2:
                     # the PTX (mode 2) and its plain-Triton twin (mode 1, what the CPU tests run) must agree
-                    # bit for bit: same fp16 weights, same dots in the same order
-                    twin = call(x, w, bias=bias, config=dict(cfg, mode=1), regime=regime)
+                    # bit for bit: same fp16 arithmetic in the same order (one split: split-K's atomic adds
+                    # arrive in any order)
+                    out = call(x, w, bias=bias, config=dict(cfg, split_k=1), regime=regime)
+                    twin = call(x, w, bias=bias, config=dict(cfg, split_k=1, mode=1), regime=regime)
                     checked += 1
                     if not torch.equal(twin, out):
                         failures += 1
@@ -243,8 +248,13 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
 
 def _save(rows):
     if OUT_DIR:
+        from bitsmith.kernels import gwint_triton
+
         with open(os.path.join(OUT_DIR, "rows.json"), "w") as f:
             json.dump(rows, f, indent=1, default=str)
+        with open(os.path.join(OUT_DIR, "tune.json"), "w") as f:  # every candidate the tuner timed, so far
+            json.dump([dict(r, key=[str(k) for k in r["key"]]) for r in gwint_triton.TUNE_LOG
+                       if "bitplane" in r["key"]], f, default=str)
 
 
 def bench(log, rows: list[dict]) -> list[dict]:
@@ -262,6 +272,17 @@ def bench(log, rows: list[dict]) -> list[dict]:
         base = hb.cublas_baseline(N, K, MS, dtype, gen, rows, log)
 
         def timed(label, kind, bits, M, fn_make, extra=None):
+            try:
+                _timed(label, kind, bits, M, fn_make, extra)
+            except Exception as e:  # one failing row must not cost the rest of the run
+                import traceback
+
+                traceback.print_exc()
+                log(f"{N}x{K} M={M} {label} b{bits}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                rows.append(dict(kernel=label, N=N, K=K, M=M, bits=bits, failed=f"{type(e).__name__}: {e}"))
+                torch.cuda.empty_cache()
+
+        def _timed(label, kind, bits, M, fn_make, extra=None):
             w0 = fn_make()
             R = hb.rotations(nbytes(w0))
             wsets = [w0] + [fn_make() for _ in range(R - 1)]
@@ -335,7 +356,7 @@ def table(rows) -> str:
     base = {(r["N"], r["K"], r["M"]): r["us"] for r in rows if r["kernel"] == "cublas-fp16"}
     lines = ["| kernel | bits | N x K | M | us | x cuBLAS fp16 | GB/s | rel. err |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["kernel"] in ("bipolar", "bcq", "gemlite", "bipolar-dequant"):
+        if r["kernel"] in ("bipolar", "bcq", "gemlite", "bipolar-dequant") and "us" in r:
             lines.append(f"| {r['kernel']} | {r['bits']} | {r['N']}x{r['K']} | {r['M']} | {r['us']:.1f} |"
                          f" {r['speedup']:.2f} | {r['GBs']:.0f} | {r['rel_err']:.1e} |")
     lines.append("")

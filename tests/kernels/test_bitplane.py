@@ -215,15 +215,16 @@ def test_swapped_kernel_matches_reference(bits, kind):
         assert not ws.any() and not cnt.any()
 
 
-def _run_ptx(asm: str, inputs: list[int]) -> tuple[float, float]:
+def _run_ptx(asm: str, inputs: list[int], outputs: int = 2) -> tuple[float, float]:
     """A tiny emulator of the PTX that `_bipolar_pair_asm` / `_bcq_pair_asm` emit (lop3, shl, mov, f16x2 add / sub
-    / mul with round-to-nearest): inputs are $2, $3, ... as uint32; returns ($0, $1) as fp16 values."""
+    / mul / fma with round-to-nearest): inputs follow the `outputs` registers ($2, $3, ... by default), as
+    uint32; returns the two fp16 halves of the result."""
     import numpy as np
 
     def halves(v):
         return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
 
-    regs, ins = {}, [0, 0] + inputs
+    regs, ins = {}, [0] * outputs + inputs
     val = lambda t: ins[int(t[1:])] if t.startswith("$") else regs[t] if t in regs else int(t, 0)  # noqa: E731
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
@@ -243,8 +244,11 @@ def _run_ptx(asm: str, inputs: list[int]) -> tuple[float, float]:
             regs[d] = a[0]
         else:  # exact in float64, one rounding to fp16
             x, y = halves(a[0]), halves(a[1])
-            r = {"sub.rn.f16x2": x - y, "mul.rn.f16x2": x * y, "add.rn.f16x2": x + y}[op].astype(np.float16)
+            r = {"sub.rn.f16x2": lambda: x - y, "mul.rn.f16x2": lambda: x * y, "add.rn.f16x2": lambda: x + y,
+                 "fma.rn.f16x2": lambda: x * y + halves(a[2])}[op]().astype(np.float16)
             regs[d] = int(r.view(np.uint16)[0]) | (int(r.view(np.uint16)[1]) << 16)
+            if d == "$0":  # the f16x2 GEMV writes its result register directly
+                return tuple(float(h) for h in r)
     raise AssertionError("no output")
 
 
@@ -279,3 +283,45 @@ def test_ptx_pairs_compute_the_fp16_rule(bits):
                     want, acc = f16(float(want) + float(off)), f16(float(acc) + float(off))
                 assert got[h] == float(want), (bits, jj, h)
                 assert got_bcq[h] == float(acc), (bits, jj, h)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", range(1, bp.H2_MAX_BITS + 1))
+def test_gemv_h2_matches_reference(bits):
+    """The f16x2 GEMV (plain-Triton twin of its PTX under the interpreter): odd N, partial words and groups,
+    split-K, bias, offset on some."""
+    rnd = random.Random(2000 + bits)
+    for gs, K, N in ((32, 160, 37), (64, 200, 23), (128, 128 + 40, 9)):
+        with_offset = rnd.random() < 0.5
+        _, planes, coef, off = _make(N, K, bits, gs, "bipolar", with_offset, torch.float16, seed=gs + bits)
+        x, bias = torch.randn(1, K).half(), torch.randn(N).half()
+        ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), "bipolar",
+                                  gs, K, bias.float())
+        dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+        out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)
+        cfg = dict(kernel="h2", block_n=16, block_kw=rnd.choice([1, 2]), split_k=rnd.choice([1, 3]))
+        bp.launch_gemv_h2(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, "bipolar", gs, K, cfg)
+        err = rel_error(out.cpu(), ref)
+        assert err < TOL[torch.float16], f"relative error {err:.2e} (N={N} K={K} g={gs} {cfg})"
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_gemv_pair_ptx_is_one_hfma2(bits):
+    """`_gemv_pair_asm`: the bipolar pair bits, the exact HSUB2, then h + (u - L/2) x rounded once per lane."""
+    import numpy as np
+
+    rnd = random.Random(50 + bits)
+    L, WIN = (1 << bits) - 1, 10 - bits
+    pair2 = lambda a, b: int(np.array([a, b], dtype=np.float16).view(np.uint32)[0])  # noqa: E731
+    for trial in range(3):
+        w = [rnd.getrandbits(32) for _ in range(8)]
+        for jj in range(16):
+            xs = [np.float16(rnd.gauss(0, 2)) for _ in range(2)]
+            hs = [np.float16(rnd.gauss(0, 20)) for _ in range(2)]
+            R = (jj // WIN) * WIN - 1
+            c = [((wi >> (R - i)) if R >= i else (wi << (i - R))) & 0xFFFFFFFF for i, wi in enumerate(w)]
+            got = _run_ptx(bp._gemv_pair_asm(bits, 1 + jj % WIN), c + [pair2(*xs), pair2(*hs)], outputs=1)
+            for h, j in ((0, jj), (1, jj + 16)):
+                u = sum(((w[i] >> j) & 1) << i for i in range(bits))
+                want = np.float16((u - L / 2) * float(xs[h]) + float(hs[h]))
+                assert got[h] == float(want), (bits, jj, h)
