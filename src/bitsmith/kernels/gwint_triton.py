@@ -990,7 +990,9 @@ def gemv_wide_configs(N: int, K: int, bits: int, group_size: int, sms: int,
         return []
     k_tiles = -(-KW // bkw)
     out = []
-    for cols, warps, waves in ((8, 4, 2.0), (8, 2, 4.0), (8, 4, 4.0), (8, 2, 2.0), (8, 1, 4.0), (4, 4, 4.0)):
+    # (waves 8: the H100 tuning chose the smallest unroll offered at every decode shape, docs/results/kernels-gwint.md)
+    for cols, warps, waves in ((8, 4, 2.0), (8, 2, 4.0), (8, 4, 4.0), (8, 2, 2.0), (8, 1, 4.0), (4, 4, 4.0),
+                               (8, 4, 8.0), (8, 2, 8.0)):
         bn = 32 * cols * warps
         blocks = -(-N // bn)
         unroll = k_tiles * blocks / (waves * sms)  # tiles per program for that many programs
