@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from _common import append_jsonl, chosen_configs, log, print_configs
 
-# name -> FineQuant keys (None = the unquantized model). "auto@gN" budgets are resolved per model.
+# name -> FineQuant keys (None = the unquantized model). "auto@gN" budgets are resolved per model. The auto
+# configurations without "-sda" predate the default candidates 16..128 and keep the candidates they were measured with.
+ALL = (16, 32, 64, 128, 256, 512, "channel")
 CONFIGS: dict[str, dict | None] = {
     "bf16": None,
     "int8-ch-127": dict(bits=8, group_size="channel", scale_divisor="pow2_minus_1", clip_search=False),
@@ -44,36 +46,46 @@ CONFIGS: dict[str, dict | None] = {
     "int4-g32-clip": dict(bits=4, group_size=32, clip_search=True),
     "int4-g64-clip": dict(bits=4, group_size=64, clip_search=True),
     "int4-g128-clip": dict(bits=4, group_size=128, clip_search=True),
-    "int4-auto@g128": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@128"),
-    "int4-auto@g64": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64"),
-    "int4-auto@g32": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@32"),
-    "int4-auto@g128-rtn": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@128"),
-    "int4-auto@g64-rtn": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@64"),
+    "int4-auto@g128": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@128", candidates=ALL),
+    "int4-auto@g64": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64", candidates=ALL),
+    "int4-auto@g32": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@32", candidates=ALL),
+    "int4-auto@g128-rtn": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@128", candidates=ALL),
+    "int4-auto@g64-rtn": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@64", candidates=ALL),
     "int3-g64-rtn": dict(bits=3, group_size=64, clip_search=False),
     "int3-g128-rtn": dict(bits=3, group_size=128, clip_search=False),
     "int3-g64-clip": dict(bits=3, group_size=64, clip_search=True),
     "int3-g128-clip": dict(bits=3, group_size=128, clip_search=True),
-    "int3-auto@g128": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@128"),
-    "int3-auto@g64": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64"),
+    "int3-auto@g128": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@128", candidates=ALL),
+    "int3-auto@g64": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64", candidates=ALL),
     "int3-g32-rtn": dict(bits=3, group_size=32, clip_search=False),
     "int3-g32-clip": dict(bits=3, group_size=32, clip_search=True),
-    "int3-auto@g32": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@32"),
+    "int3-auto@g32": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@32", candidates=ALL),
     "int3-g64-rtn-pow2": dict(bits=3, group_size=64, clip_search=False, scale_divisor="pow2"),
     "int3-g64-clip-pow2": dict(bits=3, group_size=64, clip_search=True, scale_divisor="pow2"),
-    "int3-auto@g64-pow2": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2"),
-    "int4-auto@g64-pow2": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2"),
+    "int3-auto@g64-pow2": dict(bits=3, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2",
+                               candidates=ALL),
+    "int4-auto@g64-pow2": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@64", scale_divisor="pow2",
+                               candidates=ALL),
     "int3-g64-rtn": dict(bits=3, group_size=64, clip_search=False),
     "int3-g32-rtn-pow2": dict(bits=3, group_size=32, clip_search=False, scale_divisor="pow2"),
     "int4-g64-rtn-pow2": dict(bits=4, group_size=64, clip_search=False, scale_divisor="pow2"),
     "int4-g32-rtn-pow2": dict(bits=4, group_size=32, clip_search=False, scale_divisor="pow2"),
+    "int4-g64-clip-pow2": dict(bits=4, group_size=64, clip_search=True, scale_divisor="pow2"),
+    "int4-g32-clip-pow2": dict(bits=4, group_size=32, clip_search=True, scale_divisor="pow2"),
+    "int3-g32-clip-pow2": dict(bits=3, group_size=32, clip_search=True, scale_divisor="pow2"),
     "int4-auto@g128-rtn-pow2": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@128",
-                                    scale_divisor="pow2"),
+                                    scale_divisor="pow2", candidates=ALL),
     "int4-auto@g64-rtn-pow2": dict(bits=4, group_size="auto", clip_search=False, bits_budget="@64",
-                                   scale_divisor="pow2"),
+                                   scale_divisor="pow2", candidates=ALL),
     "int3-auto@g32-rtn-pow2": dict(bits=3, group_size="auto", clip_search=False, bits_budget="@32",
-                                   scale_divisor="pow2"),
+                                   scale_divisor="pow2", candidates=ALL),
     "int3-auto@g64-rtn-pow2": dict(bits=3, group_size="auto", clip_search=False, bits_budget="@64",
-                                   scale_divisor="pow2"),
+                                   scale_divisor="pow2", candidates=ALL),
+    # scale_divisor auto (each group's scale rule by least |error|^4), fixed group sizes and group_size auto with the
+    # default candidates 16..128
+    **{f"int{b}-sda-g{g}": dict(bits=b, group_size=g, scale_divisor="auto") for b in (4, 3) for g in (128, 64, 32)},
+    **{f"int{b}-auto@g{g}-sda": dict(bits=b, group_size="auto", scale_divisor="auto", bits_budget=f"@{g}")
+       for b in (4, 3) for g in (128, 64, 32)},
     # auto with fewer candidates (no group coarser than 128): same profiles, options filtered
     "int4-auto@g128-le128": dict(bits=4, group_size="auto", clip_search=True, bits_budget="@128",
                                  candidates=(16, 32, 64, 128)),
@@ -99,7 +111,7 @@ def fixed_bits(shapes, bits, group_size, symmetric=True):
 
 
 def cached_profiles(cache, originals, cfg, log):
-    """Profiles of every target with the default candidates, as the pass computes them; kept in `cache` (a dict
+    """Profiles of every target with every candidate (ALL), as the pass computes them; kept in `cache` (a dict
     with an optional "dir" entry: pickled there per model and quantizer settings, reused across runs)."""
     import pickle
 
@@ -120,7 +132,7 @@ def cached_profiles(cache, originals, cfg, log):
     tp = time.time()
     cache[key] = [adaptive.profile_matrix(
         n, w, bits=cfg.bits, symmetric=cfg.symmetric, scale_divisor=cfg.scale_divisor, scale_dtype=w.dtype,
-        clip_search=cfg.use_clip, candidates=adaptive.DEFAULT_CANDIDATES) for n, w in originals.items()]
+        clip_search=cfg.use_clip, candidates=ALL) for n, w in originals.items()]
     log(f"  profiled {len(originals)} matrices in {time.time() - tp:.1f} s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +155,7 @@ def run_config(model, originals, name, spec, profiles_cache, log):
     cfg = FineQuant(**spec, **({"bits_budget": budget} if budget is not None else {}))
     if cfg.group_size == "auto":
         profiles = cached_profiles(profiles_cache, originals, cfg, log)
-        if tuple(cfg.candidates) != adaptive.DEFAULT_CANDIDATES:  # the same profiles, fewer options
+        if tuple(cfg.candidates) != ALL:  # the same profiles, fewer options
             profiles = [adaptive.MatrixProfile(p.name, p.shape, p.energy, [
                 o for o in p.options if o.group_size in adaptive.effective_sizes(cfg.candidates, p.shape[1])])
                 for p in profiles]

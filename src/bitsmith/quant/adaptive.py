@@ -2,11 +2,12 @@
 
 The rule (evidence in docs/passes/finequant.md):
 
-1. Profile. For every targeted matrix W [N, K] and every candidate group size g (default 16, 32, 64, 128, 256, 512
-   and per-channel; sizes >= K collapse into per-channel), quantize W exactly as the pass will (same bits, scale
-   convention, clipping search) and record the squared reconstruction error E(W, g) and the cost in bits, b per weight
-   plus 16 bits per (group, row) for the scale (and 8 for a zero point when asymmetric). Only every `stride`-th row
-   is quantized (at most PROFILE_ROWS rows): the error is a sum over rows, so the sample estimates it without bias.
+1. Profile. For every targeted matrix W [N, K] and every candidate group size g (default 16, 32, 64 and 128;
+   sizes >= K collapse into per-channel; 256, 512 and "channel" only when listed), quantize W exactly as the pass
+   will (same bits, scale rule -- with `scale_divisor: auto` each group's rule is chosen by `clipping.rule_search` --
+   and clipping search) and record the squared reconstruction error E(W, g) and the cost in bits, b per weight plus
+   16 bits per (group, row) for the scale (and 8 for a zero point when asymmetric). Only every `stride`-th row is
+   quantized (at most PROFILE_ROWS rows): the error is a sum over rows, so the sample estimates it without bias.
 2. Score. A matrix with n weights and relative error r = E(W, g) / ||W||^2 scores n * r^2: its size times the
    square of its relative error. The square makes the rule averse to concentrating error in a few matrices, which
    on the example models costs more perplexity than the plain error sum predicts.
@@ -16,6 +17,11 @@ The rule (evidence in docs/passes/finequant.md):
    score saved per bit while they fit; (b) the finest single group size that fits, then the leftover bits spent on
    the upgrades that save the most score per bit. So the result never scores worse than a uniform group size, and
    it never exceeds the budget.
+
+No default candidate is coarser than 128 because the score cannot be trusted there: at the cost of g128 on both
+example models, every allocation measured that paid for finer groups by sending matrices to 256, 512 or per channel
+scored better than uniform 128 and lost perplexity to it (or tied). So at that cost, the cheapest default budget, the
+rule is uniform 128; a lower budget is refused (list coarser candidates to allow it).
 
 The budget is over the whole model's targeted weights, so step 3 needs every matrix's profile: in `bitsmith.compress`
 the pass streams the input checkpoint once (one tensor at a time) before the first weight is quantized and caches the
@@ -31,10 +37,12 @@ from typing import Iterable, Iterator
 import torch
 
 from ..compress.errors import PlanError
-from .clipping import search_clip
+from .clipping import rule_search, search_clip
 from .groupwise import SCALE_BITS, group_sq_error, pad_to_groups, storage_bits
 
-DEFAULT_CANDIDATES: tuple = (16, 32, 64, 128, 256, 512, "channel")
+# No default candidate coarser than 128 (see the module docstring); listing coarser ones is allowed.
+DEFAULT_CANDIDATES: tuple = (16, 32, 64, 128)
+ALL_CANDIDATES: tuple = (16, 32, 64, 128, 256, 512, "channel")  # the candidates before that change
 PROFILE_ROWS = 64  # rows quantized per matrix and candidate when profiling (evenly strided)
 
 
@@ -86,7 +94,10 @@ def effective_sizes(candidates: Iterable, in_features: int) -> list[int]:
 
 def quant_error(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_divisor: str,
                 scale_dtype: torch.dtype, clip_search: bool) -> float:
-    """Squared reconstruction error of the whole of w [N, K] as the pass quantizes it."""
+    """Squared reconstruction error of the whole of w [N, K] as the pass quantizes it
+    (scale_divisor "auto": each group's scale rule chosen by `clipping.rule_search`)."""
+    if scale_divisor == "auto":
+        return float(rule_search(w, bits, group_size, symmetric, scale_dtype)[1].sum())
     if clip_search:
         return float(search_clip(w, bits, group_size, symmetric, scale_divisor, scale_dtype)[1].sum())
     wg, _ = pad_to_groups(w.to(torch.float32), group_size)
@@ -208,7 +219,7 @@ def allocate(profiles: list[MatrixProfile], budget: float) -> dict[str, Option]:
     cheapest = sum(min(o.cost for o in p.options) for p in profiles)
     if cheapest > limit * (1 + 1e-12):
         raise PlanError(f"finequant: bits_budget {budget} is below the cheapest allocation"
-                        f" ({cheapest / total_weights:.4f} bits per weight, every matrix per channel)")
+                        f" ({cheapest / total_weights:.4f} bits per weight, every matrix at its coarsest candidate)")
     by_name = {p.name: p for p in profiles}
 
     def total(choice):

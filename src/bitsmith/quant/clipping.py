@@ -8,13 +8,21 @@ resolution (1 - lowest) / 20. The scale is computed from the clipped range and r
 codes follow from that scale, so the error measured is the error stored. c = 1 (plain round-to-nearest) is the
 starting point and a factor must be strictly better to replace it: the search never increases any group's error.
 Weights only, no calibration data.
+
+`rule_search` (scale_divisor auto) picks, per group, one of four scale rules: max|w| / 2^(b-1) or / (2^(b-1) - 1),
+each with or without the squared-error clipping search above, whichever has the least sum of |error|^4. All four are
+one clip factor under the / (2^(b-1) - 1) divisor (the code range is -2^(b-1) .. 2^(b-1) - 1 for both divisors), so
+the result is a clip tensor like search_clip's. A power above 2 weighs the largest errors -- clipped outliers -- more
+than the squared error does, so the search's clipping is kept only where it does not cost the group's largest
+weights much; by squared error the clipping search always wins, by perplexity it does not (evidence in
+docs/passes/finequant.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .groupwise import group_sq_error, pad_to_groups
+from .groupwise import divisor_for, group_codes, group_dequant, group_scales, group_sq_error, pad_to_groups
 
 # Rows are searched in chunks of at most this many weights, so memory stays bounded (a few float32 copies of a
 # chunk). On an accelerator the chunks are larger: there the cost is the number of kernel launches, not memory.
@@ -61,4 +69,48 @@ def search_clip(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, sc
     limit = MAX_CHUNK_ELEMENTS if wg.device.type == "cpu" else MAX_CHUNK_ELEMENTS_ACCELERATOR
     rows = max(1, limit // (G * g))
     parts = [_search_chunk(wg[r:r + rows], bits, symmetric, scale_divisor, scale_dtype) for r in range(0, N, rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+RULE_POWER = 4  # rule_search's error: sum of |error|^RULE_POWER per group (3 measured worse, docs/passes/finequant.md)
+BASE_DIVISOR = "pow2_minus_1"  # rule_search's clip factors are relative to this divisor
+
+
+def group_errors(wg: torch.Tensor, bits: int, symmetric: bool, scale_divisor: str, scale_dtype: torch.dtype,
+                 clip: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared errors [N, G], sum of |error|^RULE_POWER [N, G]) of quantizing wg [N, G, g] (float32)."""
+    scale, zero = group_scales(wg, bits, symmetric, scale_divisor, scale_dtype, clip)
+    err = group_dequant(group_codes(wg, scale, zero, bits), scale, zero, bits).sub_(wg).abs_()
+    return err.square().sum(dim=-1), err.pow_(RULE_POWER).sum(dim=-1)
+
+
+def _rule_chunk(wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    best = None
+    for divisor in (BASE_DIVISOR, "pow2") if symmetric else (BASE_DIVISOR,):
+        # under the base divisor, clip factor `ratio` gives this divisor's scale
+        ratio = divisor_for(bits, BASE_DIVISOR) / divisor_for(bits, divisor) if symmetric else 1.0
+        searched = _search_chunk(wg, bits, symmetric, divisor, scale_dtype)[0]
+        for clip in (torch.full_like(searched, ratio), searched * ratio):
+            e2, ep = group_errors(wg, bits, symmetric, BASE_DIVISOR, scale_dtype, clip)
+            if best is None:
+                best = [clip, e2, ep]
+                continue
+            better = ep < best[2]  # strictly better: ties keep the earlier rule (plain round-to-nearest first)
+            best = [torch.where(better, new, old) for new, old in zip((clip, e2, ep), best)]
+    return best[0], best[1], best[2]
+
+
+def rule_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale_divisor auto for w [N, K]: per group, the scale rule with the least sum of |error|^RULE_POWER.
+
+    Returns (clip [N, G] float32 to use with scale_divisor BASE_DIVISOR, squared error [N, G], that power's error
+    [N, G]).
+    """
+    wg, _ = pad_to_groups(w.to(torch.float32), group_size)  # [N, G, g]
+    N, G, g = wg.shape
+    limit = MAX_CHUNK_ELEMENTS if wg.device.type == "cpu" else MAX_CHUNK_ELEMENTS_ACCELERATOR
+    rows = max(1, limit // (G * g))
+    parts = [_rule_chunk(wg[r:r + rows], bits, symmetric, scale_dtype) for r in range(0, N, rows)]
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]

@@ -3,10 +3,11 @@
 Scale-only symmetric by default, optional asymmetric zero points; group sizes from 16 to per-channel; partial last
 groups are handled (never a skipped layer). Scales are stored in the model's dtype (fp16 or bf16) unless set.
 `clip_search` (on by default below 8 bits) picks each group's scale by a clipping search that minimises its
-reconstruction error (`bitsmith.quant.clipping`). `group_size: auto` picks a group size per matrix from the weights
-only, under an average bits-per-weight budget that counts scales and zero points (`bitsmith.quant.adaptive`,
-docs/passes/finequant.md). `rounding: gptq` rounds with calibration error feedback on the same grid
-(`bitsmith.quant.gptq`; group sizes, auto included, are chosen from the weights first).
+reconstruction error (`bitsmith.quant.clipping`); `scale_divisor: auto` picks each group's scale among the two
+divisors with and without that search, by least sum of |error|^4 (`clipping.rule_search`). `group_size: auto` picks a
+group size per matrix from the weights only, under an average bits-per-weight budget that counts scales and zero
+points (`bitsmith.quant.adaptive`, docs/passes/finequant.md). `rounding: gptq` rounds with calibration error
+feedback on the same grid (`bitsmith.quant.gptq`; group sizes, auto included, are chosen from the weights first).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..compress.inventory import non_matrix_reasons
 from ..compress.passes import TensorState, register_pass
 from ..kernels import gwint
 from . import adaptive, gptq
-from .clipping import search_clip
+from .clipping import BASE_DIVISOR, rule_search, search_clip
 from .groupwise import (SCALE_BITS, ZERO_BITS, dequantize_codes, group_codes, group_dequant, group_scales,
                         quantize_groupwise)
 
@@ -40,7 +41,9 @@ class FineQuant(gptq.QuantizerPass):
     group_size: Union[int, Literal["channel", "auto"]] = Field(
         128, description="weights per scale along the input; 'channel' = whole row; 'auto' = chosen per matrix")
     symmetric: bool = True
-    scale_divisor: Literal["pow2", "pow2_minus_1"] = "pow2_minus_1"
+    scale_divisor: Literal["pow2", "pow2_minus_1", "auto"] = Field(
+        "pow2_minus_1", description="scale = max|w| / 2^(b-1) (pow2) or / (2^(b-1)-1); auto: per group, either"
+                                    " divisor with or without the clipping search, by least sum of |error|^4")
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     clip_search: Optional[bool] = Field(
         None, description="per-group scale by a clipping search minimising the error; default: on below 8 bits")
@@ -71,6 +74,11 @@ class FineQuant(gptq.QuantizerPass):
 
     @model_validator(mode="after")
     def _auto_keys(self):
+        if self.scale_divisor == "auto":
+            if self.clip_search is not None:
+                raise ValueError("scale_divisor auto chooses the clipping search per group: leave clip_search unset")
+            if self.rounding != "nearest":
+                raise ValueError(f"scale_divisor auto needs rounding: nearest (rounding is {self.rounding!r})")
         if self.group_size != "auto":
             if self.bits_budget is not None:
                 raise ValueError(f"bits_budget needs group_size: auto (group_size is {self.group_size!r})")
@@ -90,7 +98,8 @@ class FineQuant(gptq.QuantizerPass):
 
     @property
     def use_clip(self) -> bool:
-        """clip_search as set, or by default on for 2..4 bits and off for 8 (where RTN is already within noise)."""
+        """clip_search as set, or by default on for 2..4 bits and off for 8 (where RTN is already within noise);
+        with scale_divisor auto the search is one of the per-group candidates (see clipping.rule_search)."""
         return self.bits < 8 if self.clip_search is None else self.clip_search
 
     def budget(self, scale_bits: int = 16) -> float:
@@ -129,7 +138,8 @@ def plan_finequant(cfg: FineQuant, modules) -> dict[str, str]:
             lo, hi, n = lo + a * w, hi + b * w, n + w
         if n and cfg.budget() < lo / n - 1e-9:
             raise PlanError(f"finequant: bits_budget {cfg.budget()} is below the cheapest allocation for the"
-                            f" {len(kept)} targeted matrices: {lo / n:.4f} bits per weight (every matrix per channel);"
+                            f" {len(kept)} targeted matrices: {lo / n:.4f} bits per weight (every matrix at its"
+                            f" coarsest candidate group size, candidates {list(cfg.candidates)});"
                             f" allowed: {lo / n:.4f} or more (up to {hi / n:.4f} buys the finest candidate everywhere)")
     return skipped
 
@@ -224,11 +234,12 @@ def quantize_matrix(w: torch.Tensor, cfg: FineQuant, group_size: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(codes uint8 [N, K], scales [G, N], zeros [G, N] or None, dequantized float32 [N, K])."""
     scale_dtype = scale_dtype_for(cfg, w.dtype)
-    clip = None
-    if cfg.use_clip:
+    clip, divisor = None, cfg.scale_divisor
+    if divisor == "auto":  # per group: a clip factor under the base divisor stands for the chosen rule
+        clip, divisor = rule_search(w, cfg.bits, group_size, cfg.symmetric, scale_dtype)[0], BASE_DIVISOR
+    elif cfg.use_clip:
         clip = search_clip(w, cfg.bits, group_size, cfg.symmetric, cfg.scale_divisor, scale_dtype)[0]
-    codes, scales, zeros = quantize_groupwise(w, cfg.bits, group_size, cfg.symmetric, cfg.scale_divisor,
-                                              scale_dtype, clip)
+    codes, scales, zeros = quantize_groupwise(w, cfg.bits, group_size, cfg.symmetric, divisor, scale_dtype, clip)
     return codes, scales, zeros, dequantize_codes(codes, scales, zeros, cfg.bits, group_size)
 
 
