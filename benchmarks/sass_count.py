@@ -10,8 +10,10 @@ different code). Library use, for any kernel:
                      divisible=("x_ptr", "N"), num_warps=4, num_stages=2)
     k.n_regs, k.n_spills, loops(k.asm["sass"])   # -> [Loop(start, end, counts by opcode), ...]
 
-A loop is the instruction range between a label and the last backward branch to it; `per_weight` divides a
-loop's instruction count by the weights one thread handles per iteration (the caller knows that number).
+A loop is the instruction range between a label and the last backward branch to it. `summary(k, w)` divides
+each loop's instruction count, and the whole kernel's, by w, the weights one thread handles per loop iteration
+(for a kernel without a loop, e.g. a fully unrolled one: per launch); the caller knows that number. The SASS is
+cuobjdump's of the cubin (Triton's own listing stops at 4096 instructions).
 """
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 
 Three regimes, one launcher (`linear`):
 
-    M == 1          `_gemv_kernel`: no tensor cores; a program owns BLOCK_N output columns and a slice of K
-                    (split-K); the P code slots of a [BLOCK_KW, BLOCK_N] word tile are unrolled, each a 2D tile in
-                    the load's layout, so all of K reduces inside a thread until the very end.
+    M == 1          `_gemv_wide_kernel` where a K tile lies inside one group (tuned first), else `_gemv_kernel`;
+                    no tensor cores. The wide one gives each thread 4 or 8 whole columns of a 4-row word tile
+                    (every warp along N), does a fixed number of tiles per program (unrolled, so later tiles'
+                    loads are issued early) and for fp16 with 4/8-bit codes dequantizes and multiplies two codes
+                    per fp16x2 instruction (inline PTX; a Triton fallback under the interpreter). The older one
+                    owns BLOCK_N output columns and a slice of K (split-K); the P code slots of a
+                    [BLOCK_KW, BLOCK_N] word tile are unrolled, each a 2D tile in the load's layout.
     2 <= M < 256    `_gemm_kernel`: dequantize a K tile of weights to fp16/bf16 in registers and `tl.dot` it
                     (mma on Hopper for small BLOCK_M, wgmma from 64 rows); split-K for small M. Either one dot per
                     code slot (`sliced`: [BM, BLOCK_KW] x [BLOCK_KW, BN], no reshape of the weights) or one dot
@@ -258,31 +262,31 @@ def _gemv_wide_words(qw_ptr, kw0, kw_end, rw, offs_n, n_mask, N, EVEN: tl.conste
 # (8 products per half for 4-bit, 4 for 8-bit), then the two halves go to fp32 once. That is about 1.9 (4-bit)
 # and 2.25 (8-bit) instructions per weight instead of ~4 for the fp32 path; the fp16 partial sums cost about 2x
 # the fp32 path's rounding error (measured 4e-4 relative on random data vs 2e-4). Under TRITON_INTERPRET=1, which
-# cannot run inline assembly, the same arithmetic runs as fp16 Triton ops (`_pk_dot_ref`).
+# cannot run inline assembly, the same arithmetic runs as fp16 Triton ops (`_pk_half_ref`).
 
 _PK_X = tl.constexpr("mov.b32 $0, {$1, $2};")  # two fp16 -> one fp16x2 register
 
 
-def _pk_word_asm(bits: int, first: int, acc: bool) -> str:
-    """PTX for one word (argument $first) of `_pk_dot`: x pairs at $first + 2.., zero pairs $z1 $z16 (args 11, 12
-    for 4-bit; 7, 8 for 8-bit); accumulates into the fp16x2 register t (initialised by the first word)."""
-    x0 = first + 2 if bits == 4 else first + 2
-    z1, z16 = (11, 12) if bits == 4 else (7, 8)
-    op = "fma.rn.f16x2 t, a, ${x}, t;" if acc else "mul.rn.f16x2 t, a, ${x};"
+def _pk_word_asm(bits: int, word: int, acc: bool) -> str:
+    """PTX for one word of the packed dot: argument $word (1: even row, 2: odd row), its x pairs (4-bit: $3..$6 /
+    $7..$10, 8-bit: $3 $4 / $5 $6), zero pairs $z1 $z16 (4-bit: $11 $12; 8-bit: $7); the fp16x2 sum goes to t
+    (the even row's first product initialises it)."""
+    n = 4 if bits == 4 else 2  # x pairs per word
+    xs = [3 + (word - 1) * n + i for i in range(n)]
+    z1, z16 = (11, 12) if bits == 4 else (7, 7)
+    first = "mul.rn.f16x2 t, a, ${x};" if not acc else "fma.rn.f16x2 t, a, ${x}, t;"
+    fma = "fma.rn.f16x2 t, a, ${x}, t;"
+    if bits == 4:  # pairs (0, 4), (1, 5) x 16, (2, 6), (3, 7) x 16
+        steps = [("${w}".format(w=word), "k0", z1), ("${w}".format(w=word), "k1", z16), ("h", "k0", z1),
+                 ("h", "k1", z16)]
+    else:  # pairs (0, 2), (1, 3)
+        steps = [("${w}".format(w=word), "k0", z1), ("h", "k0", z1)]
     lines = []
-    if bits == 4:
-        xs = [x0 + i for i in range(4)] if first == 1 else [7 + i for i in range(4)]
-        lines += [f"lop3.b32 a, ${first}, k0, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z1};", op.format(x=xs[0]),
-                  f"lop3.b32 a, ${first}, k1, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z16};",
-                  "fma.rn.f16x2 t, a, ${x}, t;".format(x=xs[1]),
-                  f"shr.u32 h, ${first}, 8;",
-                  "lop3.b32 a, h, k0, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z1};", "fma.rn.f16x2 t, a, ${x}, t;".format(x=xs[2]),
-                  "lop3.b32 a, h, k1, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z16};", "fma.rn.f16x2 t, a, ${x}, t;".format(x=xs[3])]
-    else:
-        xs = [first + 2, first + 3] if first == 1 else [5, 6]
-        lines += [f"lop3.b32 a, ${first}, k0, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z1};", op.format(x=xs[0]),
-                  f"shr.u32 h, ${first}, 8;",
-                  "lop3.b32 a, h, k0, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z1};", "fma.rn.f16x2 t, a, ${x}, t;".format(x=xs[1])]
+    for i, (src, mask, z) in enumerate(steps):
+        if src == "h" and (i == 0 or steps[i - 1][0] != "h"):
+            lines.append(f"shr.u32 h, ${word}, 8;")
+        lines += [f"lop3.b32 a, {src}, {mask}, m, 0xEA;", f"sub.rn.f16x2 a, a, ${z};",
+                  (first if i == 0 else fma).format(x=xs[i])]
     return "\n".join(lines)
 
 
@@ -307,7 +311,8 @@ def _pk_code16(w, shift: tl.constexpr, mask: tl.constexpr):
 
 @triton.jit
 def _pk_half_ref(we, wo, xe, xo, zh1, zh16, h: tl.constexpr, BITS: tl.constexpr):
-    """Half h (0 low, 1 high) of `_pk_dot` in fp16 Triton ops: xe/xo are the rows' x tuples for this half."""
+    """Half h (0 low, 1 high) of the packed dot (`_PK_ASM4` / `_PK_ASM8`) in fp16 Triton ops: xe / xo are the
+    even / odd rows' x values for this half, in the PTX's order."""
     if BITS == 4:
         t = (_pk_code16(we, 16 * h, 0xF) - zh1) * xe[0]
         t += (_pk_code16(we, 16 * h, 0xF0) - zh16) * xe[1]
@@ -1135,7 +1140,8 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
     """Triton path of `gwint.linear`: x [..., K] fp16/bf16 -> [..., N] in x's dtype.
 
     `config`/`regime` ("gemv", "gemm", "dequant") pin a kernel configuration (tests, benchmarks); a config with
-    kernel="swapped" runs `launch_gemm_t` in either of the first two regimes. By default the regime follows M
+    kernel="swapped" runs `launch_gemm_t` in either of the first two regimes, kernel="wide" runs
+    `launch_gemv_wide` (one row only). By default the regime follows M
     and the configuration is tuned once per (shape, format) on the GPU, over the regime's own kernel and the
     swapped one (where the format fits it).
     """
