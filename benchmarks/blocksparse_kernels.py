@@ -104,6 +104,9 @@ CHECK_CASES = [  # N, K, sparsity, block, bits, group, dtype, bias
 ]
 
 
+STRESS_REPEATS = 6
+
+
 def check(log) -> int:
     from bitsmith.kernels import bsr
 
@@ -138,30 +141,29 @@ def check(log) -> int:
                     log(f"FAIL {N}x{K} {block} bits={bits} g={g} {dtype} M={M} {cfg}: {err:.2e}")
         log(f"checked {N}x{K} s={sp} {block} bits={bits} g={g} {str(dtype)[6:]} bias={use_bias}"
             f" ({time.time() - t0:.0f}s)")
-    # opt-in split-K at full size: every split config of 8192x8192 s80-b32 at M = 1 and 16 (64/128-row split
-    # tiles gave wrong sums in earlier runs and are refused by `launch`), 8 fresh inputs each
+    # split-K stress at full size: every split candidate of every tile (M = 1, 16, 128: 16-, 64- and 128-row x
+    # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
     if DEV == "cuda":
-        params, t, _ = make(8192, 8192, FORMATS["s80-b32"], torch.float16, DEV, gen)
-        wd = bsr.dequantize(t, params, torch.float32)
         n = 0
-        for M, cfg in [(M, c) for M in (1, 16) for c in bsr.configs(M, params, split=True) if c["chunk"]]:
-            for _ in range(8):
-                x = torch.randn(M, 8192, device=DEV, generator=gen).half()
-                out = torch.full((M, 8192), float("nan"), device=DEV, dtype=torch.float16)
-                bsr.launch(x, t, params, None, out, cfg)
-                err = rel_err(out, x.float() @ wd.t())
-                n += 1
-                if not err < tol[torch.float16]:
-                    failures += 1
-                    log(f"FAIL split stress {cfg}: {err:.2e}")
+        for fname in ("s80-b32", "s90-b64"):
+            params, t, _ = make(8192, 8192, FORMATS[fname], torch.float16, DEV, gen)
+            wd = bsr.dequantize(t, params, torch.float32)
+            for M, cfg in [(M, c) for M in (1, 16, 128) for c in bsr.configs(M, params, split=True) if c["chunk"]]:
+                for _ in range(STRESS_REPEATS):
+                    x = torch.randn(M, 8192, device=DEV, generator=gen).half()
+                    out = torch.full((M, 8192), float("nan"), device=DEV, dtype=torch.float16)
+                    bsr.launch(x, t, params, None, out, cfg)
+                    err = rel_err(out, x.float() @ wd.t())
+                    n += 1
+                    if not err < tol[torch.float16]:
+                        failures += 1
+                        log(f"FAIL split stress {fname} M={M} {cfg}: {err:.2e}")
+            del wd, t
         log(f"split stress: {n} launches ({time.time() - t0:.0f}s)")
-        del wd, t
-    from bitsmith.kernels.gwint_triton import _workspace
-
-    ws, cnt = _workspace(torch.device(DEV), 0, 0)
-    if ws.any() or cnt.any():  # split-K launches must leave the shared workspace zeroed for the next call
+    _, cnt = bsr._split_workspace(torch.device(DEV), 0, 0)
+    if cnt.any():  # split-K launches must leave the tile counters zeroed for the next call
         failures += 1
-        log("FAIL split-K workspace left non-zero")
+        log("FAIL split-K counters left non-zero")
     # CUDA-graph replay of the public op with fresh inputs
     if DEV != "cuda":
         return failures
@@ -198,7 +200,7 @@ def check_configs(M: int, params: dict) -> list[dict]:
     too many splits (the last split takes the rest; idle splits write nothing)."""
     from bitsmith.kernels import bsr
 
-    cands = bsr.configs(M, params, split=True)  # the opt-in split-K variants are checked too
+    cands = bsr.configs(M, params, split=True)  # split-K variants included
     tiles = []
     for c in cands:
         tile = {k: v for k, v in c.items() if k != "chunk"}

@@ -72,10 +72,9 @@ def check(out, ref, dtype, what):
 
 
 def workspace_is_clean(device):
-    from bitsmith.kernels.gwint_triton import _workspace
-
-    ws, cnt = _workspace(torch.device(device), 0, 0)
-    return not ws.any() and not cnt.any()
+    """The split-K tile counters are back at zero (the partials need not be: they are written before read)."""
+    _, cnt = bsr._split_workspace(torch.device(device), 0, 0)
+    return not cnt.any()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2][0]}x{c[2][1]}-{c[3]}-{str(c[4])[6:]}")
@@ -110,10 +109,9 @@ def test_split_candidates_are_valid_and_run():
     t = {k: v.to(DEVICE) for k, v in t.items()}
     g = torch.Generator().manual_seed(4)
     for M in (1, 3):
-        assert not any(c["chunk"] for c in bsr.configs(M, params, sms=4))  # split-K is opt-in
-        cands = bsr.configs(M, params, sms=4, split=True)
+        assert not any(c["chunk"] for c in bsr.configs(M, params, sms=4, split=False))  # split-K can be refused
+        cands = bsr.configs(M, params, sms=4)
         assert cands[0]["chunk"] == 0 and any(c["chunk"] for c in cands)
-        assert all(c["block_m"] <= 16 for c in cands if c["chunk"])
         x = torch.randn(M, 1024, generator=g).half().to(DEVICE)
         ref = x.float().cpu() @ wd.t()
         for cfg in cands:
@@ -143,3 +141,42 @@ def test_longest_row_is_cached_per_tensor_and_version():
     assert bsr.max_row_blocks(fake, params) == 13
     copy = fake.clone()  # another tensor with the same values is its own entry
     assert bsr.max_row_blocks(copy, params) == 13
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]],
+                         ids=lambda c: f"{c[2][0]}x{c[2][1]}-{c[3]}-{str(c[4])[6:]}")
+def test_wide_x_tiles_split(case):
+    """64- and 128-row x tiles with split-K (every partial a whole [BLOCK_M, BLOCK_R] fp32 tile), M = 33 (a
+    partial x tile), 128 and 130 (two x tiles, the second of 2 rows), bias on one of them."""
+    params, t, wd = weights(case, seed=11 + case[0])
+    t = {k: v.to(DEVICE) for k, v in t.items()}
+    N, K, dtype = params["out_features"], params["in_features"], case[4]
+    R = params["block_rows"]
+    g = torch.Generator().manual_seed(12)
+    for M, bm, nblk, chunk, n_split in ((33, 64, 2, 4, None), (128, 128, 1, 2, None), (130, 64, 2, 2, 3)):
+        bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 130 else None
+        x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+        ref = x.float().cpu() @ wd.t() + (bias.float().cpu() if bias is not None else 0)
+        cfg = dict(block_m=bm, block_r=min(R, 32), nblk=nblk, chunk=chunk, n_split=n_split, num_warps=8,
+                   num_stages=2)
+        check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
+        assert workspace_is_clean(DEVICE)
+
+
+def test_thin_blocks_split():
+    """The CUDA-core path (blocks under 16 rows, no tensor cores) with split-K: 4x1 int8 and 1x4 fp16 blocks."""
+    g = torch.Generator().manual_seed(13)
+    for block, values in (((4, 1), (8, 32)), ((1, 4), None)):
+        w, _ = uneven_weight(32, 64, block, seed=14)
+        if values is None:
+            params, t = bsr.pack(w.half(), block)
+            wd = w.half().float()
+        else:
+            params, t, wd = weights((32, 64, block, values, torch.float16), seed=14)
+        t = {k: v.to(DEVICE) for k, v in t.items()}
+        for M in (1, 5, 20):
+            x = torch.randn(M, 64, generator=g).half().to(DEVICE)
+            for cfg in [c for c in bsr.configs(M, params) if c["chunk"]][:2] + [
+                    dict(block_m=1 if M == 1 else 16, block_r=min(4, block[0]), nblk=2, chunk=2, num_warps=4)]:
+                check(run(x, t, params, None, cfg).cpu(), x.float().cpu() @ wd.t(), torch.float16, (M, cfg))
+        assert workspace_is_clean(DEVICE)

@@ -38,9 +38,10 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
                   the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
                   are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
-Split-K (`chunk` > 0 in the launch config; opt-in, BITSMITH_BSR_SPLIT=1, M == 1 and 16-row tiles only): a block
-row's stored blocks are spread over several programs whose fp32 partial tiles meet in a workspace
-(`_split_epilogue`; no host sync, CUDA-graph safe). Not used by default: see `_split_epilogue` for why.
+Split-K (`chunk` > 0 in the launch config; offered to the tuner unless BITSMITH_BSR_SPLIT=0): a block row's
+stored blocks are spread over several programs; each stores its fp32 partial tile in a [splits, M, N] workspace
+(plain stores, no atomics on data) and counts itself in; the last to count sums the others' partials and writes
+the output (`_split_epilogue`; no host sync, CUDA-graph safe). Block rows no longer than a chunk skip all that.
 Block shapes whose sides are not powers of two run the torch reference. On the CPU, `bitsmith.kernels.bsr_cpu`
 (gather + batched matmul) is used. What was measured: docs/results/blocksparse.md; format notes: docs/formats/bsr.md.
 """
@@ -277,7 +278,7 @@ MAGIC_F32 = 0x4B000000  # float32 2^23, passed at run time so that (code & mask)
 
 
 if triton is not None:
-    from .gwint_triton import _num_sms, _workspace, time_cold_us
+    from .gwint_triton import _num_sms, time_cold_us
 
     @triton.jit
     def _fenced(x, ON: tl.constexpr):
@@ -288,37 +289,37 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, parts,
+    def _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, s, parts,
                         HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
-        """acc fp32 [BM, BN] -> out (+ bias). With parts > 1 every split adds its tile into the fp32 workspace and
-        counts itself in; the last one to count reads the sum, writes the output and puts the workspace tile and
-        the counter back to zero (gwint's no-host-sync pattern). Each thread fences after its adds (a GPU-scope
-        fence, before the barrier and the count, its result feeding the counter address through a reduction).
-        Measured on the H100: without a fence, 2 of ~40 split launches with 128 x 32 tiles read a partly summed
-        tile; with this form 0 of ~200 split launches failed in one run; with a single fence per thread (no data
-        dependency) 60 of ~200 failed, all with BLOCK_M >= 64. So split-K is opt-in (BITSMITH_BSR_SPLIT=1) and
-        `launch` uses it only for M == 1 and BLOCK_M <= 16, where no failure was seen in three runs."""
+        """acc fp32 [BM, BN] of split s -> out (+ bias). With parts > 1 the splits meet without atomics on data:
+        split s stores its partial tile at ws[s] (ws: fp32 [n_split, M, N]; plain stores, so a layout that
+        holds an element in several threads only writes it twice), every thread fences (GPU scope; its result
+        feeds the counter address, so the count cannot move above it), a CTA barrier, then one acq_rel count per
+        program; the split that counts last adds the other splits' partials to its own tile (L2 reads), writes
+        the output and puts the counter back to zero. Partials are never zeroed: only ws[0 .. parts-1] of a tile
+        is read, after every one of them was stored."""
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        if parts == 1:
+        last = parts == 1
+        if parts > 1:
+            ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            MN = M * N
+            tl.store(ws_tile + s * MN, acc, mask=mask)
+            chk = _fenced(offs_n, FENCE)  # == offs_n, after this thread's stores are performed at GPU scope
+            tl.debug_barrier()
+            prev = tl.atomic_add(cnt_ptr + tile_id + tl.min(chk - offs_n, axis=0), 1, sem="acq_rel", scope="gpu")
+            last = prev == parts - 1
+            if last:
+                chk = _fenced(offs_n, FENCE)  # acquire in every reading thread, before its loads
+                ws_tile = ws_ptr + offs_m[:, None] * N + chk[None, :]
+                for j in range(0, parts):
+                    if j != s:
+                        acc += tl.load(ws_tile + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile_id, 0)
+        if last:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-            chk = _fenced(offs_n, FENCE)  # == offs_n, after this thread's adds are performed at GPU scope
-            tl.debug_barrier()
-            prev = tl.atomic_add(cnt_ptr + tile_id + tl.min(chk - offs_n, axis=0), 1, sem="acq_rel")
-            if prev == parts - 1:
-                chk = _fenced(offs_n, FENCE)
-                ws_ptrs = ws_ptr + offs_m[:, None] * N + chk[None, :]
-                tot = tl.load(ws_ptrs, mask=mask, other=0.0, volatile=True)
-                if HAS_BIAS:
-                    tot += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptrs, tot.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.store(ws_ptrs, tl.zeros_like(tot), mask=mask)
-                tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
     @triton.jit
     def _lop_f32(codes, mask: tl.constexpr, magic, zero: tl.constexpr):
@@ -417,7 +418,7 @@ if triton is not None:
             res = tl.sum(acc, axis=0)
         if tl.program_id(1) < parts:
             _split_epilogue(res[None, :], tl.arange(0, 1), row0 + offs_r, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr,
-                            pid, parts, HAS_BIAS, FENCE)
+                            pid, tl.program_id(1), parts, HAS_BIAS, FENCE)
 
     @triton.jit
     def _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, HIGH: tl.constexpr,
@@ -501,7 +502,7 @@ if triton is not None:
                     acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
         if tl.program_id(2) < parts:
             _split_epilogue(acc, offs_m, row0 + offs_r, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
-                            pid_r * tl.num_programs(1) + pid_m, parts, HAS_BIAS, FENCE)
+                            pid_r * tl.num_programs(1) + pid_m, tl.program_id(2), parts, HAS_BIAS, FENCE)
 
 
 def _interpreting() -> bool:
@@ -521,18 +522,27 @@ def _can_dot(params: dict, block_m: int, block_r: int, nblk: int) -> bool:
     return block_m >= 16 and block_r >= 16 and nblk * _cw(params) >= 16
 
 
-def _chunks(params: dict, row_programs: int, nblk: int, sms: int, waves=(4, 8, 16)) -> list[int]:
+def _chunks(params: dict, row_programs: int, nblk: int, sms: int, block_m: int) -> list[int]:
     """Split sizes (stored blocks per program, multiples of nblk) to try: 0 (whole block rows), about the mean block
-    row (only the long rows are split: balance), and the sizes that make about `waves` programs per SM."""
+    row (only the long rows are split: balance; rows no longer than a chunk skip the workspace), and for the GEMV
+    and 16-row tiles the sizes that make about 4, 8 (GEMV: 16) programs per SM; for 64/128-row tiles, whose
+    partials cost BLOCK_M x BLOCK_R fp32 each, only half the mean row (about two splits per row) besides."""
     R, C = params["block_rows"], params["block_cols"]
     NB, KB = params["out_features"] // R, params["in_features"] // C
     mean = max(1.0, params["nnz_blocks"] / NB)
+    pers = [mean]
+    if block_m <= 16:
+        pers += [mean * row_programs / (w * sms) for w in ((4, 8, 16) if block_m == 1 else (4, 8))]
+    else:
+        pers.append(mean / 2)
     out = [0]
-    for w in (None, *waves):
-        per = mean if w is None else mean * row_programs / (w * sms)
-        chunk = nblk * max(1, math.ceil(per / nblk) if w is None else round(per / nblk))
-        if chunk < KB and chunk not in out:
+    top = KB  # no chunk over the mean row's
+    for k, per in enumerate(pers):
+        chunk = nblk * max(1, math.ceil(per / nblk) if k == 0 else round(per / nblk))
+        if chunk < top and chunk not in out:
             out.append(chunk)
+        if k == 0:
+            top = min(top, chunk + 1)
     return out
 
 
@@ -542,9 +552,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
     for the tensor cores (M >= 2) whatever the block width. `chunk` (0: whole block rows) splits each block row's
     stored blocks over several programs of `chunk` blocks (split-K), for the grid to fill the GPU and for long block
-    rows not to set the time. Split variants (of the first tiles, M == 1 and 16-row tiles only) are offered only
-    with split=True or BITSMITH_BSR_SPLIT=1: on the H100 they gained little (8192x8192 s90-b64 M=16: 11.9 vs 12.6
-    us) and 64/128-row split tiles gave wrong sums (see `_split_epilogue`).
+    rows not to set the time; split variants of the first tiles are offered unless split=False or
+    BITSMITH_BSR_SPLIT=0 (the tuner keeps them only where they are faster).
     """
     N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
@@ -552,12 +561,12 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
     out = []
 
     if split is None:
-        split = os.environ.get("BITSMITH_BSR_SPLIT", "0") == "1"
+        split = os.environ.get("BITSMITH_BSR_SPLIT", "1") == "1"
 
     def add(cfg, split_tile):
-        split_tile = split_tile and split and cfg["block_m"] <= 16
-        chunks = _chunks(params, (N // cfg["block_r"]) * -(-M // cfg["block_m"]), cfg["nblk"], sms) if split_tile \
-            else [0]
+        split_tile = split_tile and split
+        chunks = _chunks(params, (N // cfg["block_r"]) * -(-M // cfg["block_m"]), cfg["nblk"], sms,
+                         cfg["block_m"]) if split_tile else [0]
         for ch in chunks:
             c = dict(cfg, chunk=ch)
             if c not in out:
@@ -565,10 +574,12 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
 
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
-        # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate
+        # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.
+        # The last two: fewer rows and more blocks per program (a block row in about one step: a shorter chain of
+        # dependent loads per program, more programs)
         for k, (br, kk_bytes, warps, stages) in enumerate(((16, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 4),
                                                             (32, 256, 8, 3), (16, 1024, 8, 3), (8, 1024, 4, 2),
-                                                            (32, 512, 8, 3))):
+                                                            (32, 512, 8, 3), (4, 2048, 4, 2), (8, 2048, 8, 2))):
             br = min(br, R)
             nblk = _next_pow2(max(1, kk_bytes // (cw * elt)))
             while br * nblk * cw > 16384 and nblk > 1:
@@ -585,12 +596,12 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
             if bm * br > 128 * 64 or not _can_dot(params, bm, br, nblk):
                 continue
             add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), k < 3)
-        if bm == 128:  # two 64-row tiles of x: twice the programs, no workspace
-            for br, kk, warps, stages in ((64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3)):
+        if bm == 128:  # two 64-row tiles of x: twice the programs
+            for k, (br, kk, warps, stages) in enumerate(((64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3))):
                 br = min(br, R)
                 nblk = _next_pow2(max(1, kk // cw))
                 if _can_dot(params, 64, br, nblk):
-                    add(dict(block_m=64, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), False)
+                    add(dict(block_m=64, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), k < 2)
         if out:
             return out
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
@@ -601,9 +612,7 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
         nblk //= 2
     while bm * br * nblk * cw > 8192 and br > 1:
         br //= 2
-    # no split-K here: split launches of this path gave wrong sums on the H100 (2nd GPU run: (4, 1) blocks, int8,
-    # M = 33 and 200, errors 1e-2..4e-2; tiles of 16 x 4 outputs, fewer than the threads); `launch` refuses it
-    add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=4, num_stages=2), False)
+    add(dict(block_m=bm, block_r=br, nblk=nblk, num_warps=4, num_stages=2), True)
     return out
 
 
@@ -639,6 +648,32 @@ def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
     return most
 
 
+MAX_SPLITS = 64
+_SPLIT_WS: dict[tuple, tuple] = {}
+
+
+def _split_workspace(device: torch.device, n_part: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial tiles (never read before written: left uninitialized) and int32 tile counters (zeroed once;
+    kernels put them back to zero) for split-K, one pair per (device, stream) so that concurrent streams never
+    share counters. Grown on demand (the old pair is kept alive: a captured CUDA graph may still point at it). A
+    first use inside CUDA-graph capture allocates from the graph's pool; the counters' zero-fill replays with it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _SPLIT_WS.get(key, (None, None))
+    if ws is None or ws.numel() < n_part or cnt.numel() < n_tiles:
+        if ws is not None:
+            _SPLIT_RETIRED.append((ws, cnt))
+        n_part = max(n_part, 0 if ws is None else ws.numel(), 1 << 12)
+        n_tiles = max(n_tiles, 0 if cnt is None else cnt.numel(), 1 << 12)
+        ws = torch.empty(n_part, dtype=torch.float32, device=device)
+        cnt = torch.zeros(n_tiles, dtype=torch.int32, device=device)
+        _SPLIT_WS[key] = (ws, cnt)
+    return ws, cnt
+
+
+_SPLIT_RETIRED: list[tuple] = []
+
+
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None, out: torch.Tensor,
            cfg: dict):
     """x2 [M, K] (contiguous rows) -> out [M, N] with the given launch config (block_m, block_r, nblk, chunk,
@@ -659,13 +694,12 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     crow = tensors["crow_indices"]
     chunk = cfg.get("chunk") or KB
     gemv = bm == 1 and M == 1
-    if not gemv and (bm > 16 or not _can_dot(params, bm, br, nblk)):
-        chunk = KB  # split-K only for the GEMV and 16-row mm tiles (see `_split_epilogue`, `configs`)
-    n_split = cfg.get("n_split") or (1 if chunk >= KB else max(1, -(-max_row_blocks(crow, params) // chunk)))
-    if chunk >= KB:
-        n_split = 1
+    n_split = cfg.get("n_split") or (1 if chunk >= KB else -(-max_row_blocks(crow, params) // chunk))
+    # any count is correct (the last split of a row takes what is left); the cap bounds the workspace
+    n_split = 1 if chunk >= KB else max(1, min(n_split, MAX_SPLITS))
     num_m = 1 if gemv else triton.cdiv(M, bm)
-    ws, cnt = _workspace(x2.device, M * N if n_split > 1 else 0, (N // br) * num_m if n_split > 1 else 0)
+    ws, cnt = _split_workspace(x2.device, n_split * M * N if n_split > 1 else 0,
+                               (N // br) * num_m if n_split > 1 else 0)
     common = dict(R=R, C=C, CW=_cw(params), BLOCK_R=br, NBLK=nblk, BITS=bits or 0, GB=gb, HAS_BIAS=bias is not None,
                   FENCE=not _interpreting(), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
     if gemv:
