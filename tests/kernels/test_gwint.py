@@ -199,6 +199,15 @@ SWAPPED = [
     (20, 33, 200, 3, 200, True, torch.bfloat16, False, _sw(block_m=32)),
     (7, 33, 512, 2, 256, False, torch.float16, False, _sw(split_k=2)),
     (40, 45, 256, 4, 128, True, torch.float16, False, _sw(group_m=2, split_k=2)),
+    # the packed fp16x2 A operand (fp16, 4/8-bit; its Triton twin here, the inline PTX on the GPU's --check):
+    # M = 1, 2, 16, 33, 128, odd N, partial last group, asymmetric zeros, bias, splits with a short last one
+    (1, 67, 576, 4, 128, True, torch.float16, False, _sw(split_k=3, packed=True)),
+    (2, 67, 576, 4, 128, False, torch.float16, True, _sw(split_k=2, packed=True)),
+    (16, 35, 384, 8, 128, False, torch.float16, True, _sw(block_kw=32, split_k=2, packed=True)),
+    (33, 35, 512, 8, 512, True, torch.float16, False, _sw(block_m=64, block_n=64, block_kw=32, split_k=3,
+                                                          packed=True)),
+    (128, 35, 256, 4, 128, False, torch.float16, True, _sw(block_m=128, block_n=64, packed=True)),
+    (16, 33, 512, 4, 512, True, torch.float16, True, _sw(split_k=2, packed=True)),
 ]
 
 
@@ -220,13 +229,33 @@ def test_swapped_kernel_matches_reference(case):
             assert not ws.any() and not cnt.any()
 
 
+def test_packed_swapped_applicability():
+    assert gt.packed_t_ok(4, torch.float16) and gt.packed_t_ok(8, torch.float16)
+    assert not gt.packed_t_ok(4, torch.bfloat16) and not gt.packed_t_ok(3, torch.float16)
+    cfgs = gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.float16)
+    assert cfgs[0].get("packed") and not cfgs[-1].get("packed")  # the fp16 default stays as the last candidate
+    assert not any(c.get("packed") for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.bfloat16))
+    _, qw, scales, _ = _make(16, 256, 4, 128, True, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="packed swapped kernel takes fp16"):
+        gt.launch_gemm_t(torch.randn(2, 256).bfloat16(), qw, scales, None, None, torch.empty(2, 16).bfloat16(), 4,
+                         128, 256, _sw(packed=True))
+
+
+def test_pkt_asm_strings():
+    """The PTX of the packed A pairs: byte selectors and masks per slot (the twin `_pkt_ref` mirrors them)."""
+    a = gt._pkt_asm(4, 2)
+    assert "prmt.b32 t, $2, $3, 0x501;" in a and "0x000F000F" in a and "0x00F000F0" in a and "$1" in a
+    a = gt._pkt_asm(8, 3)
+    assert "prmt.b32 t, $1, $2, 0x703;" in a and "0x00FF00FF" in a and "$1, $2" in a
+
+
 def test_xperm_layout():
     """Activation permutation: slot j of K tile t is the contiguous run t * BK + j * BKW + [0, BKW)."""
     M, K, P, bkw = 3, 200, 10, 16
     x = torch.randn(M, K).to(torch.float16)
     k_tiles = -(-(-(-K // P)) // bkw)
-    xp = torch.full((M, k_tiles * bkw * P), float("nan"), dtype=torch.float16)
-    gt._xperm_kernel[(k_tiles, 2)](x.to(DEVICE), xp.to(DEVICE) if ON_GPU else xp, M, K, x.stride(0), xp.stride(0),
+    xp = torch.full((M, k_tiles * bkw * P), float("nan"), dtype=torch.float16, device=DEVICE)
+    gt._xperm_kernel[(k_tiles, 2)](x.to(DEVICE), xp, M, K, x.stride(0), xp.stride(0),
                                     P=P, P2=16, BLOCK_KW=bkw, BLOCK_R=2)
     want = torch.zeros(M, k_tiles * bkw * P, dtype=torch.float16)
     for t in range(k_tiles):
@@ -236,6 +265,17 @@ def test_xperm_layout():
                 if k < K:
                     want[:, t * bkw * P + j * bkw + i] = x[:, k]
     assert torch.equal(xp.cpu(), want)
+    # ODD16 (packed 4-bit A operand): odd slots divided by 16, exactly
+    P, k_tiles = 8, -(-(-(-K // 8)) // bkw)
+    xp = torch.full((M, k_tiles * bkw * P), float("nan"), dtype=torch.float16, device=DEVICE)
+    gt._xperm_kernel[(k_tiles, 2)](x.to(DEVICE), xp, M, K, x.stride(0), xp.stride(0),
+                                    P=P, P2=8, BLOCK_KW=bkw, BLOCK_R=2, ODD16=True)
+    for t in range(k_tiles):
+        for j in range(P):
+            for i in range(bkw):
+                k = (t * bkw + i) * P + j
+                got = xp[:, t * bkw * P + j * bkw + i].cpu()
+                assert torch.equal(got, x[:, k] / (16 if j % 2 else 1) if k < K else torch.zeros_like(got))
 
 
 def test_swapped_applicability():

@@ -641,11 +641,13 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 @triton.jit
 def _xperm_kernel(x_ptr, xp_ptr, M, K, stride_xm, stride_pm,
-                  P: tl.constexpr, P2: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_R: tl.constexpr):
+                  P: tl.constexpr, P2: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_R: tl.constexpr,
+                  ODD16: tl.constexpr = False):
     """xp[m, t * BK + j * BLOCK_KW + i] = x[m, (t * BLOCK_KW + i) * P + j] (zero past K), BK = BLOCK_KW * P.
 
     Within each K tile of `_gemm_t_kernel`, the activations of code slot j become one contiguous run of BLOCK_KW,
     so that the B operand of the slot-j dot is a plain tile (asynchronously copied, multi-buffered) of xp.
+    ODD16: odd slots are also divided by 16 (exact; the packed 4-bit A operand holds 16 x their weights).
     """
     t = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -656,7 +658,86 @@ def _xperm_kernel(x_ptr, xp_ptr, M, K, stride_xm, stride_pm,
     rm = (rows < M)[:, None, None]
     v = tl.load(x_ptr + rows[:, None, None] * stride_xm + src[None, :, :],
                 mask=rm & (src < K)[None, :, :] & (j < P)[None, :, None], other=0.0)
+    if ODD16:
+        v = tl.where((j % 2 == 1)[None, :, None], v * 0.0625, v)
     tl.store(xp_ptr + rows[:, None, None] * stride_pm + dst[None, :, :], v, mask=rm & (j < P)[None, :, None])
+
+
+# ---- packed fp16x2 A operand of the swapped kernel (fp16, 4- and 8-bit codes)
+#
+# An fp16 A fragment register of wgmma holds two elements of one row that are neighbours along K; with
+# `inline_asm_elementwise(pack=2)` the asm sees such a pair (whatever the layout: every input is paired the same
+# way, so the result is right for any pairing, only its speed depends on it). For slot j the pair's two words
+# w0, w1 give one fp16x2 with one PRMT (byte j // 2 (4-bit) or j (8-bit) of w0 -> byte 0, of w1 -> byte 2) and
+# one LOP3 ((t & 0x000F000F) | 0x64006400 = 1024 + code in each half; 0x00F000F0 gives 1024 + 16 x code for the
+# odd 4-bit slot of the same byte, whose x `_xperm_kernel` divides by 16), then HSUB2 (1024 + z pair, exact) and
+# HMUL2 (scale pair, the only rounding, as in the fp16 path). 4-bit: 7 instructions per 4 weights, one PRMT for
+# both slots of a byte; 8-bit: 4 per 2 weights. Under TRITON_INTERPRET=1 `_pkt_ref` runs the same fp16 math.
+
+
+def _pkt_asm(bits: int, j: int) -> str:
+    """PTX: $0 (, $1) = fp16x2 A pairs of slot j (4-bit: slots j and j + 1); inputs: the two words, the zero
+    pair(s) (fp16 1024 + z; 4-bit also 1024 + 16 z) and the scale pair."""
+    if bits == 4:
+        b = j // 2
+        sel = b | ((4 + b) << 8)
+        return "\n".join([
+            "{", ".reg .b32 t, a, m;", "mov.b32 m, 0x64006400;", f"prmt.b32 t, $2, $3, {sel:#x};",
+            "lop3.b32 a, t, 0x000F000F, m, 0xEA;", "sub.rn.f16x2 a, a, $4;", "mul.rn.f16x2 $0, a, $6;",
+            "lop3.b32 a, t, 0x00F000F0, m, 0xEA;", "sub.rn.f16x2 a, a, $5;", "mul.rn.f16x2 $1, a, $6;", "}"])
+    sel = j | ((4 + j) << 8)
+    return "\n".join([
+        "{", ".reg .b32 t, a, m;", "mov.b32 m, 0x64006400;", f"prmt.b32 t, $1, $2, {sel:#x};",
+        "lop3.b32 a, t, 0x00FF00FF, m, 0xEA;", "sub.rn.f16x2 a, a, $3;", "mul.rn.f16x2 $0, a, $4;", "}"])
+
+
+_PKT4_0, _PKT4_2, _PKT4_4, _PKT4_6 = (tl.constexpr(_pkt_asm(4, j)) for j in (0, 2, 4, 6))
+_PKT8_0, _PKT8_1, _PKT8_2, _PKT8_3 = (tl.constexpr(_pkt_asm(8, j)) for j in range(4))
+
+
+@triton.jit
+def _pkt_ref(w, zh, sh, shift: tl.constexpr, mask: tl.constexpr):
+    """fp16 ((((w >> shift) & mask) | 0x6400) - zh) * sh: one half of a packed A pair (interpreter twin)."""
+    return ((((w >> shift) & mask) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - zh) * sh
+
+
+@triton.jit
+def _pkt_a(w, z1, z16, sh, j: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """A operand(s) of slot j from the [BN, BKW] word tile: 4-bit -> (slot j, 16 x slot j + 1), 8-bit -> slot j.
+    z1 / z16 / sh: fp16 [BN, 1] (1024 + z, 1024 + 16 z, scale)."""
+    if BITS == 4:
+        if ASM:
+            if j == 0:
+                r = tl.inline_asm_elementwise(_PKT4_0, "=r,=r,r,r,r,r,r", [w, z1, z16, sh],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            elif j == 2:
+                r = tl.inline_asm_elementwise(_PKT4_2, "=r,=r,r,r,r,r,r", [w, z1, z16, sh],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            elif j == 4:
+                r = tl.inline_asm_elementwise(_PKT4_4, "=r,=r,r,r,r,r,r", [w, z1, z16, sh],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            else:
+                r = tl.inline_asm_elementwise(_PKT4_6, "=r,=r,r,r,r,r,r", [w, z1, z16, sh],
+                                              dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            r = (_pkt_ref(w, z1, sh, 4 * j, 0xF), _pkt_ref(w, z16, sh, 4 * j, 0xF0))
+    else:
+        if ASM:
+            if j == 0:
+                r = tl.inline_asm_elementwise(_PKT8_0, "=r,r,r,r,r", [w, z1, sh], dtype=tl.float16, is_pure=True,
+                                              pack=2)
+            elif j == 1:
+                r = tl.inline_asm_elementwise(_PKT8_1, "=r,r,r,r,r", [w, z1, sh], dtype=tl.float16, is_pure=True,
+                                              pack=2)
+            elif j == 2:
+                r = tl.inline_asm_elementwise(_PKT8_2, "=r,r,r,r,r", [w, z1, sh], dtype=tl.float16, is_pure=True,
+                                              pack=2)
+            else:
+                r = tl.inline_asm_elementwise(_PKT8_3, "=r,r,r,r,r", [w, z1, sh], dtype=tl.float16, is_pure=True,
+                                              pack=2)
+        else:
+            r = _pkt_ref(w, z1, sh, 8 * j, 0xFF)
+    return r
 
 
 @triton.jit
@@ -664,7 +745,7 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
                    M, N, KW, KWP, G, group_size, stride_pm, stride_om, k_iters, split_k,
                    BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   GROUP_M: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False):
     # xp: [M, KWP * P] from `_xperm_kernel`, qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N].
     # Every K tile (BLOCK_KW words = BLOCK_KW * P codes) lies inside one group (the launcher checks).
     # The weights are the A operand: slot j of the [BLOCK_N, BLOCK_KW] word tile, dequantized elementwise, is a
@@ -702,18 +783,36 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
             else:
                 zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None] + 8388608.0
             sf = s.to(tl.float32)[:, None]
-        for j in tl.static_range(P):
-            q = (w >> (j * BITS)) & MASK
-            if DT == tl.float16:
-                a = (_code_minus_zero_f16(q, zh) * sh).to(DT)
+        if PACKED:  # fp16x2 A pairs (see `_pkt_a`); 4-bit: two slots per call, the odd one x 16 (x / 16 in xp)
+            if SYM:
+                z16 = tl.full([1, 1], 1024.0 + 16 * ZC, tl.float16)
             else:
-                a = (_code_minus_zero_f32(q, zf) * sf).to(DT)
-            xb = tl.load(xp_ptr + offs_m[None, :] * stride_pm + (kw0 * P + j * BLOCK_KW + rw)[:, None],
-                         mask=m_mask[None, :] & (kw < KWP)[:, None], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(a.to(tl.float32), xb.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, xb, acc)
+                z16 = ((zh.to(tl.float32) - 1024.0) * 16.0 + 1024.0).to(tl.float16)
+            STEP: tl.constexpr = 2 if BITS == 4 else 1
+            for jj in tl.static_range(P // STEP):
+                j0 = jj * STEP
+                r = _pkt_a(w, zh, z16, sh, j0, BITS, ASM)
+                if BITS == 4:
+                    a_pair = r
+                else:
+                    a_pair = (r, r)
+                for h in tl.static_range(STEP):
+                    xb = tl.load(xp_ptr + offs_m[None, :] * stride_pm + (kw0 * P + (j0 + h) * BLOCK_KW + rw)[:, None],
+                                 mask=m_mask[None, :] & (kw < KWP)[:, None], other=0.0)
+                    acc = tl.dot(a_pair[h], xb, acc)
+        else:
+            for j in tl.static_range(P):
+                q = (w >> (j * BITS)) & MASK
+                if DT == tl.float16:
+                    a = (_code_minus_zero_f16(q, zh) * sh).to(DT)
+                else:
+                    a = (_code_minus_zero_f32(q, zf) * sf).to(DT)
+                xb = tl.load(xp_ptr + offs_m[None, :] * stride_pm + (kw0 * P + j * BLOCK_KW + rw)[:, None],
+                             mask=m_mask[None, :] & (kw < KWP)[:, None], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(a.to(tl.float32), xb.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(a, xb, acc)
     _epilogue(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
               pid_m * tl.cdiv(N, BLOCK_N) + pid_n, split_k, HAS_BIAS)
 
@@ -900,6 +999,11 @@ def swapped_ok(bits: int, group_size: int, K: int, block_kw: int) -> bool:
     return block_kw >= 16 and (G == 1 or group_size % (block_kw * P) == 0)
 
 
+def packed_t_ok(bits: int, dtype: torch.dtype) -> bool:
+    """Whether the swapped kernel's packed fp16x2 A operand applies: fp16 activations, 4- or 8-bit codes."""
+    return dtype == torch.float16 and bits in (4, 8)
+
+
 def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
     """x2 [M, K] -> out [M, N] through `_xperm_kernel` + `_gemm_t_kernel`.
     cfg: block_m, block_n, block_kw, split_k, group_m, num_warps, num_stages."""
@@ -911,13 +1015,18 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
     if not swapped_ok(bits, group_size, K, bkw):
         raise ValueError(f"the swapped kernel cannot take bits={bits}, group_size={group_size}, K={K} with "
                          f"block_kw={bkw}")
+    packed = bool(cfg.get("packed", False))
+    if packed and not packed_t_ok(bits, x2.dtype):
+        raise ValueError(f"the packed swapped kernel takes fp16 activations and 4- or 8-bit codes; got {x2.dtype}, "
+                         f"bits={bits}")
     k_tiles = -(-KW // bkw)
     k_iters, split = _split(k_tiles, cfg["split_k"])
     KWP = k_tiles * bkw
     xp = torch.empty((M, KWP * P), dtype=x2.dtype, device=x2.device)
     br = min(_next_pow2(M), 4)
     _xperm_kernel[(k_tiles, -(-M // br))](x2, xp, M, K, x2.stride(0), xp.stride(0),
-                                           P=P, P2=_next_pow2(P), BLOCK_KW=bkw, BLOCK_R=br, num_warps=4)
+                                           P=P, P2=_next_pow2(P), BLOCK_KW=bkw, BLOCK_R=br,
+                                           ODD16=packed and bits == 4, num_warps=4)
     num_m, num_n = -(-M // bm), -(-N // bn)
     ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
     return _gemm_t_kernel[(num_m * num_n, split)](
@@ -926,6 +1035,7 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
         BITS=bits, P=P, SYM=zeros is None, HAS_BIAS=bias is not None,
         DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
+        PACKED=packed, ASM=packed and not _interpreting(),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
 
@@ -1048,10 +1158,13 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -
     return out
 
 
-def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -> list[dict]:
+def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
+                   dtype: torch.dtype = torch.float16) -> list[dict]:
     """Candidates for the swapped kernel (`launch_gemm_t`), the heuristic default first; [] when the format does
     not fit it (see `swapped_ok`). block_m is the mma's N (M rounded up to 16..128); num_warps 2 gives mma.sync
-    (Ampere-style) tiles, 4 and 8 give wgmma on Hopper (a warpgroup per 64 weight rows)."""
+    (Ampere-style) tiles, 4 and 8 give wgmma on Hopper (a warpgroup per 64 weight rows). Where the packed fp16x2
+    A operand applies (`packed_t_ok`), every tile shape is offered with it first and the fp16 one only as the
+    old default (offline SASS: 3.4 vs 4.9 loop instructions per 4-bit weight at M = 16)."""
     P = 32 // bits
     KW = -(-K // P)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -1074,6 +1187,8 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int)
                        group_m=8, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
             if cfg not in out:
                 out.append(cfg)
+    if out and packed_t_ok(bits, dtype):
+        out = [c | dict(packed=True) for c in out] + out[:1]
     return out
 
 
@@ -1178,7 +1293,7 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
     if config is not None:
         cfg = config
     else:
-        swapped = gemm_t_configs(M, N, K, bits, group_size, sms)
+        swapped = gemm_t_configs(M, N, K, bits, group_size, sms, x.dtype)
         if regime == "gemv":
             # one row: the swapped kernel came within 2-4 % of the GEMV for 8-bit codes (32-word tiles) and was
             # 1.3x slower for 4-bit ones at 8192x8192 (docs/results/kernels-gwint.md), so only the former compete
