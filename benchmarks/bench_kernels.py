@@ -140,6 +140,55 @@ def crossover(log=print) -> list[dict]:
     return rows
 
 
+def diag_swapped(shapes, ms=(16, 128), formats=("w4g128", "w8pc"), log=print) -> list[dict]:
+    """Where the time of the swapped kernel goes: for the tuned swapped config (or the first candidate) time the
+    whole call, `_xperm_kernel` alone, `_gemm_t_kernel` alone on a pre-permuted x, and the same tile with the
+    packed A operand switched off (synthetic weights, rotated sets, CUDA graphs as in the benchmark)."""
+    from bitsmith.kernels import bench
+    from bitsmith.kernels import gwint_triton as gt
+
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    sms = gt._num_sms(torch.device("cuda"))
+    for N, K in shapes:
+        for fname in formats:
+            fmt = bench.FORMATS[fname]
+            w0 = fmt.make(N, K, torch.float16, "cuda", gen)
+            R = bench.rotations(fmt.nbytes(w0))
+            wsets = [w0] + [fmt.make(N, K, torch.float16, "cuda", gen) for _ in range(R - 1)]
+            gs, KW = fmt.gs(K), w0["qweight"].shape[0]
+            for M in ms:
+                xs = [torch.randn(M, K, device="cuda", dtype=torch.float16, generator=gen) for _ in range(R)]
+                fmt.call(xs[0], w0)  # tune
+                cfg = bench._chosen_config(gt, M, N, K, fmt, torch.float16)
+                if not (isinstance(cfg, dict) and cfg.get("kernel") == "swapped"):
+                    cfg = gt.gemm_t_configs(M, N, K, fmt.bits, gs, sms, torch.float16)[0]
+                outs = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
+                r = dict(N=N, K=K, M=M, format=fname, config=cfg)
+
+                def whole(c):
+                    return [lambda x=x, w=w, o=o: gt.launch_gemm_t(x, w["qweight"], w["scales"], None, None, o,
+                                                                   fmt.bits, gs, K, c)
+                            for x, w, o in zip(xs, wsets, outs)]
+
+                r["whole_us"] = bench.graph_time_us(whole(cfg))
+                r["xperm_us"] = bench.graph_time_us([lambda x=x: gt.permute_x(x, fmt.bits, K, KW, cfg) for x in xs])
+                xps = [gt.permute_x(x, fmt.bits, K, KW, cfg) for x in xs]
+                r["kernel_us"] = bench.graph_time_us(
+                    [lambda x=x, w=w, o=o, xp=xp: gt.launch_gemm_t(x, w["qweight"], w["scales"], None, None, o,
+                                                                   fmt.bits, gs, K, cfg, xp=xp)
+                     for x, w, o, xp in zip(xs, wsets, outs, xps)])
+                if cfg.get("packed"):
+                    r["whole_unpacked_us"] = bench.graph_time_us(whole(dict(cfg, packed=False)))
+                rows.append(r)
+                log(f"diag {N}x{K} {fname} M={M}: whole {r['whole_us']:.1f} us, xperm {r['xperm_us']:.1f}, "
+                    f"kernel alone {r['kernel_us']:.1f}, unpacked whole {r.get('whole_unpacked_us', float('nan')):.1f}"
+                    f"; cfg {cfg}")
+            del wsets, w0
+            torch.cuda.empty_cache()
+    return rows
+
+
 def dump_asm(out_dir: str, log=print) -> None:
     """SASS/PTX of the tuned kernels for 8192x8192 (w4g128 and w8pc) at M = 1, 16, 128, into out_dir/asm.tgz."""
     import io
@@ -184,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-ms", default="1,3,16,33,128,300,4096", help="rows M of the correctness sweep")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--diag", default="", help="N x K list: time the swapped kernel's parts (see diag_swapped)")
     ap.add_argument("--dump-asm", action="store_true", help="write SASS/PTX/TTGIR of tuned kernels to asm.tgz")
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     args = ap.parse_args(argv)
@@ -222,6 +272,8 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
         log(table)
+    if args.diag:  # after the benchmark, which has tuned these shapes already
+        result["diag"] = diag_swapped(_parse_shapes(args.diag), log=log)
     with open(os.path.join(args.out, "rows.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(os.path.join(args.out, "tune.json"), "w") as f:

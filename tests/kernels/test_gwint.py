@@ -208,6 +208,9 @@ SWAPPED = [
                                                           packed=True)),
     (128, 35, 256, 4, 128, False, torch.float16, True, _sw(block_m=128, block_n=64, packed=True)),
     (16, 33, 512, 4, 512, True, torch.float16, True, _sw(split_k=2, packed=True)),
+    # group index by shift: 2 tiles per group (8-bit, 16-word tiles, g128), and by division (3 tiles per group)
+    (16, 35, 640, 8, 128, False, torch.float16, False, _sw(split_k=2, packed=True)),
+    (3, 35, 1000, 4, 384, True, torch.float16, True, _sw(split_k=2)),
 ]
 
 
@@ -239,6 +242,12 @@ def test_packed_swapped_applicability():
     with pytest.raises(ValueError, match="packed swapped kernel takes fp16"):
         gt.launch_gemm_t(torch.randn(2, 256).bfloat16(), qw, scales, None, None, torch.empty(2, 16).bfloat16(), 4,
                          128, 256, _sw(packed=True))
+
+
+def test_tpg_shift():
+    assert gt._tpg_shift(1, 4096, 128) == 30  # one group
+    assert gt._tpg_shift(5, 128, 128) == 0 and gt._tpg_shift(10, 128, 64) == 1
+    assert gt._tpg_shift(3, 384, 128) == -1  # 3 tiles per group: the kernel divides
 
 
 def test_pkt_asm_strings():

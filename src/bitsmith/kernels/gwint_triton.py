@@ -745,7 +745,8 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
                    M, N, KW, KWP, G, group_size, stride_pm, stride_om, k_iters, split_k,
                    BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                   GROUP_M: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False):
+                   GROUP_M: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False,
+                   TPG_SHIFT: tl.constexpr = -1):
     # xp: [M, KWP * P] from `_xperm_kernel`, qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N].
     # Every K tile (BLOCK_KW words = BLOCK_KW * P codes) lies inside one group (the launcher checks).
     # The weights are the A operand: slot j of the [BLOCK_N, BLOCK_KW] word tile, dequantized elementwise, is a
@@ -768,7 +769,10 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
         kw0 = kw_begin + it * BLOCK_KW
         kw = kw0 + rw
         w = tl.load(qw_ptr + kw[None, :] * N + offs_n[:, None], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
-        g = tl.minimum((kw0 * P) // group_size, G - 1)
+        if TPG_SHIFT >= 0:  # K tiles per group a power of two (or one group): a shift, not a division
+            g = tl.minimum((kw0 // BLOCK_KW) >> TPG_SHIFT, G - 1)
+        else:
+            g = tl.minimum((kw0 * P) // group_size, G - 1)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
         if DT == tl.float16:  # codes | 0x6400 read as fp16 are 1024 + code: one subtraction, one multiply
             if SYM:
@@ -1004,9 +1008,22 @@ def packed_t_ok(bits: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and bits in (4, 8)
 
 
-def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
-    """x2 [M, K] -> out [M, N] through `_xperm_kernel` + `_gemm_t_kernel`.
-    cfg: block_m, block_n, block_kw, split_k, group_m, num_warps, num_stages."""
+def permute_x(x2, bits: int, K: int, KW: int, cfg: dict) -> torch.Tensor:
+    """`_xperm_kernel`: x2 [M, K] -> xp [M, k_tiles * block_kw * P], the swapped kernel's B operand layout."""
+    M, P, bkw = x2.shape[0], 32 // bits, cfg["block_kw"]
+    k_tiles = -(-KW // bkw)
+    xp = torch.empty((M, k_tiles * bkw * P), dtype=x2.dtype, device=x2.device)
+    br = min(_next_pow2(M), 4)
+    _xperm_kernel[(k_tiles, -(-M // br))](x2, xp, M, K, x2.stride(0), xp.stride(0),
+                                           P=P, P2=_next_pow2(P), BLOCK_KW=bkw, BLOCK_R=br,
+                                           ODD16=bool(cfg.get("packed", False)) and bits == 4, num_warps=4)
+    return xp
+
+
+def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg, xp=None):
+    """x2 [M, K] -> out [M, N] through `_xperm_kernel` + `_gemm_t_kernel` (xp: an already permuted x2, from
+    `permute_x` with the same cfg, to time the main kernel alone).
+    cfg: block_m, block_n, block_kw, split_k, group_m, num_warps, num_stages, packed."""
     M = x2.shape[0]
     KW, N = qweight.shape
     G = scales.shape[0]
@@ -1022,11 +1039,8 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
     k_tiles = -(-KW // bkw)
     k_iters, split = _split(k_tiles, cfg["split_k"])
     KWP = k_tiles * bkw
-    xp = torch.empty((M, KWP * P), dtype=x2.dtype, device=x2.device)
-    br = min(_next_pow2(M), 4)
-    _xperm_kernel[(k_tiles, -(-M // br))](x2, xp, M, K, x2.stride(0), xp.stride(0),
-                                           P=P, P2=_next_pow2(P), BLOCK_KW=bkw, BLOCK_R=br,
-                                           ODD16=packed and bits == 4, num_warps=4)
+    if xp is None:
+        xp = permute_x(x2, bits, K, KW, cfg)
     num_m, num_n = -(-M // bm), -(-N // bn)
     ws, cnt = _workspace(x2.device, M * N if split > 1 else 0, num_m * num_n if split > 1 else 0)
     return _gemm_t_kernel[(num_m * num_n, split)](
@@ -1035,8 +1049,17 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
         BITS=bits, P=P, SYM=zeros is None, HAS_BIAS=bias is not None,
         DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
-        PACKED=packed, ASM=packed and not _interpreting(),
+        PACKED=packed, ASM=packed and not _interpreting(), TPG_SHIFT=_tpg_shift(G, group_size, bkw * P),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+
+
+def _tpg_shift(G: int, group_size: int, tile_k: int) -> int:
+    """log2(K tiles per group) where that is a power of two (30 for a single group: every tile maps to group 0),
+    else -1 (the kernel divides)."""
+    if G == 1:
+        return 30
+    tpg = group_size // tile_k
+    return tpg.bit_length() - 1 if tpg >= 1 and group_size % tile_k == 0 and tpg & (tpg - 1) == 0 else -1
 
 
 def dequantize_t(qweight, scales, zeros, bits, group_size, K, dtype, block_n=64, block_kw=8):
@@ -1176,7 +1199,7 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
     elif bm == 64:
         shapes = [(128, 4, 3, 1.0), (64, 4, 3, 2.0), (128, 8, 3, 2.0)]
     else:
-        shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 1.0)]
+        shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 1.0), (64, 4, 3, 2.0)]
     out = []
     for bkw in (16, 32):
         if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4):
