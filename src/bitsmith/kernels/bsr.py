@@ -293,11 +293,17 @@ if triton is not None:
                         HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
         """acc fp32 [BM, BN] of split s -> out (+ bias). With parts > 1 the splits meet without atomics on data:
         split s stores its partial tile at ws[s] (ws: fp32 [n_split, M, N]; plain stores, so a layout that
-        holds an element in several threads only writes it twice), every thread fences (GPU scope; its result
-        feeds the counter address, so the count cannot move above it), a CTA barrier, then one acq_rel count per
-        program; the split that counts last adds the other splits' partials to its own tile (L2 reads), writes
-        the output and puts the counter back to zero. Partials are never zeroed: only ws[0 .. parts-1] of a tile
-        is read, after every one of them was stored."""
+        holds an element in several threads only writes it twice), every thread fences once (GPU scope; the
+        result is the counter's address, so the count cannot move above it), a CTA barrier, then one acq_rel
+        count per program; the split that counts last fences once per thread, adds the other splits' partials
+        to its own tile (L2 reads), writes the output and puts the counter back to zero. Partials are never
+        zeroed: only ws[0 .. parts-1] of a tile is read, after every one of them was stored.
+
+        Why this form (H100, 2026-11-24): the atomic-add epilogue of the first split-K version gave wrong sums
+        with 64/128-row x tiles unless every thread fenced after its adds; that fence, applied to an [BN] offset
+        tensor, became one MEMBAR per element a thread held (~20 per thread) and made every split slower than
+        whole rows; atomic adds on the thin path's 16 x 4 tiles (fewer elements than threads) were wrong too,
+        likely elements held by several threads added more than once. Stores make both questions moot."""
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         last = parts == 1
@@ -305,16 +311,19 @@ if triton is not None:
             ws_tile = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
             MN = M * N
             tl.store(ws_tile + s * MN, acc, mask=mask)
-            chk = _fenced(offs_n, FENCE)  # == offs_n, after this thread's stores are performed at GPU scope
+            # one fence per thread (a scalar), after its stores; its result is the counter's address
+            tid = _fenced(tile_id, FENCE)
             tl.debug_barrier()
-            prev = tl.atomic_add(cnt_ptr + tile_id + tl.min(chk - offs_n, axis=0), 1, sem="acq_rel", scope="gpu")
+            prev = tl.atomic_add(cnt_ptr + tid, 1, sem="acq_rel", scope="gpu")
             last = prev == parts - 1
             if last:
-                chk = _fenced(offs_n, FENCE)  # acquire in every reading thread, before its loads
-                ws_tile = ws_ptr + offs_m[:, None] * N + chk[None, :]
+                if FENCE:  # & true, for this thread's loads to follow one fence
+                    mask = mask & (_fenced(tile_id, FENCE) == tile_id)
+                tot = tl.zeros_like(acc)  # summed in the loads' layout, moved to acc's once
                 for j in range(0, parts):
                     if j != s:
-                        acc += tl.load(ws_tile + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                        tot += tl.load(ws_tile + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                acc += tot
                 tl.atomic_xchg(cnt_ptr + tile_id, 0)
         if last:
             if HAS_BIAS:
