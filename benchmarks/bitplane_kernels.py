@@ -88,24 +88,24 @@ def _candidates(kind, bits, M, N, K):
     from bitsmith.kernels import bitplane as bp
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if M == 1:
-        strategies = None if bits in (2, 3, 4) or kind == "bcq" else (0,)
-        extra = [c for c in bp.gemv_candidates(N, K, bits, G, kind, torch.float16, sms) if "kernel" in c]
-        return [("gemv", c) for c in bp.gemv_configs(N, K, bits, G, kind, sms, strategies) + extra]
+    if M == 1:  # what the public op tunes over (fp32 GEMV, f16x2 GEMV, and for BCQ the swapped kernel)
+        return [("gemv", c) for c in bp.gemv_candidates(N, K, bits, G, kind, torch.float16, sms)]
     # the older `_gemm_kernel` keeps its two first candidates, so the tune log compares both kernels
     return [("gemm", c) for c in bp.gemm_t_configs(M, N, K, bits, kind, sms) + bp.gemm_configs(M, N, K, bits, G, kind,
                                                                                              sms)[:2]]
 
 
 QUICK = False  # --quick: 8192x8192 only, bipolar 2/3 bits and BCQ 3, no curve, no gemlite; check of 4 cases
+SKIP: set[str] = set()  # --skip: any of bcq, gemlite, dequant (rows left out of the timing)
+CASES: tuple[int, ...] | None = None  # --check-cases: the check's case indices (default all)
 
 
 def timing_tasks():
     tasks = []
     for bits in ((2, 3) if QUICK else range(1, 9)):
-        for M in ((1, 16, 128) if bits in (2, 3, 4) else (1,)):
+        for M in (MS if bits in (2, 3, 4) else (1,)):
             tasks.append(("bipolar", bits, M))
-    for M in MS:
+    for M in (() if "bcq" in SKIP else MS):
         tasks.append(("bcq", 3, M))
     return tasks
 
@@ -143,7 +143,7 @@ def warm(log, workers=12, with_check=True) -> int:
     t0 = time.time()
     ctx = mp.get_context("spawn")
     # the correctness sweep as one task per case (its compiles spread over the processes), first in the queue
-    cases = (2, 3, 4, 5, 16) if QUICK else range(N_CASES)
+    cases = (2, 3, 4, 5, 16) if QUICK else CASES if CASES is not None else range(N_CASES)
     tasks = ([("check", (i,)) for i in cases] + [("check", ())] if with_check else []) + timing_tasks()
     with ctx.Pool(workers) as pool:
         res = pool.map(_warm, tasks, chunksize=1)
@@ -197,7 +197,7 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
                 plans.append(("dequant", None))
             # the swapped kernel: every tile variant (join, xperm, widths) of gemm_t_configs, fewer on the CPU
             sw = bp.gemm_t_configs(M, N, K, bits, kind, sms)
-            plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:3:2])]
+            plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:4:3] if len(sw) > 3 else sw[:3:2])]
             h2 = bp.gemv_h2_configs(N, K, bits, gs, kind, dtype, sms) if M == 1 else []
             plans += [("gemv", c) for c in h2[:3:2]]
             for regime, cfg in plans:
@@ -313,12 +313,13 @@ def bench(log, rows: list[dict]) -> list[dict]:
         if (N, K) == SHAPES[0] and not QUICK:
             for bits in (1, 5, 6, 7, 8):
                 timed("bipolar", "bipolar", bits, 1, lambda: make("bipolar", N, K, bits, dtype, gen))
-            timed("bipolar-dequant", "bipolar", 4, 128, lambda: make("bipolar", N, K, 4, dtype, gen),
-                  dict(regime="dequant"))
-        for M in MS:
+            if 128 in MS and "dequant" not in SKIP:
+                timed("bipolar-dequant", "bipolar", 4, 128, lambda: make("bipolar", N, K, 4, dtype, gen),
+                      dict(regime="dequant"))
+        for M in (() if "bcq" in SKIP else MS):
             timed("bcq", "bcq", 3, M, lambda: make("bcq", N, K, 3, dtype, gen))
         # gemlite peers on gwint-layout weights of the same shape
-        for gbits in (() if QUICK else (2, 4)):
+        for gbits in (() if QUICK or "gemlite" in SKIP else (2, 4)):
             fmt = hb.GwintFormat(f"w{gbits}g128", gbits, 128)
             try:
                 w0 = fmt.make(N, K, dtype, device, gen)
@@ -372,8 +373,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--smoke", action="store_true", help="check only, tiny shapes, CPU interpreter")
     ap.add_argument("--quick", action="store_true", help="8192x8192, bipolar 2/3 and BCQ 3 only, 4 check cases")
+    ap.add_argument("--ms", default="1,16,128", help="batch rows timed (the 1..8-bit curve is at M = 1)")
+    ap.add_argument("--skip", default="", help="comma list of bcq, gemlite, dequant: rows not timed")
+    ap.add_argument("--check-cases", default="", help="comma list of check case indices (default all %d)" % N_CASES)
     args = ap.parse_args(argv)
-    global DEVICE, SMOKE, OUT_DIR, QUICK, SHAPES
+    global DEVICE, SMOKE, OUT_DIR, QUICK, SHAPES, MS, SKIP, CASES
+    MS = [int(m) for m in args.ms.split(",")]
+    SKIP = {k for k in args.skip.split(",") if k}
+    CASES = tuple(int(c) for c in args.check_cases.split(",")) if args.check_cases else None
     OUT_DIR = args.out
     if args.quick:
         QUICK, SHAPES = True, SHAPES[:1]

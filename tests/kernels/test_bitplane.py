@@ -288,8 +288,8 @@ def test_ptx_pairs_compute_the_fp16_rule(bits):
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, bp.H2_MAX_BITS + 1))
 def test_gemv_h2_matches_reference(bits):
-    """The f16x2 GEMV (plain-Triton twin of its PTX under the interpreter): odd N, partial words and groups,
-    split-K, bias, offset on some."""
+    """The f16x2 GEMV (plain-Triton twin of its PTX under the interpreter), bits 1..8: odd N, partial words and
+    groups, split-K or unrolled splits, f16x2 chunks or fp32 products (chunk 0), bias, offset on some."""
     rnd = random.Random(2000 + bits)
     for gs, K, N in ((32, 160, 37), (64, 200, 23), (128, 128 + 40, 9)):
         with_offset = rnd.random() < 0.5
@@ -299,7 +299,10 @@ def test_gemv_h2_matches_reference(bits):
                                   gs, K, bias.float())
         dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
         out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)
-        cfg = dict(kernel="h2", block_n=16, block_kw=rnd.choice([1, 2]), split_k=rnd.choice([1, 3]))
+        cfg = dict(kernel="h2", block_n=16, block_kw=rnd.choice([1, 2]), split_k=rnd.choice([1, 3]),
+                   chunk=rnd.choice([bp.h2_chunk(bits), 0]))
+        if rnd.random() < 0.6:  # straight-line splits of `unroll` tiles (the last one partly past K)
+            cfg["unroll"] = rnd.choice([2, 3])
         bp.launch_gemv_h2(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, "bipolar", gs, K, cfg)
         err = rel_error(out.cpu(), ref)
         assert err < TOL[torch.float16], f"relative error {err:.2e} (N={N} K={K} g={gs} {cfg})"
@@ -325,3 +328,22 @@ def test_gemv_pair_ptx_is_one_hfma2(bits):
                 u = sum(((w[i] >> j) & 1) << i for i in range(bits))
                 want = np.float16((u - L / 2) * float(xs[h]) + float(hs[h]))
                 assert got[h] == float(want), (bits, jj, h)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_gemv_pair_f32_ptx_gives_exact_offsets(bits):
+    """`_gemv_pair_f32_asm` (chunk 0): the LOP3 bits and the exact HSUB2 give u - L/2 for both slots (the emulator
+    reads the halves at `mov.b32 {l, h}`; the two cvt.f32.f16 after it are exact, checked on the GPU)."""
+    rnd = random.Random(70 + bits)
+    L, WIN = (1 << bits) - 1, 10 - bits
+    for trial in range(3):
+        w = [rnd.getrandbits(32) for _ in range(8)]
+        for jj in range(16):
+            R = (jj // WIN) * WIN - 1
+            c = [((wi >> (R - i)) if R >= i else (wi << (i - R))) & 0xFFFFFFFF for i, wi in enumerate(w)]
+            asm = bp._gemv_pair_f32_asm(bits, 1 + jj % WIN)
+            assert asm.count("lop3.b32") == bits and "cvt.f32.f16 $0, l" in asm and "cvt.f32.f16 $1, h" in asm
+            got = _run_ptx(asm, c)
+            for h, j in ((0, jj), (1, jj + 16)):
+                u = sum(((w[i] >> j) & 1) << i for i in range(bits))
+                assert got[h] == u - L / 2, (bits, jj, h)

@@ -858,25 +858,47 @@ if triton is not None:
                   pid_m * tl.cdiv(N, BLOCK_N) + pid_n, split_k, HAS_BIAS)
 
     # ----------------------------------------------------------------------------------------------------------
-    # M == 1, two weights per instruction: f16x2 partial sums over 8 weights, fp32 beyond (bipolar, fp16 x)
+    # M == 1, two weights per instruction (bipolar, fp16 x): the slot pair (j, j + 16) of a word as one f16x2
+
+    @triton.constexpr_function
+    def _h2_sub_const(bits, q):
+        """f16x2 bits of (2^(10 - q) + L/2, same): what the exact HSUB2 takes away (a normal fp16 in [2, 640) with
+        spacing <= 0.5, written out by hand: Triton's dependency check rejects module-level helpers here)."""
+        bits, q = int(bits), int(q)
+        v = float(1 << (10 - q)) + ((1 << bits) - 1) / 2
+        e = 1
+        while v >= 2.0 ** (e + 1):
+            e += 1
+        return (((e + 15) << 10) | int((v / 2.0 ** e - 1.0) * 1024)) * 0x10001
 
     @triton.constexpr_function
     def _gemv_pair_asm(bits, q):
         """PTX: h += (w_j - L/2, w_(j+16) - L/2) * (x_j, x_(j+16)) as one HFMA2, after the LOP3s and the exact HSUB2
         of `_bipolar_pair_asm` (same inputs $1..$8 as its $2..$9; $9: x pair, $10: the f16x2 partial sum)."""
         bits, q = int(bits), int(q)
-        L = (1 << bits) - 1
         mask = (1 << q) | (1 << (q + 16))
         magic = ((25 - q) << 10) * 0x10001
-        v = float(1 << (10 - q)) + L / 2
-        e = 1
-        while v >= 2.0 ** (e + 1):
-            e += 1
-        c = (((e + 15) << 10) | int((v / 2.0 ** e - 1.0) * 1024)) * 0x10001
+        c = _h2_sub_const(bits, q)
         lines = ["{", ".reg .b32 t, c;", f"lop3.b32 t, $1, {mask:#x}, {magic:#x}, 0xEA;"]
         for i in range(1, bits):
             lines.append(f"lop3.b32 t, ${1 + i}, {mask << i:#x}, t, 0xEA;")
         lines += [f"mov.b32 c, {c:#x};", "sub.rn.f16x2 t, t, c;", "fma.rn.f16x2 $0, t, $9, $10;", "}"]
+        return "\n".join(lines)
+
+    @triton.constexpr_function
+    def _gemv_pair_f32_asm(bits, q):
+        """PTX: (w_j - L/2, w_(j+16) - L/2) as two exact fp32 ($0, $1): the LOP3s, the exact HSUB2, two cvt (inputs
+        $2..$9 as `_bipolar_pair_asm`'s). The caller multiplies by fp32 x: a product of an fp16 half-integer
+        (<= 9 significant bits) and an fp16 x (11) is exact in fp32, so FFMA and mul + add round alike."""
+        bits, q = int(bits), int(q)
+        mask = (1 << q) | (1 << (q + 16))
+        magic = ((25 - q) << 10) * 0x10001
+        c = _h2_sub_const(bits, q)
+        lines = ["{", ".reg .b32 t, c;", ".reg .b16 l, h;", f"lop3.b32 t, $2, {mask:#x}, {magic:#x}, 0xEA;"]
+        for i in range(1, bits):
+            lines.append(f"lop3.b32 t, ${2 + i}, {mask << i:#x}, t, 0xEA;")
+        lines += [f"mov.b32 c, {c:#x};", "sub.rn.f16x2 t, t, c;", "mov.b32 {l, h}, t;", "cvt.f32.f16 $0, l;",
+                  "cvt.f32.f16 $1, h;", "}"]
         return "\n".join(lines)
 
     @triton.jit
@@ -893,65 +915,91 @@ if triton is not None:
             return tl.load(p, mask=mask, other=0)
 
     @triton.jit
-    def _gemv_h2_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                        N, K, KW, G, group_size, k_iters, split_k,
-                        BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-                        CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-        # x: [K] fp16; planes: [BITS, KW, N] int32; scales [G, N]; out: [N]. Bipolar only.
-        # Tile [BKW words, BN]; slot pair (jj, jj + 16) of each word: BITS LOP3 (pre-shifted windows, as in
-        # `_gemm_t_kernel`), one exact HSUB2 -> (u - L/2) for both slots, one HFMA2 with the x pair into an f16x2
-        # partial sum h. Every CHUNK pairs h goes to fp32 (t), so a partial sums at most 2 CHUNK products.
-        # Per tile (inside one group): acc += 2 s t. MODE 2: PTX; MODE 1: the same fp16 rule in plain Triton.
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        rw = tl.arange(0, BLOCK_KW)
-        plane_stride = KW * N
+    def _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, q: tl.constexpr, BITS: tl.constexpr):
+        """Plain-Triton twin of the pair PTX's first steps: the same LOP3 bits, then the exact subtraction ->
+        (u_j - L/2, u_(j+16) - L/2) as two fp16 tensors."""
         L: tl.constexpr = (1 << BITS) - 1
+        M0: tl.constexpr = (1 << q) | (1 << (q + 16))
+        f = (c0 & M0) | (((25 - q) << 10) * 0x10001)
+        if BITS > 1:
+            f = f | (c1 & (M0 << 1))
+        if BITS > 2:
+            f = f | (c2 & (M0 << 2))
+        if BITS > 3:
+            f = f | (c3 & (M0 << 3))
+        if BITS > 4:
+            f = f | (c4 & (M0 << 4))
+        if BITS > 5:
+            f = f | (c5 & (M0 << 5))
+        if BITS > 6:
+            f = f | (c6 & (M0 << 6))
+        if BITS > 7:
+            f = f | (c7 & (M0 << 7))
+        lo, hi = _halves(f)  # 2^(10 - q) + u, exact
+        cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
+        return lo - cst, hi - cst
+
+    @triton.jit
+    def _h2_words(pl_ptr, kw0, rw, offs_n, n_mask, KW, N, BITS: tl.constexpr, EVEN: tl.constexpr):
+        """Plane words of one tile: 8 tensors [BKW, BN] int32 (planes >= BITS repeat plane 0, never read)."""
+        kw = kw0 + rw
+        wmask = (kw[:, None] < KW) & n_mask[None, :]
+        wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
+        plane_stride = KW * N
+        w0 = _ld(wp, wmask, EVEN)
+        w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
+        if BITS > 1:
+            w1 = _ld(wp + plane_stride, wmask, EVEN)
+        if BITS > 2:
+            w2 = _ld(wp + 2 * plane_stride, wmask, EVEN)
+        if BITS > 3:
+            w3 = _ld(wp + 3 * plane_stride, wmask, EVEN)
+        if BITS > 4:
+            w4 = _ld(wp + 4 * plane_stride, wmask, EVEN)
+        if BITS > 5:
+            w5 = _ld(wp + 5 * plane_stride, wmask, EVEN)
+        if BITS > 6:
+            w6 = _ld(wp + 6 * plane_stride, wmask, EVEN)
+        if BITS > 7:
+            w7 = _ld(wp + 7 * plane_stride, wmask, EVEN)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @triton.jit
+    def _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K, N, G,
+                 group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
+                 EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+        """acc [BKW, BN] fp32 += this tile's products (the tile lies inside one group)."""
+        kb = (kw0 + rw) * 32
         WIN: tl.constexpr = 10 - BITS
-        acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-        kw_begin = pid_k * k_iters * BLOCK_KW
-        for it in range(k_iters):
-            kw0 = kw_begin + it * BLOCK_KW
-            kw = kw0 + rw
-            kb = kw * 32
-            wmask = (kw[:, None] < KW) & n_mask[None, :]
-            wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
-            w0 = _ld(wp, wmask, EVEN)
-            w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
-            if BITS > 1:
-                w1 = _ld(wp + plane_stride, wmask, EVEN)
-            if BITS > 2:
-                w2 = _ld(wp + 2 * plane_stride, wmask, EVEN)
-            if BITS > 3:
-                w3 = _ld(wp + 3 * plane_stride, wmask, EVEN)
-            if BITS > 4:
-                w4 = _ld(wp + 4 * plane_stride, wmask, EVEN)
-            if BITS > 5:
-                w5 = _ld(wp + 5 * plane_stride, wmask, EVEN)
-            if BITS > 6:
-                w6 = _ld(wp + 6 * plane_stride, wmask, EVEN)
-            if BITS > 7:
-                w7 = _ld(wp + 7 * plane_stride, wmask, EVEN)
-            g = tl.minimum((kw0 * 32) // group_size, G - 1)  # the whole tile lies in group g
-            t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-            h = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.int32)  # MODE 2: f16x2 (0, 0)
-            hl = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)  # MODE 1: its two halves
-            hh = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)
-            c0, c1, c2, c3, c4, c5, c6, c7 = w0, w1, w2, w3, w4, w5, w6, w7
-            for jj in tl.static_range(16):
-                if jj % WIN == 0:
-                    c0 = _shift_to(w0, (jj // WIN) * WIN - 1, 0)
-                    c1 = _shift_to(w1, (jj // WIN) * WIN - 1, 1)
-                    c2 = _shift_to(w2, (jj // WIN) * WIN - 1, 2)
-                    c3 = _shift_to(w3, (jj // WIN) * WIN - 1, 3)
-                    c4 = _shift_to(w4, (jj // WIN) * WIN - 1, 4)
-                    c5 = _shift_to(w5, (jj // WIN) * WIN - 1, 5)
-                    c6 = _shift_to(w6, (jj // WIN) * WIN - 1, 6)
-                    c7 = _shift_to(w7, (jj // WIN) * WIN - 1, 7)
-                xl = _ld(x_ptr + kb + jj, kb + jj < K, EVEN)[:, None]  # [BKW, 1] fp16
-                xh = _ld(x_ptr + kb + jj + 16, kb + jj + 16 < K, EVEN)[:, None]
+        g = tl.minimum((kw0 * 32) // group_size, G - 1)
+        t = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        h = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.int32)  # MODE 2: f16x2 (0, 0)
+        hl = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)  # MODE 1: its two halves
+        hh = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)
+        c0, c1, c2, c3, c4, c5, c6, c7 = w0, w1, w2, w3, w4, w5, w6, w7
+        for jj in tl.static_range(16):
+            if jj % WIN == 0:  # a new window: pre-shift every plane once (bit jj of plane i -> 1 + jj % WIN + i)
+                c0 = _shift_to(w0, (jj // WIN) * WIN - 1, 0)
+                c1 = _shift_to(w1, (jj // WIN) * WIN - 1, 1)
+                c2 = _shift_to(w2, (jj // WIN) * WIN - 1, 2)
+                c3 = _shift_to(w3, (jj // WIN) * WIN - 1, 3)
+                c4 = _shift_to(w4, (jj // WIN) * WIN - 1, 4)
+                c5 = _shift_to(w5, (jj // WIN) * WIN - 1, 5)
+                c6 = _shift_to(w6, (jj // WIN) * WIN - 1, 6)
+                c7 = _shift_to(w7, (jj // WIN) * WIN - 1, 7)
+            xl = _ld(x_ptr + kb + jj, kb + jj < K, EVEN)[:, None]  # [BKW, 1] fp16
+            xh = _ld(x_ptr + kb + jj + 16, kb + jj + 16 < K, EVEN)[:, None]
+            if CHUNK == 0:  # exact fp32 products, fp32 sums (any bits; no bound on x)
+                if MODE == 2:
+                    dl, dh = tl.inline_asm_elementwise(
+                        _gemv_pair_f32_asm(BITS, 1 + jj % WIN), "=r,=r" + ",r" * 8, [c0, c1, c2, c3, c4, c5, c6, c7],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                else:
+                    dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS)
+                    dl, dh = dl.to(tl.float32), dh.to(tl.float32)
+                t = t + dl * xl.to(tl.float32)
+                t = t + dh * xh.to(tl.float32)
+            else:
                 if MODE == 2:
                     x2 = tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [xl, xh], dtype=tl.int32,
                                                    is_pure=True, pack=1)
@@ -959,27 +1007,9 @@ if triton is not None:
                                                   [c0, c1, c2, c3, c4, c5, c6, c7, x2, h], dtype=tl.int32,
                                                   is_pure=True, pack=1)
                 else:
-                    q: tl.constexpr = 1 + jj % WIN
-                    M0: tl.constexpr = (1 << q) | (1 << (q + 16))
-                    f = (c0 & M0) | (((25 - q) << 10) * 0x10001)
-                    if BITS > 1:
-                        f = f | (c1 & (M0 << 1))
-                    if BITS > 2:
-                        f = f | (c2 & (M0 << 2))
-                    if BITS > 3:
-                        f = f | (c3 & (M0 << 3))
-                    if BITS > 4:
-                        f = f | (c4 & (M0 << 4))
-                    if BITS > 5:
-                        f = f | (c5 & (M0 << 5))
-                    if BITS > 6:
-                        f = f | (c6 & (M0 << 6))
-                    if BITS > 7:
-                        f = f | (c7 & (M0 << 7))
-                    lo, hi = _halves(f)
-                    cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
-                    hl = _fma16(lo - cst, xl, hl)
-                    hh = _fma16(hi - cst, xh, hh)
+                    dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS)
+                    hl = _fma16(dl, xl, hl)
+                    hh = _fma16(dh, xh, hh)
                 if jj % CHUNK == CHUNK - 1:  # the f16x2 partial into fp32: t += (low + high)
                     if MODE == 2:
                         fl, fh = tl.inline_asm_elementwise(
@@ -991,17 +1021,56 @@ if triton is not None:
                         t += hl.to(tl.float32) + hh.to(tl.float32)
                         hl = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)
                         hh = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float16)
-            s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            acc += 2.0 * t * s[None, :]  # (2u - L) s = 2 s (u - L/2)
-            if HAS_OFFSET:
-                kk = kb[:, None] + tl.arange(0, 32)[None, :]
-                xsum = tl.sum(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), axis=1)
-                o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                acc += xsum[:, None] * o[None, :]
+        s = tl.load(c_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += 2.0 * t * s[None, :]  # (2u - L) s = 2 s (u - L/2)
+        if HAS_OFFSET:
+            kk = kb[:, None] + tl.arange(0, 32)[None, :]
+            xsum = tl.sum(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), axis=1)
+            o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += xsum[:, None] * o[None, :]
+        return acc
+
+    @triton.jit
+    def _gemv_h2_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        N, K, KW, G, group_size, k_iters, split_k,
+                        BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                        CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                        UNROLL: tl.constexpr = 0):
+        # x: [K] fp16; planes: [BITS, KW, N] int32; scales [G, N]; out: [N]. Bipolar only.
+        # Tile [BKW words, BN]; slot pair (jj, jj + 16) of each word: BITS LOP3 (pre-shifted windows, as in
+        # `_gemm_t_kernel`), one exact HSUB2 -> (u - L/2) for both slots, then either (CHUNK > 0) one HFMA2 with
+        # the x pair into an f16x2 partial sum h, moved to fp32 (t) every CHUNK pairs, so each half sums at most
+        # CHUNK products; or (CHUNK == 0) two cvt to fp32 and two exact-product FFMAs.
+        # Per tile (inside one group): acc += 2 s t. MODE 2: PTX; MODE 1: the same fp16 rule in plain Triton.
+        # UNROLL > 0: every split is exactly UNROLL tiles in straight-line code, the next tile's words loaded
+        # before the current one is consumed (ptxas then issues them a tile ahead; a run-time loop it does not).
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rw = tl.arange(0, BLOCK_KW)
+        acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        kw_begin = pid_k * k_iters * BLOCK_KW
+        if UNROLL > 0:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _h2_words(pl_ptr, kw_begin, rw, offs_n, n_mask, KW, N, BITS, EVEN)
+            for i in tl.static_range(UNROLL):
+                if i + 1 < UNROLL:
+                    v0, v1, v2, v3, v4, v5, v6, v7 = _h2_words(pl_ptr, kw_begin + (i + 1) * BLOCK_KW, rw, offs_n,
+                                                               n_mask, KW, N, BITS, EVEN)
+                acc = _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw_begin + i * BLOCK_KW,
+                               rw, offs_n, n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN,
+                               BLOCK_N, BLOCK_KW)
+                if i + 1 < UNROLL:
+                    w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
+        else:
+            for it in range(k_iters):
+                kw0 = kw_begin + it * BLOCK_KW
+                w0, w1, w2, w3, w4, w5, w6, w7 = _h2_words(pl_ptr, kw0, rw, offs_n, n_mask, KW, N, BITS, EVEN)
+                acc = _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask,
+                               K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
         res = tl.sum(acc, axis=0)  # [BN]
         _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
                   HAS_BIAS)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers
@@ -1097,23 +1166,31 @@ def launch_gemm_t(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg)
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
-H2_MAX_BITS = 4  # f16x2 GEMV: each fp16 lane sums `chunk` products (u - L/2) x before fp32 takes over, so it
-# overflows for |x| > 65504 / (chunk (2^b - 1) / 2): chunk 4 up to 3 bits (|x| < 4679 at 3 bits), chunk 2 at 4 bits
-# (|x| < 4367); offered to the tuner up to 4 bits
+H2_MAX_BITS = 8  # the f16x2 GEMV takes every width. With chunk c > 0 each fp16 lane sums c products (u - L/2) x
+# before fp32 takes over, so it overflows for |x| > 65504 / (c (2^b - 1) / 2); `h2_chunk` keeps that bound at
+# >= 4367 (1 bit: 8188, 2: 5458, 3: 4679, 4: 4367). Chunk 0 (5..8 bits) converts each (u - L/2) to fp32 and
+# accumulates exact products in fp32: no bound on x.
+H2_CHUNKS = {1: 16, 2: 8, 3: 4, 4: 2}
 
 
 def h2_chunk(bits: int) -> int:
-    return 4 if bits <= 3 else 2
+    return H2_CHUNKS.get(bits, 0)
 
 
 def launch_gemv_h2(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
-    """x2 [1, K] fp16 -> out [1, N] by `_gemv_h2_kernel` (bipolar). cfg: block_n, block_kw, split_k, chunk,
-    num_warps, optional mode (2 PTX, 1 its plain-Triton twin; default by `gemm_t_mode`)."""
+    """x2 [1, K] fp16 -> out [1, N] by `_gemv_h2_kernel` (bipolar). cfg: block_n, block_kw, split_k (or unroll:
+    splits of exactly that many tiles, straight-line code), chunk, num_warps, optional mode (2 PTX, 1 its
+    plain-Triton twin; default by `gemm_t_mode`)."""
     bits, KW, N, G, o, b, bcq = _common(planes, coef, offset, bias, kind)
     if bcq or x2.dtype != torch.float16:
         raise ValueError("the f16x2 GEMV takes bipolar weights and fp16 activations")
     bkw = _fit_kw(cfg["block_kw"], group_size, K)
-    k_iters, split = _split(-(-KW // bkw), cfg["split_k"])
+    k_tiles = -(-KW // bkw)
+    unroll = cfg.get("unroll", 0)
+    if unroll:  # splits of exactly `unroll` tiles (the last split's missing tiles are masked)
+        k_iters, split = unroll, -(-k_tiles // unroll)
+    else:
+        k_iters, split = _split(k_tiles, cfg["split_k"])
     n_blocks = -(-N // cfg["block_n"])
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
     return _gemv_h2_kernel[(n_blocks, split)](
@@ -1121,24 +1198,40 @@ def launch_gemv_h2(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
         CHUNK=cfg.get("chunk", h2_chunk(bits)), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         EVEN=K % (32 * bkw) == 0 and N % cfg["block_n"] == 0 and KW % (bkw * k_iters) == 0,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        UNROLL=unroll, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
 def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
-    """Candidates for `launch_gemv_h2` ([] where it does not apply: BCQ, bf16, more than H2_MAX_BITS bits)."""
+    """Candidates for `launch_gemv_h2` ([] where it does not apply: BCQ, bf16)."""
     if kind != "bipolar" or dtype != torch.float16 or bits > H2_MAX_BITS:
         return []
     KW = num_words(K)
     out = []
-    # wide N per thread: the x pair of a word row is loaded and packed once per thread, for all its columns
-    for bn, bkw, warps, waves in ((1024, 1, 4, 4.0), (1024, 1, 4, 8.0), (512, 2, 4, 4.0), (512, 1, 4, 8.0),
-                                  (1024, 1, 8, 4.0)):
+    # wide N per thread: the x pair of a word row is loaded and packed once per thread, for all its columns.
+    # (block_n, block_kw, warps, waves of programs for a run-time loop | 0, unroll | 0). The first H100 run
+    # (docs/results/bitplane.md) chose (1024, 1, 4 or 8 warps, 4 waves) at every width; the unrolled ones are new.
+    # fewer columns per thread and shorter unrolls at more bits (u4 at 5+ bits spilled in the offline sm_90 build)
+    if bits <= 2:
+        shapes = ((1024, 1, 4, 4.0, 0), (1024, 1, 8, 4.0, 0), (1024, 1, 4, 0, 4), (1024, 1, 4, 0, 8),
+                  (1024, 1, 8, 0, 4), (512, 1, 4, 0, 4))
+    elif bits <= 4:
+        shapes = ((1024, 1, 4, 4.0, 0), (1024, 1, 8, 4.0, 0), (1024, 1, 4, 0, 2), (1024, 1, 4, 0, 4),
+                  (1024, 1, 8, 0, 4), (512, 1, 4, 0, 4))
+    else:
+        shapes = ((1024, 1, 4, 4.0, 0), (512, 1, 4, 4.0, 0), (1024, 1, 8, 4.0, 0), (1024, 1, 4, 0, 2),
+                  (512, 1, 4, 0, 2), (512, 1, 4, 0, 4))
+    for bn, bkw, warps, waves, unroll in shapes:
         bkw = _fit_kw(bkw, group_size, K)
-        cfg = dict(kernel="h2", block_n=bn, block_kw=bkw, num_warps=warps, chunk=h2_chunk(bits),
-                   split_k=_split_for(-(-N // bn), -(-KW // bkw), sms, waves))
+        k_tiles = -(-KW // bkw)
+        cfg = dict(kernel="h2", block_n=bn, block_kw=bkw, num_warps=warps, chunk=h2_chunk(bits))
+        if unroll:
+            cfg["unroll"] = min(unroll, k_tiles)
+        else:
+            cfg["split_k"] = _split_for(-(-N // bn), k_tiles, sms, waves)
         if cfg not in out:
             out.append(cfg)
     return out
+
 
 def dequantize_t(planes, coef, offset, kind, group_size, K, dtype, block_n=64, block_kw=4):
     """W^T [K, N] in `dtype`, by the Triton kernel."""
@@ -1208,9 +1301,10 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> li
     # Measured on the H100 (docs/results/bitplane.md, 2026-11-24): joined pairs ran 2.5x slower (the joined
     # operand goes through shared memory), x gathers without xperm 2x slower; 64-row tiles with 2 stages best.
     if bm <= 32:
+        # first H100 run: (64, 16, 4, 2) best at every width; 128-row tiles with 4 warps, 32-word tiles and 3
+        # stages 5-30 % slower; two warpgroups (8 warps, 128 rows) are new
         shapes = [(64, 16, 4, 2, 0, 1, 4.0), (64, 16, 4, 2, 0, 1, 8.0), (64, 16, 4, 2, 0, 1, 2.0),
-                  (128, 16, 4, 2, 0, 1, 4.0), (64, 32, 4, 2, 0, 1, 4.0), (64, 32, 4, 2, 0, 1, 2.0),
-                  (64, 16, 4, 3, 0, 1, 4.0)]
+                  (128, 16, 8, 2, 0, 1, 4.0), (128, 16, 8, 2, 0, 1, 2.0), (64, 32, 4, 2, 0, 1, 2.0)]
     elif bm == 64:
         shapes = [(64, 16, 4, 2, 0, 1, 2.0), (64, 16, 4, 2, 0, 1, 1.0), (128, 16, 4, 1, 0, 1, 2.0)]
     else:
@@ -1228,8 +1322,11 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> li
 def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
     """Everything the tuner tries at M == 1: the GEMV, then the f16x2 GEMV (bipolar, fp16, up to H2_MAX_BITS) or,
     for BCQ, the swapped kernel (it beat bipolar's GEMV nowhere at M = 1 on the H100 but tied BCQ's)."""
-    extra = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms) if kind == "bipolar" else \
-        gemm_t_configs(1, N, K, bits, kind, sms)
+    h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms) if kind == "bipolar" else []
+    if h2:  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at 1..4 bits: keep its
+        # two best configurations only (rebuild strategy)
+        return gemv_configs(N, K, bits, group_size, kind, sms, (0,))[:2] + h2
+    extra = [] if kind == "bipolar" else gemm_t_configs(1, N, K, bits, kind, sms)
     return gemv_configs(N, K, bits, group_size, kind, sms) + extra
 
 
