@@ -12,7 +12,9 @@ runs `bitsmith.prune.block_sparse.prune_model` with activation scores and the le
 first --tokens tokens of --text (`bitsmith.compress.evaluate.perplexity`, window --window, non-overlapping, float32).
 The configuration with the lowest perplexity is then distilled toward the dense model with the `recover` pass code
 (--recover-steps steps of --recover-batch sequences of --recover-seq-len tokens of --calib; 0 steps: skip), rounded to
-bfloat16 again and scored. One JSON line per result goes to --out (appended) and stdout.
+bfloat16 again and scored. One JSON line per result goes to --out (appended) and stdout. --reconstruct-epochs E sets
+`reconstruct_epochs` (with --reconstruct-lr) on the seq configurations: each pruned decoder layer trained toward the
+dense model's layer output; the row then records the mean relative layer-output error before and after.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-batch", type=int, default=4)
     ap.add_argument("--recover-micro-batch", type=int, default=1)
     ap.add_argument("--recover-seq-len", type=int, default=256)
+    ap.add_argument("--reconstruct-epochs", type=int, default=0, help="seq configs: block_sparse reconstruct_epochs")
+    ap.add_argument("--reconstruct-lr", type=float, default=1e-4)
+    ap.add_argument("--save", type=Path, default=None, help="save the best pruned weights (bf16) here")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dense", action="store_true", help="also score the dense model")
     ap.add_argument("--out", type=Path, default=None)
@@ -86,19 +91,29 @@ def main(argv: list[str] | None = None) -> int:
         block = tuple(int(v) for v in block_s.lower().split("x"))
         cfg = BlockSparse(sparsity=args.sparsity, block=block, score="activation", refit=True,
                           text=str(args.calib), samples=args.samples, seq_len=args.seq_len, sequential=mode == "seq",
-                          scope=scope)
+                          scope=scope, reconstruct_epochs=args.reconstruct_epochs if mode == "seq" else 0,
+                          reconstruct_lr=args.reconstruct_lr)
         set_weights(dense)
         report = prune_model(model, cfg, tokenizer=tok, log=log)
         round_bf16()
         errs = [e["out_err_refit"] for e in report["modules"].values()]
         p, s = ppl()
-        row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}" + (":row" if scope == "row" else ""),
+        rec = cfg.reconstruct_epochs
+        row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}" + (":row" if scope == "row" else "")
+               + (f":rec{rec}@{cfg.reconstruct_lr:g}" if rec else ""),
                "block": block_s, "sequential": mode == "seq", "scope": scope,
                "achieved_sparsity": round(report["sparsity"], 4), "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"], "recover_steps": 0,
                "ppl": p, "eval_s": s}
+        if rec:
+            rs = [e["reconstruct"] for e in report["modules"].values() if "reconstruct" in e]
+            row.update(reconstruct_epochs=rec, reconstruct_lr=cfg.reconstruct_lr,
+                       layer_err_before=round(sum(r["err_first"] for r in rs) / len(rs), 5),
+                       layer_err_after=round(sum(r["err_last"] for r in rs) / len(rs), 5))
         emit(row)
         if best is None or p < best[0]["ppl"]:
             best = (row, {n: m.weight.detach().clone() for n, m in mods.items()})
+    if best is not None and args.save is not None:
+        torch.save({n: w.to(torch.bfloat16) for n, w in best[1].items()}, args.save)
     if best is not None and args.recover_steps > 0:
         row, weights = best
         teacher = copy.deepcopy(model)

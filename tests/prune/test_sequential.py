@@ -101,3 +101,29 @@ def test_sequential_refuses_precomputed_stats(three_layers, calib_text):
     _, model, tok = three_layers
     with pytest.raises(RecipeError, match="layer by layer"):
         prune_model(model, _cfg(calib_text, sequential=True), tokenizer=tok, stats={})
+
+
+def test_reconstruct_lowers_final_error_and_keeps_masks(three_layers, calib_text):
+    """reconstruct_epochs: each pruned layer trained toward the dense layer's output on the dense inputs; the zeros
+    stay, every layer's own error falls, and the last layer's output gets closer to the dense model's."""
+    _, dense, tok = three_layers
+    tokens = calibration_batches(str(calib_text), tok, 8, 64, 0)
+    ref = _final_hidden(dense, tokens)
+    plain, rec = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, _cfg(calib_text, sequential=True), tokenizer=tok)
+    report = prune_model(rec, _cfg(calib_text, sequential=True, reconstruct_epochs=4, reconstruct_lr=1e-3),
+                         tokenizer=tok)
+    mods_p, mods_r = (targeted_linears(m, _cfg(calib_text), "test") for m in (plain, rec))
+    for n in mods_r:
+        r = report["modules"][n]["reconstruct"]
+        assert r["epochs"] == 4 and r["err_last"] < r["err_first"], (n, r)
+        assert torch.equal(bsr.block_mask(mods_r[n].weight, (16, 16)), bsr.block_mask(mods_p[n].weight, (16, 16))) \
+            or not n.startswith("model.layers.0.")
+        assert bsr.block_mask(mods_r[n].weight, (16, 16)).float().mean().item() == pytest.approx(0.5)
+    errs = [float(((_final_hidden(m, tokens) - ref) ** 2).sum() / (ref**2).sum()) for m in (plain, rec)]
+    assert errs[1] < 0.9 * errs[0], errs
+
+
+def test_reconstruct_needs_sequential(calib_text):
+    with pytest.raises(ValueError, match="needs sequential"):
+        _cfg(calib_text, reconstruct_epochs=2)

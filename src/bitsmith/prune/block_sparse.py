@@ -86,6 +86,10 @@ class BlockSparse(CalibrationFields):
     refit_iters: int = Field(25, ge=0, description="refit: conjugate-gradient steps; 0 = exact (slow for thin blocks)")
     sequential: bool = Field(False, description="prune decoder layer by layer, each on the inputs that the pruned"
                                                 " earlier layers produce (activation scores or refit; scope layer/row)")
+    reconstruct_epochs: int = Field(0, ge=0, description="sequential: after pruning a decoder layer, train its kept"
+                                                       " weights this many passes over the calibration set toward"
+                                                       " the dense model's layer output (0: off)")
+    reconstruct_lr: float = Field(1e-4, gt=0.0, description="reconstruct: Adam learning rate")
 
     @property
     def supports_ranks(self) -> bool:
@@ -109,6 +113,9 @@ class BlockSparse(CalibrationFields):
         if self.sequential and self.scope == "global":
             raise ValueError("sequential: true allocates per matrix, layer after layer; scope global needs every"
                              " layer's scores at once: use scope layer or row, or sequential: false")
+        if self.reconstruct_epochs and not self.sequential:
+            raise ValueError("reconstruct_epochs needs sequential: true (it trains each layer on the inputs that the"
+                             " pruned earlier layers produce)")
         if self.sequential and not self.needs_calibration:
             raise ValueError("sequential: true needs calibration statistics: score activation or refit: true"
                              " (magnitude scores without refit do not depend on the earlier layers)")
@@ -317,7 +324,7 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     """`sequential: true` (see the module docstring): prune_model's work, decoder layer by decoder layer."""
     from tqdm.auto import tqdm
 
-    from ..quant.gptq import _Hessians, find_layers, run_layers
+    from ..quant.gptq import LayerStep, _Hessians, find_layers, run_layers
 
     tokens = calibration.calibration_batches(cfg.text, tokenizer, cfg.samples, cfg.seq_len, cfg.seed,
                                              text_field=cfg.text_field, split=cfg.split, where=where)
@@ -328,8 +335,14 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     bar = tqdm(total=len(layers), desc=f"{where} sequential", disable=not progress, leave=False)
     stat_s = [0.0]
 
+    dense_hidden: list = []  # reconstruct: the dense model's hidden states entering this layer, per batch
+
     def process(step) -> None:
         mods = {n: m for n, m in modules.items() if n.startswith(step.name + ".")}
+        if cfg.reconstruct_epochs:
+            # the dense layer's outputs on the dense model's inputs: this layer's target and the next one's input
+            dense_hidden[:] = LayerStep(step.index, step.name, step.layer, step.dtype,
+                                        dense_hidden or step.hidden, step.kwargs).run()
         if mods:
             t = time.time()
             hs = _Hessians(mods)  # one Gram matrix per distinct input (q/k/v, gate/up), float32
@@ -339,12 +352,18 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
             stat_s[0] += time.time() - t
             # rounded to the model's dtype at once, so the next layers see the weights that will be stored
             done = _prune_masks(cfg, mods, stats, measure, step.dtype, counts)
+            if cfg.reconstruct_epochs:
+                rec = reconstruct_layer(step, mods, dense_hidden, cfg.reconstruct_epochs, cfg.reconstruct_lr)
+                for n in mods:
+                    done[n]["reconstruct"] = rec
             entries.update(done)
             if log is not None:
                 errs = [e.get("out_err_refit", e.get("out_err")) for e in done.values()]
                 errs = [x for x in errs if x is not None]
                 log(f"{where}: layer {step.index + 1}/{len(layers)}: {len(mods)} matrices pruned"
                     + (f", mean relative output error {sum(errs) / len(errs):.4f}" if errs else "")
+                    + (f", layer output error {rec['err_first']:.4f} -> {rec['err_last']:.4f} (reconstruct)"
+                       if cfg.reconstruct_epochs else "")
                     + f", {time.time() - t:.1f} s")
         bar.update(1)
 
@@ -374,6 +393,51 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
         log(_summary(report, cfg, where) + (f"; pruned after the layers ({stack_name}): {', '.join(sorted(rest))}"
                                             if rest else ""))
     return report
+
+
+def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -> dict:
+    """Train the pruned weights of `mods` (in `step.layer`, float32) so that the layer maps its inputs (the pruned
+    model's hidden states, `step.hidden`) to `targets` (the dense model's outputs of this layer), zeros kept.
+
+    Loss per batch: squared error relative to the targets' energy. Adam, constant `lr`, `epochs` passes over the
+    batches (one step per batch). The weights are rounded to the layer's own dtype at the end (what will be stored).
+    Returns the relative error over the calibration set before and after."""
+    from ..quant.gptq import _first
+
+    params = [m.weight for m in mods.values()]
+    masks = [p.detach() != 0 for p in params]
+
+    def error() -> float:
+        with torch.no_grad():
+            num = den = 0.0
+            for h, (a, k), y in zip(step.hidden, step.kwargs, targets):
+                num += float(((_first(step.layer(h, *a, **k)) - y) ** 2).sum())
+                den += float((y**2).sum())
+        return num / den
+
+    before = error()
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for _ in range(epochs):
+                for h, (a, k), y in zip(step.hidden, step.kwargs, targets):
+                    out = _first(step.layer(h, *a, **k))
+                    loss = ((out - y) ** 2).sum() / (y**2).sum()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for p, m in zip(params, masks):
+                            p.mul_(m)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(p.to(step.dtype).to(p.dtype))
+    return {"epochs": epochs, "err_first": round(before, 6), "err_last": round(error(), 6)}
 
 
 def _broadcast_masks(masks: dict | None, modules: dict, block: tuple[int, int]) -> dict[str, torch.Tensor]:
