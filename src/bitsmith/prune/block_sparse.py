@@ -12,7 +12,11 @@ through the layer runner of `bitsmith.quant.gptq` (`run_layers`: one layer in fl
 states of the calibration set), so a layer's scores and refit see the errors of the layers before it. Allocation is
 per matrix (`layer` or `row`); `global` needs every layer's scores at once and is refused with it. Targeted
 modules outside the decoder layers are pruned last, on statistics from a forward of the pruned model. One process
-only (refused under ranks).
+only (refused under ranks). `reconstruct_epochs` > 0 (sequential only) then trains each pruned layer's kept weights
+(Adam, `reconstruct_lr`, zeros kept) so that the layer maps the pruned model's hidden states to the dense model's
+output of that layer (the dense model's hidden states are carried alongside, one more copy of the calibration
+set's): block-wise distillation, which also corrects the error the earlier layers left, at one layer's
+forward/backward per calibration batch and epoch.
 
 Its kind follows the config: with `score: magnitude`, no refit and a per-layer or per-row allocation it needs
 nothing but each weight, so it is a tensor pass (streamed one weight at a time, like the quantizers: checkpoints
