@@ -180,3 +180,27 @@ def test_thin_blocks_split():
                     dict(block_m=1 if M == 1 else 16, block_r=min(4, block[0]), nblk=2, chunk=2, num_warps=4)]:
                 check(run(x, t, params, None, cfg).cpu(), x.float().cpu() @ wd.t(), torch.float16, (M, cfg))
         assert workspace_is_clean(DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2][0]}x{c[2][1]}-{c[3]}-{str(c[4])[6:]}")
+def test_prefetch_tiles(case):
+    """The hand-pipelined mm loop (`prefetch`: next step's loads before this step's multiply): rows of 0, 1 and
+    all blocks, one-step and many-step rows, with and without split-K, partial x tiles."""
+    params, t, wd = weights(case, seed=21 + case[0])
+    t = {k: v.to(DEVICE) for k, v in t.items()}
+    N, K, dtype = params["out_features"], params["in_features"], case[4]
+    R = params["block_rows"]
+    g = torch.Generator().manual_seed(22)
+    cands = [c for c in bsr.configs(16, params) if c.get("prefetch")]
+    assert cands and all(c["num_stages"] == 1 for c in cands)
+    for M, cfg in ((3, dict(block_m=16, block_r=16, nblk=1, chunk=0)), (19, dict(block_m=16, block_r=16, nblk=2,
+                   chunk=3)), (70, dict(block_m=64, block_r=min(R, 32), nblk=2, chunk=0))):
+        x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+        bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 19 else None
+        ref = x.float().cpu() @ wd.t() + (bias.float().cpu() if bias is not None else 0)
+        cfg = dict(cfg, prefetch=True, num_warps=4, num_stages=1)
+        check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
+    x = torch.randn(16, K, generator=g).to(dtype).to(DEVICE)
+    for cfg in cands[:2]:
+        check(run(x, t, params, None, cfg).cpu(), x.float().cpu() @ wd.t(), dtype, cfg)
+    assert workspace_is_clean(DEVICE)

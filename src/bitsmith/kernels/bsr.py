@@ -463,13 +463,43 @@ if triton is not None:
             acc += tl.sum(xk.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         return acc
 
+    @triton.jit
+    def _mm_loads(v_ptr, x_rows, m_mask, blk, valid, cb, cc, sub, offs_r, R: tl.constexpr, C: tl.constexpr,
+                  CW: tl.constexpr, BITS: tl.constexpr):
+        """One step's operands: w codes/values [BR, KK] of blocks blk, x [BM, KK] at their columns (and, int4,
+        x [BM, KK] of the high-nibble columns; else x again)."""
+        v = tl.load(v_ptr + blk[None, :] * (R * CW) + (sub + offs_r)[:, None] * CW + cc[None, :],
+                    mask=valid[None, :], other=0)  # [BR, KK]
+        xk = tl.load(x_rows + (cb * C + cc)[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
+        xh = xk
+        if BITS == 4:
+            xh = tl.load(x_rows + (cb * C + CW + cc)[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
+        return v, xk, xh
+
+    @triton.jit
+    def _mm_step(acc, v, xk, xh, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r,
+                 R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+        """acc [BM, BR] += one step's x [BM, KK] @ w [BR, KK]^T (quantized w dequantized first)."""
+        if BITS == 0:
+            acc = _mac(acc, xk, v, USE_DOT, DOT_F32)
+        else:
+            w = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, False,
+                              R, C, CW, BITS, GB)
+            acc = _mac(acc, xk, w, USE_DOT, DOT_F32)
+            if BITS == 4:
+                wh = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, True,
+                                   R, C, CW, BITS, GB)
+                acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
+        return acc
+
     @triton.jit(do_not_specialize=["chunk", "n_split"])
     def _bsr_mm_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                        M, N, group_size, stride_xm, stride_om, chunk, n_split, magic,
                        R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
                        USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FENCE: tl.constexpr):
+                       FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
         # x: [M, K], values [B, R, CW], out: [M, N]. Program (r, m, s) owns BLOCK_R rows of one block row,
         # BLOCK_M rows of x and split s of the block row's stored blocks; each step gathers NBLK stored blocks into
         # one K-tile of KK = NBLK * CW columns: w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and
@@ -490,25 +520,31 @@ if triton is not None:
         cc = kk % CW
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for i in range(lo, hi, NBLK):
-            blk = i + jj  # [KK]
+        if PREFETCH:
+            # software pipelining by hand (Triton 3.6's pipeliner gives this loop one buffer, so each step waited
+            # a full memory latency): step i+1's blocks and x segments and step i+2's column indexes are issued
+            # before step i is multiplied; all in registers (launch with num_stages=1)
+            blk = lo + jj
             valid = blk < hi
             cb = tl.load(col_ptr + blk, mask=valid, other=0)
-            v = tl.load(v_ptr + blk[None, :] * (R * CW) + (sub + offs_r)[:, None] * CW + cc[None, :],
-                        mask=valid[None, :], other=0)  # [BR, KK]
-            xk = tl.load(x_rows + (cb * C + cc)[None, :], mask=m_mask[:, None] & valid[None, :], other=0.0)
-            if BITS == 0:
-                acc = _mac(acc, xk, v, USE_DOT, DOT_F32)
-            else:
-                w = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, False,
-                                  R, C, CW, BITS, GB)
-                acc = _mac(acc, xk, w, USE_DOT, DOT_F32)
-                if BITS == 4:
-                    xh = tl.load(x_rows + (cb * C + CW + cc)[None, :], mask=m_mask[:, None] & valid[None, :],
-                                 other=0.0)
-                    wh = _dequant_tile(v, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r, True,
-                                       R, C, CW, BITS, GB)
-                    acc = _mac(acc, xh, wh, USE_DOT, DOT_F32)
+            v, xk, xh = _mm_loads(v_ptr, x_rows, m_mask, blk, valid, cb, cc, sub, offs_r, R, C, CW, BITS)
+            cb1 = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
+            for i in range(lo, hi, NBLK):
+                blk1 = blk + NBLK
+                valid1 = blk1 < hi
+                v1, xk1, xh1 = _mm_loads(v_ptr, x_rows, m_mask, blk1, valid1, cb1, cc, sub, offs_r, R, C, CW, BITS)
+                cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
+                acc = _mm_step(acc, v, xk, xh, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r,
+                               R, C, CW, BITS, GB, USE_DOT, DOT_F32)
+                v, xk, xh, cb, blk, valid, cb1 = v1, xk1, xh1, cb1, blk1, valid1, cb2
+        else:
+            for i in range(lo, hi, NBLK):
+                blk = i + jj  # [KK]
+                valid = blk < hi
+                cb = tl.load(col_ptr + blk, mask=valid, other=0)
+                v, xk, xh = _mm_loads(v_ptr, x_rows, m_mask, blk, valid, cb, cc, sub, offs_r, R, C, CW, BITS)
+                acc = _mm_step(acc, v, xk, xh, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r,
+                               R, C, CW, BITS, GB, USE_DOT, DOT_F32)
         if tl.program_id(2) < parts:
             _split_epilogue(acc, offs_m, row0 + offs_r, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
                             pid_r * tl.num_programs(1) + pid_m, tl.program_id(2), parts, HAS_BIAS, FENCE)
@@ -611,6 +647,20 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
                 nblk = _next_pow2(max(1, kk // cw))
                 if _can_dot(params, 64, br, nblk):
                     add(dict(block_m=64, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), k < 2)
+        # Triton 3.6 pipelines this loop with one buffer (a step's loads are in flight alone, see the kernel): wider
+        # K-tiles put more bytes in flight per step; `prefetch` (num_stages 1) issues the next step's loads by hand
+        # before the current step's multiply (two steps in flight)
+        wide = ((32, 256, 4, False), (16, 512, 4, False), (32, 128, 4, True), (64, 64, 8, True),
+                (16, 128, 4, True), (32, 256, 4, True)) if bm <= 16 else \
+            ((32, 256, 8, False), (32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True))
+        for k, (br, kk, warps, pf) in enumerate(wide):
+            br = min(br, R)
+            nblk = _next_pow2(max(1, kk // cw))
+            bmw = 64 if bm == 128 and pf else bm  # 128-row x tiles twice over in registers: too many
+            if bmw * br > 128 * 64 or not _can_dot(params, bmw, br, nblk):
+                continue
+            add(dict(block_m=bmw, block_r=br, nblk=nblk, num_warps=warps, num_stages=1 if pf else 2, prefetch=pf),
+                pf and k < 4)
         if out:
             return out
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
@@ -718,7 +768,8 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     return _bsr_mm_kernel[(N // br, num_m, n_split)](
         x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt,
         M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), chunk, n_split, MAGIC_F32, BLOCK_M=bm,
-        USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16, **common)
+        USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
+        PREFETCH=bool(cfg.get("prefetch")), **common)
 
 
 _TUNED: dict[tuple, dict] = {}
