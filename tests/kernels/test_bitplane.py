@@ -286,24 +286,25 @@ def test_ptx_pairs_compute_the_fp16_rule(bits):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["bipolar", "bcq"])
 @pytest.mark.parametrize("bits", range(1, bp.H2_MAX_BITS + 1))
-def test_gemv_h2_matches_reference(bits):
+def test_gemv_h2_matches_reference(bits, kind):
     """The f16x2 GEMV (plain-Triton twin of its PTX under the interpreter), bits 1..8: odd N, partial words and
     groups, split-K or unrolled splits, f16x2 chunks or fp32 products (chunk 0), bias, offset on some."""
-    rnd = random.Random(2000 + bits)
+    rnd = random.Random(2000 + bits + 100 * (kind == "bcq"))
     for gs, K, N in ((32, 160, 37), (64, 200, 23), (128, 128 + 40, 9)):
         with_offset = rnd.random() < 0.5
-        _, planes, coef, off = _make(N, K, bits, gs, "bipolar", with_offset, torch.float16, seed=gs + bits)
+        _, planes, coef, off = _make(N, K, bits, gs, kind, with_offset, torch.float16, seed=gs + bits)
         x, bias = torch.randn(1, K).half(), torch.randn(N).half()
-        ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), "bipolar",
+        ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), kind,
                                   gs, K, bias.float())
         dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
         out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)
         cfg = dict(kernel="h2", block_n=16, block_kw=rnd.choice([1, 2]), split_k=rnd.choice([1, 3]),
-                   chunk=rnd.choice([bp.h2_chunk(bits), 0]))
+                   chunk=rnd.choice([bp.h2_chunk(1 if kind == "bcq" else bits), 0]))
         if rnd.random() < 0.6:  # straight-line splits of `unroll` tiles (the last one partly past K)
             cfg["unroll"] = rnd.choice([2, 3])
-        bp.launch_gemv_h2(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, "bipolar", gs, K, cfg)
+        bp.launch_gemv_h2(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, kind, gs, K, cfg)
         err = rel_error(out.cpu(), ref)
         assert err < TOL[torch.float16], f"relative error {err:.2e} (N={N} K={K} g={gs} {cfg})"
 

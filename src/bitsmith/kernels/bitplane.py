@@ -1031,12 +1031,49 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _h2_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K, N, G,
+                   group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                   CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                   BCQ: tl.constexpr):
+        """One tile: bipolar as one BITS-bit tile; BCQ as BITS 1-bit tiles, plane i scaled by alphas[i]."""
+        if BCQ:
+            cs = G * N
+            acc = _h2_tile(acc, w0, w0, w0, w0, w0, w0, w0, w0, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K, N,
+                           G, group_size, 1, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 1:
+                acc = _h2_tile(acc, w1, w1, w1, w1, w1, w1, w1, w1, x_ptr, c_ptr + cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 2:
+                acc = _h2_tile(acc, w2, w2, w2, w2, w2, w2, w2, w2, x_ptr, c_ptr + 2 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 3:
+                acc = _h2_tile(acc, w3, w3, w3, w3, w3, w3, w3, w3, x_ptr, c_ptr + 3 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 4:
+                acc = _h2_tile(acc, w4, w4, w4, w4, w4, w4, w4, w4, x_ptr, c_ptr + 4 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 5:
+                acc = _h2_tile(acc, w5, w5, w5, w5, w5, w5, w5, w5, x_ptr, c_ptr + 5 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 6:
+                acc = _h2_tile(acc, w6, w6, w6, w6, w6, w6, w6, w6, x_ptr, c_ptr + 6 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+            if BITS > 7:
+                acc = _h2_tile(acc, w7, w7, w7, w7, w7, w7, w7, w7, x_ptr, c_ptr + 7 * cs, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+        else:
+            acc = _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K, N,
+                           G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+        return acc
+
+    @triton.jit
     def _gemv_h2_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                         N, K, KW, G, group_size, k_iters, split_k,
                         BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
                         CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                        UNROLL: tl.constexpr = 0):
-        # x: [K] fp16; planes: [BITS, KW, N] int32; scales [G, N]; out: [N]. Bipolar only.
+                        UNROLL: tl.constexpr = 0, BCQ: tl.constexpr = False):
+        # x: [K] fp16; planes: [BITS, KW, N] int32; scales [G, N] (or BCQ alphas [BITS, G, N]); out: [N].
+        # BCQ: plane-wise, each plane a 1-bit bipolar tile: d = 2 b - 1 = 2 (b - 1/2), alpha_i in place of s.
         # Tile [BKW words, BN]; slot pair (jj, jj + 16) of each word: BITS LOP3 (pre-shifted windows, as in
         # `_gemm_t_kernel`), one exact HSUB2 -> (u - L/2) for both slots, then either (CHUNK > 0) one HFMA2 with
         # the x pair into an f16x2 partial sum h, moved to fp32 (t) every CHUNK pairs, so each half sums at most
@@ -1057,17 +1094,17 @@ if triton is not None:
                 if i + 1 < UNROLL:
                     v0, v1, v2, v3, v4, v5, v6, v7 = _h2_words(pl_ptr, kw_begin + (i + 1) * BLOCK_KW, rw, offs_n,
                                                                n_mask, KW, N, BITS, EVEN)
-                acc = _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw_begin + i * BLOCK_KW,
-                               rw, offs_n, n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN,
-                               BLOCK_N, BLOCK_KW)
+                acc = _h2_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw_begin + i * BLOCK_KW,
+                                 rw, offs_n, n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN,
+                                 BLOCK_N, BLOCK_KW, BCQ)
                 if i + 1 < UNROLL:
                     w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
         else:
             for it in range(k_iters):
                 kw0 = kw_begin + it * BLOCK_KW
                 w0, w1, w2, w3, w4, w5, w6, w7 = _h2_words(pl_ptr, kw0, rw, offs_n, n_mask, KW, N, BITS, EVEN)
-                acc = _h2_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask,
-                               K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
+                acc = _h2_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask,
+                                 K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW, BCQ)
         res = tl.sum(acc, axis=0)  # [BN]
         _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
                   HAS_BIAS)
@@ -1182,8 +1219,8 @@ def launch_gemv_h2(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg
     splits of exactly that many tiles, straight-line code), chunk, num_warps, optional mode (2 PTX, 1 its
     plain-Triton twin; default by `gemm_t_mode`)."""
     bits, KW, N, G, o, b, bcq = _common(planes, coef, offset, bias, kind)
-    if bcq or x2.dtype != torch.float16:
-        raise ValueError("the f16x2 GEMV takes bipolar weights and fp16 activations")
+    if x2.dtype != torch.float16:
+        raise ValueError("the f16x2 GEMV takes fp16 activations")
     bkw = _fit_kw(cfg["block_kw"], group_size, K)
     k_tiles = -(-KW // bkw)
     unroll = cfg.get("unroll", 0)
@@ -1196,14 +1233,14 @@ def launch_gemv_h2(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg
     return _gemv_h2_kernel[(n_blocks, split)](
         x2, planes, coef, o, b, out, ws, cnt, N, K, KW, G, group_size, k_iters, split,
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
-        CHUNK=cfg.get("chunk", h2_chunk(bits)), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
+        CHUNK=cfg.get("chunk", h2_chunk(1 if bcq else bits)), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         EVEN=K % (32 * bkw) == 0 and N % cfg["block_n"] == 0 and KW % (bkw * k_iters) == 0,
-        UNROLL=unroll, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        UNROLL=unroll, BCQ=bcq, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
 def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
-    """Candidates for `launch_gemv_h2` ([] where it does not apply: BCQ, bf16)."""
-    if kind != "bipolar" or dtype != torch.float16 or bits > H2_MAX_BITS:
+    """Candidates for `launch_gemv_h2` ([] for bf16). BCQ runs its planes as 1-bit tiles (chunk 16)."""
+    if dtype != torch.float16 or bits > H2_MAX_BITS:
         return []
     KW = num_words(K)
     out = []
@@ -1223,7 +1260,8 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
     for bn, bkw, warps, waves, unroll in shapes:
         bkw = _fit_kw(bkw, group_size, K)
         k_tiles = -(-KW // bkw)
-        cfg = dict(kernel="h2", block_n=bn, block_kw=bkw, num_warps=warps, chunk=h2_chunk(bits))
+        cfg = dict(kernel="h2", block_n=bn, block_kw=bkw, num_warps=warps,
+                   chunk=h2_chunk(1 if kind == "bcq" else bits))
         if unroll:
             cfg["unroll"] = min(unroll, k_tiles)
         else:
@@ -1320,14 +1358,14 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> li
 
 
 def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
-    """Everything the tuner tries at M == 1: the GEMV, then the f16x2 GEMV (bipolar, fp16, up to H2_MAX_BITS) or,
-    for BCQ, the swapped kernel (it beat bipolar's GEMV nowhere at M = 1 on the H100 but tied BCQ's)."""
-    h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms) if kind == "bipolar" else []
-    if h2:  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at 1..4 bits: keep its
-        # two best configurations only (rebuild strategy)
+    """Everything the tuner tries at M == 1: the fp32 GEMV's two first configurations, for BCQ also the swapped
+    kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), and the f16x2 GEMV (fp16 activations)."""
+    h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms)
+    if h2 and kind == "bipolar":  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at
+        # 1..4 bits: keep the latter's two best configurations only (rebuild strategy)
         return gemv_configs(N, K, bits, group_size, kind, sms, (0,))[:2] + h2
-    extra = [] if kind == "bipolar" else gemm_t_configs(1, N, K, bits, kind, sms)
-    return gemv_configs(N, K, bits, group_size, kind, sms) + extra
+    extra = [] if kind == "bipolar" else gemm_t_configs(1, N, K, bits, kind, sms)[:2]
+    return gemv_configs(N, K, bits, group_size, kind, sms)[:2] + extra + h2
 
 
 def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=None, config: dict | None = None,
