@@ -22,7 +22,7 @@ def _parse_shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in s.split(",") if part]
 
 
-def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096)) -> int:
+def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = None) -> int:
     """Every regime and every tuning candidate on the GPU against the fp32 reference, fresh random inputs."""
     from bitsmith.kernels import gwint
     from bitsmith.kernels import gwint_triton as gt
@@ -48,7 +48,9 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096)) -> int:
         (False, torch.bfloat16, 515, 1024, 2, 256, True, False),
     ]
     t0 = time.time()
-    for every, dtype, N, K, bits, gs, sym, use_bias in cases:
+    for i, (every, dtype, N, K, bits, gs, sym, use_bias) in enumerate(cases):
+        if only is not None and i not in only:
+            continue
         codes = torch.randint(0, 1 << bits, (N, K), dtype=torch.uint8, device="cuda", generator=gen)
         qw = gwint.pack_codes(codes, bits)
         G = gwint.num_groups(K, gs)
@@ -231,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", default="tinygemm,gemlite")
     ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
     ap.add_argument("--check-ms", default="1,3,16,33,128,300,4096", help="rows M of the correctness sweep")
+    ap.add_argument("--check-cases", default="", help="indices of the sweep's cases to run (default: all)")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--diag", default="", help="N x K list: time the swapped kernel's parts (see diag_swapped)")
@@ -252,7 +255,8 @@ def main(argv=None) -> int:
         logf.flush()
 
     log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
-    failures = check(log, [int(m) for m in args.check_ms.split(",")]) if args.check else 0
+    only = {int(i) for i in args.check_cases.split(",")} if args.check_cases else None
+    failures = check(log, [int(m) for m in args.check_ms.split(",")], only) if args.check else 0
     result = {}
     if args.crossover:
         result["crossover"] = crossover(log)

@@ -211,6 +211,12 @@ SWAPPED = [
     # group index by shift: 2 tiles per group (8-bit, 16-word tiles, g128), and by division (3 tiles per group)
     (16, 35, 640, 8, 128, False, torch.float16, False, _sw(split_k=2, packed=True)),
     (3, 35, 1000, 4, 384, True, torch.float16, True, _sw(split_k=2)),
+    # 32-word 4-bit tiles over two g128 groups (scales and zeros per word column), partial last group (K = 576)
+    (16, 67, 576, 4, 128, False, torch.float16, True, _sw(block_kw=32, split_k=2, packed=True)),
+    (128, 35, 576, 4, 128, True, torch.float16, False, _sw(block_m=128, block_n=64, block_kw=32, packed=True)),
+    (5, 67, 576, 4, 128, False, torch.float16, False, _sw(block_kw=32)),
+    (33, 35, 512, 4, 128, False, torch.bfloat16, True, _sw(block_m=64, block_kw=32, split_k=2)),
+    (7, 33, 320, 4, 64, False, torch.float16, True, _sw(split_k=2, packed=True)),  # g64: two groups per 16 words
 ]
 
 
@@ -242,6 +248,15 @@ def test_packed_swapped_applicability():
     with pytest.raises(ValueError, match="packed swapped kernel takes fp16"):
         gt.launch_gemm_t(torch.randn(2, 256).bfloat16(), qw, scales, None, None, torch.empty(2, 16).bfloat16(), 4,
                          128, 256, _sw(packed=True))
+
+
+def test_two_groups_per_tile():
+    assert gt.swapped_ok(4, 128, 4096, 32) and gt._groups_per_tile(32, 128, 256) == 2
+    assert not gt.swapped_ok(4, 64, 4096, 32)  # four groups per tile: no
+    assert gt._groups_per_tile(1, 4096, 256) == 1 and gt._groups_per_tile(32, 128, 128) == 1
+    fp16 = gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.float16)
+    assert any(c["block_kw"] == 32 and c.get("packed") for c in fp16)
+    assert all(c["block_kw"] == 16 for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.bfloat16))
 
 
 def test_tpg_shift():
@@ -289,15 +304,16 @@ def test_xperm_layout():
 
 def test_swapped_applicability():
     assert gt.swapped_ok(4, 128, 4096, 16) and not gt.swapped_ok(4, 128, 4096, 8)  # a dot needs K >= 16
-    assert not gt.swapped_ok(4, 64, 4096, 16)  # a 128-code tile would straddle 64-code groups
+    assert not gt.swapped_ok(4, 32, 4096, 16)  # a 128-code tile would straddle four 32-code groups
+    assert gt.swapped_ok(4, 64, 4096, 16)  # ... but two 64-code groups are fine (scales per word column)
     assert gt.swapped_ok(4, 64, 64, 16)  # one group (g == K): any tile
     assert gt.gemm_t_configs(16, 4096, 4096, 4, 32, 132) == []
     cfgs = gt.gemm_t_configs(16, 4096, 4096, 8, 128, 132)
     assert cfgs and all(c["kernel"] == "swapped" and gt.swapped_ok(8, 128, 4096, c["block_kw"]) for c in cfgs)
-    _, qw, scales, _ = _make(16, 256, 4, 64, True, torch.float16, seed=1)
+    _, qw, scales, _ = _make(16, 256, 4, 32, True, torch.float16, seed=1)
     out = torch.empty(2, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="swapped kernel cannot take"):
-        gt.launch_gemm_t(torch.randn(2, 256).half(), qw, scales, None, None, out, 4, 64, 256, _sw())
+        gt.launch_gemm_t(torch.randn(2, 256).half(), qw, scales, None, None, out, 4, 32, 256, _sw())
 
 
 def test_swapped_through_linear_dispatch():

@@ -746,9 +746,10 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
                    BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                    GROUP_M: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False,
-                   TPG_SHIFT: tl.constexpr = -1):
+                   TPG_SHIFT: tl.constexpr = -1, GPT: tl.constexpr = 1):
     # xp: [M, KWP * P] from `_xperm_kernel`, qweight: [KW, N] int32, scales/zeros: [G, N], out: [M, N].
-    # Every K tile (BLOCK_KW words = BLOCK_KW * P codes) lies inside one group (the launcher checks).
+    # Every K tile (BLOCK_KW words = BLOCK_KW * P codes) lies inside one group (GPT 1) or is exactly two groups
+    # (GPT 2: 32-word 4-bit tiles with g128); the launcher checks.
     # The weights are the A operand: slot j of the [BLOCK_N, BLOCK_KW] word tile, dequantized elementwise, is a
     # [BLOCK_N, BLOCK_KW] operand that the compiler builds straight in the registers of the mma fragments (the
     # word tile goes global -> shared asynchronously, then each thread reads its own words); the B operand is
@@ -769,24 +770,35 @@ def _gemm_t_kernel(xp_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr
         kw0 = kw_begin + it * BLOCK_KW
         kw = kw0 + rw
         w = tl.load(qw_ptr + kw[None, :] * N + offs_n[:, None], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
-        if TPG_SHIFT >= 0:  # K tiles per group a power of two (or one group): a shift, not a division
-            g = tl.minimum((kw0 // BLOCK_KW) >> TPG_SHIFT, G - 1)
+        if GPT == 2:  # two groups per tile, BLOCK_KW / 2 words each: scales (zeros) per word column
+            g = tl.minimum((kw0 // BLOCK_KW) * 2, G - 1)
+            g2 = tl.minimum(g + 1, G - 1)
+            second = (rw >= BLOCK_KW // 2)[None, :]
+            s = tl.where(second, tl.load(s_ptr + g2 * N + offs_n, mask=n_mask, other=0.0)[:, None],
+                         tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)[:, None])  # [BN, BKW]
+            if not SYM:
+                zt = tl.where(second, tl.load(z_ptr + g2 * N + offs_n, mask=n_mask, other=0)[:, None],
+                              tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)[:, None]).to(tl.float32)
         else:
-            g = tl.minimum((kw0 * P) // group_size, G - 1)
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+            if TPG_SHIFT >= 0:  # K tiles per group a power of two (or one group): a shift, not a division
+                g = tl.minimum((kw0 // BLOCK_KW) >> TPG_SHIFT, G - 1)
+            else:
+                g = tl.minimum((kw0 * P) // group_size, G - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0)[:, None]  # [BN, 1]
+            if not SYM:
+                zt = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
         if DT == tl.float16:  # codes | 0x6400 read as fp16 are 1024 + code: one subtraction, one multiply
             if SYM:
                 zh = tl.full([1, 1], 1024.0 + ZC, tl.float16)  # a tensor: a float argument would be fp32
             else:
-                zh = (tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32) + 1024.0)
-                zh = zh.to(tl.float16)[:, None]
-            sh = s[:, None]
+                zh = (zt + 1024.0).to(tl.float16)
+            sh = s
         else:  # bf16: exact (code - z) in fp32, scaled in fp32, rounded once to bf16
             if SYM:
                 zf = 8388608.0 + ZC
             else:
-                zf = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None] + 8388608.0
-            sf = s.to(tl.float32)[:, None]
+                zf = zt + 8388608.0
+            sf = s.to(tl.float32)
         if PACKED:  # fp16x2 A pairs (see `_pkt_a`); 4-bit: two slots per call, the odd one x 16 (x / 16 in xp)
             if SYM:
                 z16 = tl.full([1, 1], 1024.0 + 16 * ZC, tl.float16)
@@ -997,10 +1009,17 @@ def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg)
 
 def swapped_ok(bits: int, group_size: int, K: int, block_kw: int) -> bool:
     """Whether `_gemm_t_kernel` takes this format with this K tile: a dot needs K >= 16 (block_kw >= 16) and
-    every K tile must lie inside one group (G == 1, or block_kw * P dividing the group size)."""
+    every K tile must lie inside one group (G == 1, or block_kw * P dividing the group size) or be exactly two
+    groups (`_groups_per_tile`)."""
     P = 32 // bits
     G = -(-K // group_size)
-    return block_kw >= 16 and (G == 1 or group_size % (block_kw * P) == 0)
+    return block_kw >= 16 and (G == 1 or group_size % (block_kw * P) == 0 or _groups_per_tile(G, group_size,
+                                                                                            block_kw * P) == 2)
+
+
+def _groups_per_tile(G: int, group_size: int, tile_k: int) -> int:
+    """2 where a K tile of tile_k codes is exactly two groups (scales per word column in the swapped kernel)."""
+    return 2 if G > 1 and 2 * group_size == tile_k else 1
 
 
 def packed_t_ok(bits: int, dtype: torch.dtype) -> bool:
@@ -1050,6 +1069,7 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
         DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
         PACKED=packed, ASM=packed and not _interpreting(), TPG_SHIFT=_tpg_shift(G, group_size, bkw * P),
+        GPT=_groups_per_tile(G, group_size, bkw * P),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
 
 
@@ -1199,10 +1219,12 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
     elif bm == 64:
         shapes = [(128, 4, 3, 1.0), (64, 4, 3, 2.0), (128, 8, 3, 2.0)]
     else:
-        shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 1.0), (64, 4, 3, 2.0)]
+        # (64 rows, 1 wave: 1.4-1.7x slower than the first on the H100 with the packed A operand)
+        shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 2.0)]
     out = []
     for bkw in (16, 32):
-        if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4):
+        # 32-word tiles of codes under 8 bits only with the packed A operand (registers of the fp16 one)
+        if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4 and not packed_t_ok(bits, dtype)):
             continue
         for bn, warps, stages, waves in shapes:
             tiles = -(-M // bm) * -(-N // bn)
