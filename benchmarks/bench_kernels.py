@@ -277,7 +277,7 @@ def main(argv=None) -> int:
             f.write(table + "\n")
         log(table)
     if args.diag:  # after the benchmark, which has tuned these shapes already
-        result["diag"] = diag_swapped(_parse_shapes(args.diag), log=log)
+        result["diag"] = diag_swapped(_parse_shapes(args.diag), formats=args.formats.split(","), log=log)
     with open(os.path.join(args.out, "rows.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(os.path.join(args.out, "tune.json"), "w") as f:
