@@ -91,8 +91,8 @@ def _candidates(kind, bits, M, N, K):
     if M == 1:  # what the public op tunes over (fp32 GEMV, f16x2 GEMV, and for BCQ the swapped kernel)
         return [("gemv", c) for c in bp.gemv_candidates(N, K, bits, G, kind, torch.float16, sms)]
     # the older `_gemm_kernel` keeps its two first candidates, so the tune log compares both kernels
-    return [("gemm", c) for c in bp.gemm_t_configs(M, N, K, bits, kind, sms) + bp.gemm_configs(M, N, K, bits, G, kind,
-                                                                                             sms)[:2]]
+    return [("gemm", c) for c in bp.gemm_t_configs(M, N, K, bits, kind, sms, torch.float16)
+            + bp.gemm_configs(M, N, K, bits, G, kind, sms)[:2]]
 
 
 QUICK = False  # --quick: 8192x8192 only, bipolar 2/3 bits and BCQ 3, no curve, no gemlite; check of 4 cases
@@ -196,8 +196,8 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
             if M == 300:
                 plans.append(("dequant", None))
             # the swapped kernel: every tile variant (join, xperm, widths) of gemm_t_configs, fewer on the CPU
-            sw = bp.gemm_t_configs(M, N, K, bits, kind, sms)
-            plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:4:3] if len(sw) > 3 else sw[:3:2])]
+            sw = bp.gemm_t_configs(M, N, K, bits, kind, sms, dtype)
+            plans += [("gemm" if M > 1 else "gemv", c) for c in (sw[:1] if SMOKE else sw[:1] + [c for c in sw if c["num_warps"] == 8][:1])]
             h2 = bp.gemv_h2_configs(N, K, bits, gs, kind, dtype, sms) if M == 1 else []
             plans += [("gemv", c) for c in h2[:3:2]]
             for regime, cfg in plans:

@@ -348,3 +348,12 @@ def test_gemv_pair_f32_ptx_gives_exact_offsets(bits):
             for h, j in ((0, jj), (1, jj + 16)):
                 u = sum(((w[i] >> j) & 1) << i for i in range(bits))
                 assert got[h] == u - L / 2, (bits, jj, h)
+
+
+def test_swapped_configs_offer_the_plain_triton_arithmetic_for_bipolar_fp16_only():
+    """Mode 1 (bit-identical to the PTX) is a GPU candidate for bipolar fp16; never for bf16 or BCQ."""
+    for M in (1, 16, 33, 128):
+        fp16 = bp.gemm_t_configs(M, 8192, 8192, 3, "bipolar", 132, torch.float16)
+        assert any(c.get("mode") == 1 for c in fp16) and "mode" not in fp16[0]
+        for kind, dt in (("bipolar", torch.bfloat16), ("bipolar", None), ("bcq", torch.float16)):
+            assert not any("mode" in c for c in bp.gemm_t_configs(M, 8192, 8192, 3, kind, 132, dt))

@@ -1327,7 +1327,8 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, kind: str, 
     return out
 
 
-def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> list[dict]:
+def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int,
+                   dtype: torch.dtype | None = None) -> list[dict]:
     """Candidates for the swapped kernel (`launch_gemm_t`, any M), the default first. block_m is the mma's N
     (M rounded up to 16..128); word tiles of 8 or 16 (a dot's K is block_kw, or 2 block_kw joined, >= 16);
     `join` feeds one dot per slot pair, `xperm` re-orders x first (one more launch, but async-copied B tiles)."""
@@ -1354,6 +1355,12 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int) -> li
                    join=join, xperm=xperm, group_m=8, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
         if cfg not in out:
             out.append(cfg)
+    if kind == "bipolar" and dtype == torch.float16:
+        # the plain-Triton arithmetic (mode 1, bit-identical to the PTX) on the GPU: Triton hoists the A operand's
+        # layout conversion through plain ops up to the word loads, but not through inline asm, so the PTX path
+        # sends every A tile through shared memory (offline sm_90 SASS, 2-bit, 64 x 16 words, 4 warps: 33 STS,
+        # 32 LDSM, 40 BAR per K tile with the PTX; 1 / 1 / 9 in mode 1, for 7 % more instructions in total)
+        out[1:1] = [dict(c, mode=1) for c in out[:3] if c["num_warps"] == 4][:2]
     return out
 
 
@@ -1412,7 +1419,8 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
             (launch_gemm_t if c.get("kernel") == "swapped" else launch_gemm)(x2, *args, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or (
-            gemm_t_configs(M, N, K, bits, kind, sms) + gemm_configs(M, N, K, bits, group_size, kind, sms)[:2])
+            gemm_t_configs(M, N, K, bits, kind, sms, x.dtype) + gemm_configs(M, N, K, bits, group_size, kind,
+                                                                             sms)[:2])
         cfg = config or _tune(("gemm", 1 << (M - 1).bit_length()) + key, cands, go)
     go(cfg)
     return rows.result()
