@@ -184,23 +184,32 @@ def test_thin_blocks_split():
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2][0]}x{c[2][1]}-{c[3]}-{str(c[4])[6:]}")
 def test_prefetch_tiles(case):
-    """The hand-pipelined mm loop (`prefetch`: next step's loads before this step's multiply): rows of 0, 1 and
-    all blocks, one-step and many-step rows, with and without split-K, partial x tiles."""
+    """The hand-pipelined loops (`prefetch`: the next step's loads before this step's products), GEMV and mm:
+    rows of 0, 1 and all blocks, one-step and many-step rows, with and without split-K, partial x tiles. Values
+    in the model dtype only: quantized launches are refused (and never offered)."""
     params, t, wd = weights(case, seed=21 + case[0])
     t = {k: v.to(DEVICE) for k, v in t.items()}
     N, K, dtype = params["out_features"], params["in_features"], case[4]
     R = params["block_rows"]
     g = torch.Generator().manual_seed(22)
-    cands = [c for c in bsr.configs(16, params) if c.get("prefetch")]
-    assert cands and all(c["num_stages"] == 1 for c in cands)
-    for M, cfg in ((3, dict(block_m=16, block_r=16, nblk=1, chunk=0)), (19, dict(block_m=16, block_r=16, nblk=2,
-                   chunk=3)), (70, dict(block_m=64, block_r=min(R, 32), nblk=2, chunk=0))):
+    runs = ((1, dict(block_m=1, block_r=8, nblk=2, chunk=0, jmajor=False)),
+            (1, dict(block_m=1, block_r=16, nblk=1, chunk=3, jmajor=True)),
+            (3, dict(block_m=16, block_r=16, nblk=1, chunk=0)), (19, dict(block_m=16, block_r=16, nblk=2, chunk=3)),
+            (70, dict(block_m=64, block_r=min(R, 32), nblk=2, chunk=0)))
+    if params["bits"]:
+        assert not any(c.get("prefetch") for M in (1, 16, 128) for c in bsr.configs(M, params))
+        x = torch.randn(3, K, generator=g).to(dtype).to(DEVICE)
+        with pytest.raises(ValueError, match="prefetch"):
+            run(x, t, params, None, dict(runs[2][1], prefetch=True))
+        return
+    for M in (1, 16):
+        cands = [c for c in bsr.configs(M, params) if c.get("prefetch")]
+        assert cands and all(c["num_stages"] == 1 for c in cands)
+        runs += tuple((M, c) for c in cands[:2])
+    for M, cfg in runs:
         x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
         bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 19 else None
         ref = x.float().cpu() @ wd.t() + (bias.float().cpu() if bias is not None else 0)
         cfg = dict(cfg, prefetch=True, num_warps=4, num_stages=1)
         check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
-    x = torch.randn(16, K, generator=g).to(dtype).to(DEVICE)
-    for cfg in cands[:2]:
-        check(run(x, t, params, None, cfg).cpu(), x.float().cpu() @ wd.t(), dtype, cfg)
     assert workspace_is_clean(DEVICE)

@@ -349,12 +349,25 @@ if triton is not None:
         hi = tl.where(s < parts, hi, lo)
         return lo, hi, parts
 
+    @triton.jit
+    def _gemv_values(v_ptr, blk, valid, sub, offs_r, offs_c, R: tl.constexpr, CW: tl.constexpr,
+                     JMAJOR: tl.constexpr):
+        """Values/codes [NBLK, BR, CW] of blocks blk (JMAJOR: threads walk each block's contiguous BR x CW values,
+        else one row of NBLK blocks at a time)."""
+        if JMAJOR:
+            v = tl.load(v_ptr + blk[:, None, None] * (R * CW) + (sub + offs_r)[None, :, None] * CW
+                        + offs_c[None, None, :], mask=valid[:, None, None], other=0)
+        else:
+            v = tl.permute(tl.load(v_ptr + blk[None, :, None] * (R * CW) + (sub + offs_r)[:, None, None] * CW
+                                   + offs_c[None, None, :], mask=valid[None, :, None], other=0), (1, 0, 2))
+        return v
+
     @triton.jit(do_not_specialize=["chunk", "n_split"])
     def _bsr_gemv_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, group_size,
                          chunk, n_split, magic,
                          R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                          NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         JMAJOR: tl.constexpr, FENCE: tl.constexpr):
+                         JMAJOR: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
         # M == 1. x: [K]; values [B, R, CW]; out: [N]. Program (pid, s) owns BLOCK_R rows of one block row and
         # split s of its stored blocks; it reads NBLK blocks per step as one [NBLK, BLOCK_R, CW] tile (bytes in
         # flight; JMAJOR: loaded block index outermost, so that threads walk each block's BLOCK_R * CW contiguous
@@ -373,54 +386,65 @@ if triton is not None:
             acc = tl.zeros((NBLK, BLOCK_R, CW), dtype=tl.float32)
         else:
             acc = tl.zeros((NBLK, BLOCK_R), dtype=tl.float32)
-        for i in range(lo, hi, NBLK):
-            blk = i + offs_j  # [NBLK]
+        if PREFETCH:  # values in the model dtype only: next step's loads issued before this step's products
+            blk = lo + offs_j
             valid = blk < hi
             cb = tl.load(col_ptr + blk, mask=valid, other=0)
-            if JMAJOR:  # threads walk c, then r: each block's BLOCK_R * CW values are contiguous
-                v = tl.load(v_ptr + blk[:, None, None] * (R * CW) + (sub + offs_r)[None, :, None] * CW
-                            + offs_c[None, None, :], mask=valid[:, None, None], other=0)  # [NBLK, BR, CW]
-            else:  # threads walk c, then j (one row of NBLK blocks), then r
-                v = tl.permute(tl.load(v_ptr + blk[None, :, None] * (R * CW) + (sub + offs_r)[:, None, None] * CW
-                                       + offs_c[None, None, :], mask=valid[None, :, None], other=0), (1, 0, 2))
-            xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None],
-                         other=0.0).to(tl.float32)  # [NBLK, CW]
-            if BITS == 0:
-                acc += v.to(tl.float32) * xk[:, None, :]
-            else:
-                ZERO: tl.constexpr = 1 << (BITS - 1)
-                vi = v.to(tl.int32)
-                if BITS == 8:
-                    ql = _lop_f32(vi, 0xFF, magic, ZERO)
+            v = _gemv_values(v_ptr, blk, valid, sub, offs_r, offs_c, R, CW, JMAJOR)
+            xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None], other=0.0)
+            cb1 = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
+            for i in range(lo, hi, NBLK):
+                blk1 = blk + NBLK
+                valid1 = blk1 < hi
+                v1 = _gemv_values(v_ptr, blk1, valid1, sub, offs_r, offs_c, R, CW, JMAJOR)
+                xk1 = tl.load(x_ptr + (cb1 * C)[:, None] + offs_c[None, :], mask=valid1[:, None], other=0.0)
+                cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
+                acc += v.to(tl.float32) * xk.to(tl.float32)[:, None, :]  # converted here, not at the load
+                v, xk, blk, cb1 = v1, xk1, blk1, cb2
+        else:
+            for i in range(lo, hi, NBLK):
+                blk = i + offs_j  # [NBLK]
+                valid = blk < hi
+                cb = tl.load(col_ptr + blk, mask=valid, other=0)
+                v = _gemv_values(v_ptr, blk, valid, sub, offs_r, offs_c, R, CW, JMAJOR)  # [NBLK, BR, CW]
+                xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None],
+                             other=0.0).to(tl.float32)  # [NBLK, CW]
+                if BITS == 0:
+                    acc += v.to(tl.float32) * xk[:, None, :]
                 else:
-                    # low nibble: column c; high nibble: column c + CW, read in place as 16 * (code - ZERO) (no
-                    # shift); its x is divided by 16 instead (exact in fp32)
-                    ql = _lop_f32(vi, 0xF, magic, ZERO)
-                    qh = _lop_f32(vi, 0xF0, magic, 16 * ZERO)
-                    xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
-                                 other=0.0).to(tl.float32) * 0.0625
-                if GB <= 1:  # one scale per (block, row): reduce the exact codes over the block's columns first
-                    prod = ql * xk[:, None, :]
-                    if BITS == 4:
-                        prod += qh * xh[:, None, :]
-                    part = tl.sum(prod, axis=2)  # [NBLK, BR]
-                    if GB == 0:
-                        sc = tl.load(s_ptr + ((cb * C) // group_size)[:, None] * N + (row0 + offs_r)[None, :],
-                                     mask=valid[:, None], other=0.0)
+                    ZERO: tl.constexpr = 1 << (BITS - 1)
+                    vi = v.to(tl.int32)
+                    if BITS == 8:
+                        ql = _lop_f32(vi, 0xFF, magic, ZERO)
                     else:
-                        sc = tl.load(s_ptr + blk[:, None] * R + (sub + offs_r)[None, :], mask=valid[:, None],
-                                     other=0.0)
-                    acc += part * sc.to(tl.float32)
-                else:
-                    GS: tl.constexpr = C // GB
-                    srow = (blk[:, None, None] * R + (sub + offs_r)[None, :, None]) * GB
-                    sc = tl.load(s_ptr + srow + (offs_c // GS)[None, None, :], mask=valid[:, None, None], other=0.0)
-                    prod = ql * sc.to(tl.float32) * xk[:, None, :]
-                    if BITS == 4:
-                        sh = tl.load(s_ptr + srow + ((CW + offs_c) // GS)[None, None, :], mask=valid[:, None, None],
-                                     other=0.0)
-                        prod += qh * sh.to(tl.float32) * xh[:, None, :]
-                    acc += tl.sum(prod, axis=2)
+                        # low nibble: column c; high nibble: column c + CW, read in place as 16 * (code - ZERO) (no
+                        # shift); its x is divided by 16 instead (exact in fp32)
+                        ql = _lop_f32(vi, 0xF, magic, ZERO)
+                        qh = _lop_f32(vi, 0xF0, magic, 16 * ZERO)
+                        xh = tl.load(x_ptr + (cb * C + CW)[:, None] + offs_c[None, :], mask=valid[:, None],
+                                     other=0.0).to(tl.float32) * 0.0625
+                    if GB <= 1:  # one scale per (block, row): reduce the exact codes over the block's columns first
+                        prod = ql * xk[:, None, :]
+                        if BITS == 4:
+                            prod += qh * xh[:, None, :]
+                        part = tl.sum(prod, axis=2)  # [NBLK, BR]
+                        if GB == 0:
+                            sc = tl.load(s_ptr + ((cb * C) // group_size)[:, None] * N + (row0 + offs_r)[None, :],
+                                         mask=valid[:, None], other=0.0)
+                        else:
+                            sc = tl.load(s_ptr + blk[:, None] * R + (sub + offs_r)[None, :], mask=valid[:, None],
+                                         other=0.0)
+                        acc += part * sc.to(tl.float32)
+                    else:
+                        GS: tl.constexpr = C // GB
+                        srow = (blk[:, None, None] * R + (sub + offs_r)[None, :, None]) * GB
+                        sc = tl.load(s_ptr + srow + (offs_c // GS)[None, None, :], mask=valid[:, None, None], other=0.0)
+                        prod = ql * sc.to(tl.float32) * xk[:, None, :]
+                        if BITS == 4:
+                            sh = tl.load(s_ptr + srow + ((CW + offs_c) // GS)[None, None, :], mask=valid[:, None, None],
+                                         other=0.0)
+                            prod += qh * sh.to(tl.float32) * xh[:, None, :]
+                        acc += tl.sum(prod, axis=2)
         if BITS == 0:
             res = tl.sum(tl.sum(acc, axis=2), axis=0)
         else:
@@ -630,6 +654,15 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
             while br * nblk * cw > 16384 and nblk > 1:
                 nblk //= 2
             add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages, jmajor=False), k < 2)
+        if bits is None:  # the hand-pipelined GEMV loop (Triton does not pipeline this loop at all)
+            for k, (br, kk_bytes, warps) in enumerate(((16, 512, 4), (8, 512, 4), (8, 1024, 4), (16, 256, 4),
+                                                       (32, 256, 8))):
+                br = min(br, R)
+                nblk = _next_pow2(max(1, kk_bytes // (cw * elt)))
+                while br * nblk * cw > 8192 and nblk > 1:
+                    nblk //= 2
+                add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, jmajor=False,
+                         prefetch=True), k < 2)
         return out
     bm = min(128, max(16, _next_pow2(M)))
     if R >= 16:
@@ -654,6 +687,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
                 (16, 128, 4, True), (32, 256, 4, True)) if bm <= 16 else \
             ((32, 256, 8, False), (32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True))
         for k, (br, kk, warps, pf) in enumerate(wide):
+            if pf and bits:  # see `launch`
+                continue
             br = min(br, R)
             nblk = _next_pow2(max(1, kk // cw))
             bmw = 64 if bm == 128 and pf else bm  # 128-row x tiles twice over in registers: too many
@@ -750,6 +785,10 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
         v, s = tensors["qvalues"], tensors["scales"]
         gb = C // params["group_size"] if block_scales(params) else 0
     b = bias if bias is not None else s
+    if cfg.get("prefetch") and bits:
+        # the mm prefetch loop gave wrong sums and an illegal address with int4 codes and 64-row x tiles on the
+        # H100 (2026-11-24; correct under TRITON_INTERPRET=1); the GEMV one is written for model-dtype values only
+        raise ValueError("bsr prefetch launches take values in the model dtype only (bits null)")
     crow = tensors["crow_indices"]
     chunk = cfg.get("chunk") or KB
     gemv = bm == 1 and M == 1
@@ -764,7 +803,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     if gemv:
         return _bsr_gemv_kernel[(N // br, n_split)](
             x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt, N, params.get("group_size") or 1,
-            chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), **common)
+            chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), PREFETCH=bool(cfg.get("prefetch")), **common)
     return _bsr_mm_kernel[(N // br, num_m, n_split)](
         x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt,
         M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), chunk, n_split, MAGIC_F32, BLOCK_M=bm,
