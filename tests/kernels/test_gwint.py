@@ -259,6 +259,41 @@ def test_two_groups_per_tile():
     assert all(c["block_kw"] == 16 for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.bfloat16))
 
 
+def test_swapped_configs_fit_shared_memory():
+    assert gt._swapped_stages(128, 128, 32, 8, 3) == 2  # 80 KiB per stage (the H100 refused 3 stages)
+    assert gt._swapped_stages(16, 128, 16, 8, 3) == 3
+    for M in (1, 16, 33, 128):
+        for bits, gs in ((4, 128), (8, 128), (8, 4096)):
+            for c in gt.gemm_t_configs(M, 8192, 4096, bits, gs, 132):
+                P = 32 // bits
+                per_stage = c["block_n"] * c["block_kw"] * 4 + c["block_m"] * c["block_kw"] * P * 2
+                assert c["num_stages"] >= 2 and c["num_stages"] * per_stage <= gt.SMEM_BYTES - 4096
+
+
+def test_tuner_skips_candidates_out_of_resources(monkeypatch):
+    """A candidate that cannot launch (shared memory) is logged and skipped, not fatal."""
+    monkeypatch.setattr(gt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gt.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gt, "_interpreting", lambda: False)
+    monkeypatch.setattr(gt, "time_cold_us", lambda fn: 1.0)
+
+    def launch(c):
+        if c["big"]:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return None
+
+    key = ("test-oor",)
+    gt._TUNED.pop(key, None)
+    try:
+        assert gt._tune(key, [dict(big=True), dict(big=False)], launch) == dict(big=False)
+        assert any(e.get("key") == key and "error" in e for e in gt.TUNE_LOG)
+        gt._TUNED.pop(key, None)
+        with pytest.raises(RuntimeError, match="no tuning candidate"):
+            gt._tune(key, [dict(big=True), dict(big=True, x=1)], launch)
+    finally:
+        gt._TUNED.pop(key, None)
+
+
 def test_tpg_shift():
     assert gt._tpg_shift(1, 4096, 128) == 30  # one group
     assert gt._tpg_shift(5, 128, 128) == 0 and gt._tpg_shift(10, 128, 64) == 1

@@ -42,6 +42,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
 
 from .launch import flat_rows, grouped_pid, median_replay_ms
 
@@ -1201,6 +1202,17 @@ def gemm_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int) -
     return out
 
 
+SMEM_BYTES = 232448  # the H100's shared memory per block (227 KiB)
+
+
+def _swapped_stages(bm: int, bn: int, bkw: int, P: int, stages: int) -> int:
+    """`stages`, lowered until the swapped kernel's buffers fit in shared memory: each stage holds a word tile
+    (bn x bkw int32) and an activation tile (bm x bkw * P fp16); 4 KiB kept for the rest. (The H100 refused a
+    128 x 128 x 32-word 4-bit tile at 3 stages: 241 KiB.)"""
+    per_stage = bn * bkw * 4 + bm * bkw * P * 2
+    return min(stages, (SMEM_BYTES - 4096) // per_stage)
+
+
 def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
                    dtype: torch.dtype = torch.float16) -> list[dict]:
     """Candidates for the swapped kernel (`launch_gemm_t`), the heuristic default first; [] when the format does
@@ -1227,6 +1239,9 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
         if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4 and not packed_t_ok(bits, dtype)):
             continue
         for bn, warps, stages, waves in shapes:
+            stages = _swapped_stages(bm, bn, bkw, P, stages)
+            if stages < 2:
+                continue
             tiles = -(-M // bm) * -(-N // bn)
             cfg = dict(kernel="swapped", block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages,
                        group_m=8, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
@@ -1284,12 +1299,18 @@ def _tune(key: tuple, candidates: list[dict], launch) -> dict:
     else:
         best = None
         for c in candidates:
-            h = launch(c)  # compile and allocate outside the timed region
+            try:
+                h = launch(c)  # compile and allocate outside the timed region
+            except triton.runtime.errors.OutOfResources as e:  # e.g. shared memory on a smaller GPU: skip it
+                TUNE_LOG.append({"key": key, "config": c, "error": str(e)})
+                continue
             t = time_cold_us(lambda c=c: launch(c))
             TUNE_LOG.append({"key": key, "config": c, "us": t, "regs": getattr(h, "n_regs", None),
                              "spills": getattr(h, "n_spills", None)})
             if best is None or t < best[0]:
                 best = (t, c)
+        if best is None:
+            raise RuntimeError(f"no tuning candidate could run for {key}: {TUNE_LOG[-1]}")
         cfg = best[1]
     _TUNED[key] = cfg
     return cfg
