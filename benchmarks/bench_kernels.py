@@ -61,7 +61,7 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = 
         for M in ms:
             # every candidate of the swapped kernel (the new one) where the case asks for all; the older kernels
             # (unchanged since their full sweep) by their default candidate
-            swapped = ([("gemm", c) for c in gt.gemm_t_configs(M, N, K, bits, gs, sms, dtype)]
+            swapped = ([("gemm", c) for c in gt.gemm_t_configs(M, N, K, bits, gs, sms, dtype, two_groups=True)]
                        if M < gt.DEQUANT_MIN_M else [])
             if M == 1:
                 plans = [("gemv", gt.gemv_configs(N, K, bits, gs, sms)[0])]

@@ -1,6 +1,7 @@
 """Offline SASS reading for Triton kernels (no GPU): compile for sm_90, find the loops, count instructions.
 
     PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint [name filter...] [--dump]
+    PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint swapped     # the M = 16 / 128 kernel
 
 `/tmp/tri36` is an unpacked triton 3.6 wheel (the GPU machine's version; the venv's newer Triton generates
 different code). Library use, for any kernel:
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 # Two spellings: cuobjdump's ("/*0a80*/  @P0 BRA `(.L_x_3) ;") and Triton's own listing ("01:-:-:-:8\t@P0 BRA LBB2;",
 # control codes first, no offsets). Offsets here are instruction indices, which serve both.
 _LABEL = re.compile(r"^(?:\.L_x_(\d+)|(LBB\w+)):")
-_INSN = re.compile(r"^(?:/\*[0-9a-f]+\*/|[0-9a-f-]{2}:[-0-9]:[-0-9]:[-Y]:\d+)\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-_TARGET = re.compile(r"(?:\.L_x_(\d+)|(LBB\w+))")
+_INSN = re.compile(r"^(?:/\*([0-9a-f]+)\*/|[0-9a-f-]{2}:[-0-9]:[-0-9]:[-Y]:\d+)\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+# a third spelling: this cuobjdump prints plain addresses ("@P0 BRA 0x1250 ;"), kept as the label "@1250"
+_TARGET = re.compile(r"(?:\.L_x_(\d+)|(LBB\w+)|\b0x([0-9a-f]+)\b)")
 
 
 @dataclass
@@ -59,7 +61,9 @@ def parse(sass: str) -> tuple[list[tuple[int, str, str]], dict[str, int]]:
             for lab in pending:
                 labels[lab] = len(insns)
             pending = []
-            insns.append((len(insns), m.group(2), m.group(3)))
+            if m.group(1):
+                labels["@" + m.group(1).lstrip("0")] = len(insns)
+            insns.append((len(insns), m.group(3), m.group(4)))
     return insns, labels
 
 
@@ -71,7 +75,7 @@ def loops(sass: str) -> list[Loop]:
         if not op.startswith("BRA"):
             continue
         m = _TARGET.search(rest)
-        lab = m and (m.group(1) or m.group(2))
+        lab = m and (m.group(1) or m.group(2) or "@" + m.group(3).lstrip("0"))
         if lab in labels and labels[lab] <= off:
             start = labels[lab]
             found[start] = max(found.get(start, 0), off)
@@ -156,11 +160,41 @@ _GWINT_SIG = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_
 _GWINT_DIV = ("x_ptr", "qw_ptr", "s_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "KW")
 
 
+_GWINT_T_SIG = dict(xp_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*fp16", out_ptr="*fp16",
+                    ws_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", KW="i32", KWP="i32", G="i32",
+                    group_size="i32", stride_pm="i32", stride_om="i32", k_iters="i32", split_k="i32")
+_GWINT_T_DIV = ("xp_ptr", "qw_ptr", "s_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "KW", "KWP", "stride_pm",
+                "stride_om")
+
+
+def gwint_swapped_cases():
+    """The swapped tensor-core kernel (M = 16 and 128 tiles), fp16 and packed fp16x2 A operand, g128 symmetric:
+    (name, kernel, signature, constexprs, divisible, warps, stages, weights per thread per K tile)."""
+    from bitsmith.kernels import gwint_triton as gt
+
+    cases = []
+    for bits, bm, bn, bkw, warps, stages in ((4, 16, 128, 16, 4, 3), (8, 16, 128, 16, 4, 3), (4, 16, 128, 32, 4, 3),
+                                             (4, 128, 128, 16, 8, 3), (8, 128, 128, 32, 8, 3),
+                                             (4, 128, 128, 32, 8, 2)):
+        P = 32 // bits
+        gpt = gt._groups_per_tile(64, 128, bkw * P)
+        for packed in (False, True):
+            if gpt == 2 and not packed:
+                continue
+            cx = dict(BITS=bits, P=P, SYM=True, HAS_BIAS=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_KW=bkw, GROUP_M=8, PACKED=packed, ASM=packed, GPT=gpt,
+                      TPG_SHIFT=gt._tpg_shift(64, 128, bkw * P))
+            name = f"swapped_b{bits}_m{bm}_n{bn}_kw{bkw}_w{warps}_{'packed' if packed else 'fp16'}"
+            cases.append((name, gt._gemm_t_kernel, _GWINT_T_SIG, cx, _GWINT_T_DIV, warps, stages,
+                          bn * bkw * P / (32 * warps)))
+    return cases
+
+
 def gwint_cases():
     """(name, kernel, signature, constexprs, divisible, warps, stages, weights per thread per loop iteration)."""
     from bitsmith.kernels import gwint_triton as gt
 
-    cases = []
+    cases = gwint_swapped_cases()
     for bits in (4, 8):
         P = 32 // bits
         for bn, bkw, warps in ((128, 16, 4), (256, 8, 4)):
@@ -182,7 +216,8 @@ def gwint_cases():
 
 
 def _gwint_main(argv: list[str]) -> int:
-    """The gwint GEMV kernels (old and wide) for w4 and w8, symmetric, full tiles: the decode shapes' code."""
+    """The gwint kernels for w4 and w8, symmetric, full tiles: the GEMVs (old and wide; the decode shapes' code) and
+    the swapped tensor-core kernel (M = 16 / 128 tiles, g128)."""
     sys.path.insert(0, "src")
     import triton
 

@@ -254,9 +254,11 @@ def test_two_groups_per_tile():
     assert gt.swapped_ok(4, 128, 4096, 32) and gt._groups_per_tile(32, 128, 256) == 2
     assert not gt.swapped_ok(4, 64, 4096, 32)  # four groups per tile: no
     assert gt._groups_per_tile(1, 4096, 256) == 1 and gt._groups_per_tile(32, 128, 128) == 1
-    fp16 = gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.float16)
+    assert all(c["block_kw"] == 16 for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.float16))
+    fp16 = gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.float16, two_groups=True)
     assert any(c["block_kw"] == 32 and c.get("packed") for c in fp16)
-    assert all(c["block_kw"] == 16 for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.bfloat16))
+    assert all(c["block_kw"] == 16 for c in gt.gemm_t_configs(16, 4096, 4096, 4, 128, 132, torch.bfloat16,
+                                                                 two_groups=True))
 
 
 def test_swapped_configs_fit_shared_memory():
@@ -264,7 +266,7 @@ def test_swapped_configs_fit_shared_memory():
     assert gt._swapped_stages(16, 128, 16, 8, 3) == 3
     for M in (1, 16, 33, 128):
         for bits, gs in ((4, 128), (8, 128), (8, 4096)):
-            for c in gt.gemm_t_configs(M, 8192, 4096, bits, gs, 132):
+            for c in gt.gemm_t_configs(M, 8192, 4096, bits, gs, 132, two_groups=True):
                 P = 32 // bits
                 per_stage = c["block_n"] * c["block_kw"] * 4 + c["block_m"] * c["block_kw"] * P * 2
                 assert c["num_stages"] >= 2 and c["num_stages"] * per_stage <= gt.SMEM_BYTES - 4096

@@ -1214,12 +1214,15 @@ def _swapped_stages(bm: int, bn: int, bkw: int, P: int, stages: int) -> int:
 
 
 def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
-                   dtype: torch.dtype = torch.float16) -> list[dict]:
+                   dtype: torch.dtype = torch.float16, two_groups: bool = False) -> list[dict]:
     """Candidates for the swapped kernel (`launch_gemm_t`), the heuristic default first; [] when the format does
     not fit it (see `swapped_ok`). block_m is the mma's N (M rounded up to 16..128); num_warps 2 gives mma.sync
     (Ampere-style) tiles, 4 and 8 give wgmma on Hopper (a warpgroup per 64 weight rows). Where the packed fp16x2
     A operand applies (`packed_t_ok`), every tile shape is offered with it first and the fp16 one only as the
-    old default (offline SASS: 3.4 vs 4.9 loop instructions per 4-bit weight at M = 16)."""
+    old default (offline SASS: 3.2 vs 4.7 loop instructions per 4-bit weight at M = 16). `two_groups`: also tiles
+    of exactly two groups (32-word 4-bit g128 tiles), off by default: Triton 3.6 then builds A through shared
+    memory (STS + LDSM + barriers in the SASS: the per-column scale select stops the layout hoisting), and they
+    have not been timed on a GPU yet."""
     P = 32 // bits
     KW = -(-K // P)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -1237,6 +1240,8 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
     for bkw in (16, 32):
         # 32-word tiles of codes under 8 bits only with the packed A operand (registers of the fp16 one)
         if not swapped_ok(bits, group_size, K, bkw) or (bkw == 32 and P > 4 and not packed_t_ok(bits, dtype)):
+            continue
+        if not two_groups and _groups_per_tile(-(-K // group_size), group_size, bkw * P) == 2:
             continue
         for bn, warps, stages, waves in shapes:
             stages = _swapped_stages(bm, bn, bkw, P, stages)
