@@ -182,10 +182,18 @@ def diag_swapped(shapes, ms=(16, 128), formats=("w4g128", "w8pc"), log=print) ->
                      for x, w, o, xp in zip(xs, wsets, outs, xps)])
                 if cfg.get("packed"):
                     r["whole_unpacked_us"] = bench.graph_time_us(whole(dict(cfg, packed=False)))
+                    P = 32 // fmt.bits
+                    if gt.swapped_ok(fmt.bits, gs, K, 2 * cfg["block_kw"]) and gt._groups_per_tile(
+                            -(-K // gs), gs, 2 * cfg["block_kw"] * P) == 2:  # the same tile over two groups
+                        c2 = dict(cfg, block_kw=2 * cfg["block_kw"], split_k=max(1, cfg["split_k"] // 2),
+                                  num_stages=gt._swapped_stages(cfg["block_m"], cfg["block_n"],
+                                                                2 * cfg["block_kw"], P, cfg["num_stages"]))
+                        r["two_groups_config"] = c2
+                        r["whole_two_groups_us"] = bench.graph_time_us(whole(c2))
                 rows.append(r)
                 log(f"diag {N}x{K} {fname} M={M}: whole {r['whole_us']:.1f} us, xperm {r['xperm_us']:.1f}, "
                     f"kernel alone {r['kernel_us']:.1f}, unpacked whole {r.get('whole_unpacked_us', float('nan')):.1f}"
-                    f"; cfg {cfg}")
+                    f", two-group tiles whole {r.get('whole_two_groups_us', float('nan')):.1f}; cfg {cfg}")
             del wsets, w0
             torch.cuda.empty_cache()
     return rows
@@ -234,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
     ap.add_argument("--check-ms", default="1,3,16,33,128,300,4096", help="rows M of the correctness sweep")
     ap.add_argument("--check-cases", default="", help="indices of the sweep's cases to run (default: all)")
+    ap.add_argument("--check-last", action="store_true", help="run the sweep after the benchmark (its CUDA-graph "
+                    "replay part then finds 4096x4096 w4g128 tuned if the benchmark measured it)")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--diag", default="", help="N x K list: time the swapped kernel's parts (see diag_swapped)")
@@ -256,7 +266,10 @@ def main(argv=None) -> int:
 
     log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     only = {int(i) for i in args.check_cases.split(",")} if args.check_cases else None
-    failures = check(log, [int(m) for m in args.check_ms.split(",")], only) if args.check else 0
+    def run_check():
+        return check(log, [int(m) for m in args.check_ms.split(",")], only) if args.check else 0
+
+    failures = 0 if args.check_last else run_check()
     result = {}
     if args.crossover:
         result["crossover"] = crossover(log)
@@ -276,6 +289,8 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
         log(table)
+    if args.check_last:
+        failures = run_check()
     if args.diag:  # after the benchmark, which has tuned these shapes already
         result["diag"] = diag_swapped(_parse_shapes(args.diag), formats=args.formats.split(","), log=log)
     with open(os.path.join(args.out, "rows.json"), "w") as f:
