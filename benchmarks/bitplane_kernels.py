@@ -96,14 +96,16 @@ def _candidates(kind, bits, M, N, K):
 
 
 QUICK = False  # --quick: 8192x8192 only, bipolar 2/3 bits and BCQ 3, no curve, no gemlite; check of 4 cases
-SKIP: set[str] = set()  # --skip: any of bcq, gemlite, dequant (rows left out of the timing)
+SKIP: set[str] = set()  # --skip: any of bcq, gemlite, dequant, curve (rows left out of the timing)
+BITS = (2, 3, 4)  # --bits: bipolar widths of the main table
 CASES: tuple[int, ...] | None = None  # --check-cases: the check's case indices (default all)
 
 
 def timing_tasks():
     tasks = []
     for bits in ((2, 3) if QUICK else range(1, 9)):
-        for M in (MS if bits in (2, 3, 4) else (1,)):
+        ms = MS if bits in BITS else (1,) if "curve" not in SKIP else ()
+        for M in ms:
             tasks.append(("bipolar", bits, M))
     for M in (() if "bcq" in SKIP else MS):
         tasks.append(("bcq", 3, M))
@@ -307,11 +309,11 @@ def bench(log, rows: list[dict]) -> list[dict]:
             del wsets
             torch.cuda.empty_cache()
 
-        for bits in ((2, 3) if QUICK else (2, 3, 4)):
+        for bits in ((2, 3) if QUICK else BITS):
             for M in MS:
                 timed("bipolar", "bipolar", bits, M, lambda: make("bipolar", N, K, bits, dtype, gen))
-        if (N, K) == SHAPES[0] and not QUICK:
-            for bits in (1, 5, 6, 7, 8):
+        if (N, K) == (8192, 8192) and not QUICK and "curve" not in SKIP:
+            for bits in (b for b in range(1, 9) if b not in BITS):
                 timed("bipolar", "bipolar", bits, 1, lambda: make("bipolar", N, K, bits, dtype, gen))
             if 128 in MS and "dequant" not in SKIP:
                 timed("bipolar-dequant", "bipolar", 4, 128, lambda: make("bipolar", N, K, 4, dtype, gen),
@@ -374,11 +376,16 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="check only, tiny shapes, CPU interpreter")
     ap.add_argument("--quick", action="store_true", help="8192x8192, bipolar 2/3 and BCQ 3 only, 4 check cases")
     ap.add_argument("--ms", default="1,16,128", help="batch rows timed (the 1..8-bit curve is at M = 1)")
-    ap.add_argument("--skip", default="", help="comma list of bcq, gemlite, dequant: rows not timed")
+    ap.add_argument("--skip", default="", help="comma list of bcq, gemlite, dequant, curve: rows not timed")
+    ap.add_argument("--shapes", default="", help="comma list of NxK (default 8192x8192,28672x8192)")
+    ap.add_argument("--bits", default="2,3,4", help="bipolar widths of the main table")
     ap.add_argument("--check-cases", default="", help="comma list of check case indices (default all %d)" % N_CASES)
     args = ap.parse_args(argv)
-    global DEVICE, SMOKE, OUT_DIR, QUICK, SHAPES, MS, SKIP, CASES
+    global DEVICE, SMOKE, OUT_DIR, QUICK, SHAPES, MS, SKIP, CASES, BITS
     MS = [int(m) for m in args.ms.split(",")]
+    BITS = tuple(int(b) for b in args.bits.split(","))
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     SKIP = {k for k in args.skip.split(",") if k}
     CASES = tuple(int(c) for c in args.check_cases.split(",")) if args.check_cases else None
     OUT_DIR = args.out
