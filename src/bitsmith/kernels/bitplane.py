@@ -34,6 +34,17 @@ the CPU for tests):
                term are applied per group after the dot. BCQ: w = sum_i +-alpha_i rebuilt in fp32, one dot
                (STRATEGY 0, measured faster), or one dot per +-1 plane (STRATEGY 1).
     large M    `_dequant_kernel` writes W^T once, then cuBLAS (from DEQUANT_MIN_M rows on).
+    M == 1     `_gemv_h2_kernel` (fp16 x, both kinds): two weights per instruction. Slots j and j + 16 of a word
+               sit 16 bits apart, so one LOP3 per plane puts both codes under an fp16 exponent (an f16x2 of
+               2^(10-q) + u), one exact HSUB2 leaves u - L/2, one HFMA2 with the x pair accumulates in fp16 for
+               `chunk` pairs before fp32 takes over (chunk 0: two exact-product FFMAs in fp32 instead, 5..8
+               bits). BCQ runs each plane as a 1-bit tile scaled by alpha_i. Inline PTX on the GPU, a plain-Triton
+               twin with the same fp16 rounding under the interpreter; unrolled splits let ptxas prefetch.
+    any M      `_gemm_t_kernel` ("swapped"): out^T = W x^T with the weights as the wgmma's A operand from
+               registers, built per slot pair as above (+ HMUL2 by 2s); x re-ordered once per call (`xperm`).
+               On the H100 the plain-Triton arithmetic (mode 1) beats the PTX (mode 2) at M = 16: Triton cannot
+               move the A layout conversion through inline asm, so mode 2 stages every A tile in shared memory.
+The tuner (`triton_linear`) picks among all of these per shape; the H100 results are in docs/results/bitplane.md.
 
 K-tiles never straddle a group: the kernels need group_size % 32 == 0 (or one group per row); other group sizes
 fall back to the torch reference. Split-K partial sums, the workspace, the tuner and the epilogue are shared with
