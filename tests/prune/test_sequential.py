@@ -127,3 +127,17 @@ def test_reconstruct_lowers_final_error_and_keeps_masks(three_layers, calib_text
 def test_reconstruct_needs_sequential(calib_text):
     with pytest.raises(ValueError, match="needs sequential"):
         _cfg(calib_text, reconstruct_epochs=2)
+
+
+def test_reconstruct_that_overshoots_keeps_the_refit(three_layers, calib_text):
+    """A rate far too high makes every layer worse: each layer then keeps its refitted weights, so the model is
+    the plain sequential pruning's (same masks and weights)."""
+    _, dense, tok = three_layers
+    plain, rec = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(plain, _cfg(calib_text, sequential=True), tokenizer=tok)
+    report = prune_model(rec, _cfg(calib_text, sequential=True, reconstruct_epochs=2, reconstruct_lr=10.0),
+                         tokenizer=tok)
+    assert not any(e["reconstruct"]["kept"] for e in report["modules"].values())
+    mods_p, mods_r = (targeted_linears(m, _cfg(calib_text), "test") for m in (plain, rec))
+    for n in mods_r:
+        torch.testing.assert_close(mods_r[n].weight, mods_p[n].weight, rtol=0, atol=0)

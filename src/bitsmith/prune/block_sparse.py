@@ -404,7 +404,8 @@ def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -
     model's hidden states, `step.hidden`) to `targets` (the dense model's outputs of this layer), zeros kept.
 
     Loss per batch: squared error relative to the targets' energy. Adam, constant `lr`, `epochs` passes over the
-    batches (one step per batch). The weights are rounded to the layer's own dtype at the end (what will be stored).
+    batches (one step per batch). The weights are rounded to the layer's own dtype at the end (what will be stored);
+    when that leaves the layer's error above where it started, the starting weights come back (`kept` False).
     Returns the relative error over the calibration set before and after."""
     from ..quant.gptq import _first
 
@@ -420,6 +421,7 @@ def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -
         return num / den
 
     before = error()
+    start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for p in params:
@@ -441,7 +443,13 @@ def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -
     with torch.no_grad():
         for p in params:
             p.copy_(p.to(step.dtype).to(p.dtype))
-    return {"epochs": epochs, "err_first": round(before, 6), "err_last": round(error(), 6)}
+    after = error()
+    if after > before:  # the training overshot (too high a rate for this layer): keep the refitted weights
+        with torch.no_grad():
+            for p, w in zip(params, start):
+                p.copy_(w)
+    return {"epochs": epochs, "err_first": round(before, 6), "err_last": round(min(before, after), 6),
+            "kept": after <= before}
 
 
 def _broadcast_masks(masks: dict | None, modules: dict, block: tuple[int, int]) -> dict[str, torch.Tensor]:
