@@ -14,7 +14,8 @@ The configuration with the lowest perplexity is then distilled toward the dense 
 (--recover-steps steps of --recover-batch sequences of --recover-seq-len tokens of --calib; 0 steps: skip), rounded to
 bfloat16 again and scored. One JSON line per result goes to --out (appended) and stdout. --reconstruct-epochs E sets
 `reconstruct_epochs` (with --reconstruct-lr) on the seq configurations: each pruned decoder layer trained toward the
-dense model's layer output; the row then records the mean relative layer-output error before and after.
+dense model's layer output; the row then records the mean relative layer-output error before and after. --save FILE
+keeps the best pruned weights (bf16); --load FILE skips the pruning and recovers those weights instead.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reconstruct-epochs", type=int, default=0, help="seq configs: block_sparse reconstruct_epochs")
     ap.add_argument("--reconstruct-lr", type=float, default=1e-4)
     ap.add_argument("--save", type=Path, default=None, help="save the best pruned weights (bf16) here")
+    ap.add_argument("--load", type=Path, default=None, help="skip --configs: recover the pruned weights saved here"
+                                                             " with --save")
+    ap.add_argument("--recover-samples", type=int, default=None,
+                    help="calibration sequences of the recovery (default max(64, steps x batch / 2))")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dense", action="store_true", help="also score the dense model")
     ap.add_argument("--out", type=Path, default=None)
@@ -86,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         p, s = ppl()
         emit({"config": "dense", "ppl": p, "eval_s": s})
     best = None
-    for item in filter(None, args.configs.split(",")):
+    if args.load is not None:
+        loaded = torch.load(args.load)
+        best = ({"config": f"loaded:{args.load.name}"}, {n: loaded[n].to(torch.float32) for n in mods})
+    for item in filter(None, args.configs.split(",") if args.load is None else []):
         block_s, mode, scope = (item.split(":") + ["layer"])[:3]
         block = tuple(int(v) for v in block_s.lower().split("x"))
         cfg = BlockSparse(sparsity=args.sparsity, block=block, score="activation", refit=True,
@@ -122,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         set_weights(weights)
         rc = Recover(steps=args.recover_steps, batch_size=args.recover_batch, micro_batch=args.recover_micro_batch,
                      seq_len=args.recover_seq_len, lr=args.recover_lr, text=str(args.calib),
-                     samples=max(64, args.recover_steps * args.recover_batch // 2), seed=1)
+                     samples=args.recover_samples or max(64, args.recover_steps * args.recover_batch // 2), seed=1)
         log(f"recover {row['config']}: {rc.steps} steps x {rc.batch_size} x {rc.seq_len} tokens, lr {rc.lr}")
         rr = recover_model(model, rc, teacher, tok, progress=True, log=log)
         round_bf16()
         p, s = ppl()
         emit({**row, "recover_steps": rc.steps, "recover_batch": rc.batch_size, "recover_seq_len": rc.seq_len,
-              "recover_lr": rc.lr, "kl_first": round(rr["kl_first"], 4), "kl_last": round(rr["kl_last"], 4),
+              "recover_lr": rc.lr, "recover_samples": rc.samples, "kl_first": round(rr["kl_first"], 4), "kl_last": round(rr["kl_last"], 4),
               "recover_s": rr["seconds"], "ppl": p, "eval_s": s})
     return 0
 
