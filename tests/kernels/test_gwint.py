@@ -217,6 +217,8 @@ SWAPPED = [
     (5, 67, 576, 4, 128, False, torch.float16, False, _sw(block_kw=32)),
     (33, 35, 512, 4, 128, False, torch.bfloat16, True, _sw(block_m=64, block_kw=32, split_k=2)),
     (7, 33, 320, 4, 64, False, torch.float16, True, _sw(split_k=2, packed=True)),  # g64: two groups per 16 words
+    (128, 35, 512, 8, 128, True, torch.float16, False, _sw(block_m=128, block_kw=32, num_stages=2, maxnreg=128,
+                                                           split_k=2, packed=True)),  # register cap (M = 128)
 ]
 
 

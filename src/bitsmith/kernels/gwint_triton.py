@@ -1071,7 +1071,7 @@ def launch_gemm_t(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cf
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, GROUP_M=cfg.get("group_m", 8),
         PACKED=packed, ASM=packed and not _interpreting(), TPG_SHIFT=_tpg_shift(G, group_size, bkw * P),
         GPT=_groups_per_tile(G, group_size, bkw * P),
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3), maxnreg=cfg.get("maxnreg"))
 
 
 def _tpg_shift(G: int, group_size: int, tile_k: int) -> int:
@@ -1236,6 +1236,9 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
     else:
         # (64 rows, 1 wave: 1.4-1.7x slower than the first on the H100 with the packed A operand)
         shapes = [(128, 8, 3, 1.0), (128, 8, 4, 2.0), (64, 4, 3, 2.0)]
+        # two programs per SM: registers capped at 128 (154-158 otherwise) and 2 stages (74-82 KiB of shared
+        # memory); offline the main loop is unchanged (48 B of stack, outside it)
+        shapes += [(128, 8, 2, 2.0, 128), (128, 8, 2, 4.0, 128)]
     out = []
     for bkw in (16, 32):
         # 32-word tiles of codes under 8 bits only with the packed A operand (registers of the fp16 one)
@@ -1243,13 +1246,15 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
             continue
         if not two_groups and _groups_per_tile(-(-K // group_size), group_size, bkw * P) == 2:
             continue
-        for bn, warps, stages, waves in shapes:
+        for bn, warps, stages, waves, *maxnreg in shapes:
             stages = _swapped_stages(bm, bn, bkw, P, stages)
             if stages < 2:
                 continue
             tiles = -(-M // bm) * -(-N // bn)
             cfg = dict(kernel="swapped", block_m=bm, block_n=bn, block_kw=bkw, num_warps=warps, num_stages=stages,
                        group_m=8, split_k=_split_for(tiles, -(-KW // bkw), sms, waves))
+            if maxnreg:
+                cfg["maxnreg"] = maxnreg[0]
             if cfg not in out:
                 out.append(cfg)
     if out and packed_t_ok(bits, dtype):
