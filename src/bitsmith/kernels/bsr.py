@@ -683,9 +683,10 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
         # Triton 3.6 pipelines this loop with one buffer (a step's loads are in flight alone, see the kernel): wider
         # K-tiles put more bytes in flight per step; `prefetch` (num_stages 1) issues the next step's loads by hand
         # before the current step's multiply (two steps in flight)
+        # (no wide K-tile for 64/128-row x tiles: 128 x 256 int4 tiles need more shared memory than the H100 has)
         wide = ((32, 256, 4, False), (16, 512, 4, False), (32, 128, 4, True), (64, 64, 8, True),
                 (16, 128, 4, True), (32, 256, 4, True)) if bm <= 16 else \
-            ((32, 256, 8, False), (32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True))
+            ((32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True))
         for k, (br, kk, warps, pf) in enumerate(wide):
             if pf and bits:  # see `launch`
                 continue
