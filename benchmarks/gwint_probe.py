@@ -4,8 +4,8 @@
         --configs '[{"kernel": "swapped", "block_m": 128, "block_n": 128, "block_kw": 16, "num_warps": 8,
                      "num_stages": 3, "packed": true, "waves": 1}]'
 
-A config may give "waves" instead of "split_k" (split-K sized for that many programs per SM, as the tuner does)
-and "formats" (the formats it applies to). Each call is timed like the benchmark (rotated weight and activation
+A config may give "waves" instead of "split_k" (split-K sized for that many programs per SM, as the tuner does),
+"formats" and "ms" (the formats and rows M it applies to). Each call is timed like the benchmark (rotated weight and activation
 sets, CUDA graph, median replay; synthetic weights) and checked on fresh inputs against the fp32 reference.
 """
 
@@ -47,9 +47,9 @@ def main(argv=None) -> int:
                 xs = [torch.randn(M, K, device="cuda", dtype=torch.float16, generator=gen) for _ in range(R)]
                 outs = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in range(R)]
                 for c in configs:
-                    if fname not in c.get("formats", [fname]):
+                    if fname not in c.get("formats", [fname]) or M not in c.get("ms", [M]):
                         continue
-                    cfg = {k: v for k, v in c.items() if k not in ("waves", "formats")}
+                    cfg = {k: v for k, v in c.items() if k not in ("waves", "formats", "ms")}
                     if "waves" in c:
                         tiles = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
                         cfg["split_k"] = gt._split_for(tiles, -(-KW // cfg["block_kw"]), sms, c["waves"])
