@@ -1219,9 +1219,9 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, group_size: int, sms: int,
     (Ampere-style) tiles, 4 and 8 give wgmma on Hopper (a warpgroup per 64 weight rows). Where the packed fp16x2
     A operand applies (`packed_t_ok`), every tile shape is offered with it first and the fp16 one only as the
     old default (offline SASS: 3.2 vs 4.7 loop instructions per 4-bit weight at M = 16). `two_groups`: also tiles
-    of exactly two groups (32-word 4-bit g128 tiles), off by default: Triton 3.6 then builds A through shared
-    memory (STS + LDSM + barriers in the SASS: the per-column scale select stops the layout hoisting), and they
-    have not been timed on a GPU yet."""
+    of exactly two groups (32-word 4-bit g128 tiles), off by default: fewer instructions and half the wgmma
+    waits per weight, but 1.03-1.55x slower than the 16-word tiles on the H100 (165-167 registers, the scales
+    gathered per word column; docs/results/kernels-gwint.md)."""
     P = 32 // bits
     KW = -(-K // P)
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
