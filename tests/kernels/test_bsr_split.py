@@ -202,14 +202,15 @@ def test_prefetch_tiles(case):
         with pytest.raises(ValueError, match="prefetch"):
             run(x, t, params, None, dict(runs[2][1], prefetch=True))
         return
+    runs = tuple((M, dict(c, prefetch=depth)) for depth in (1, 2) for M, c in runs)  # one and two steps ahead
     for M in (1, 16):
         cands = [c for c in bsr.configs(M, params) if c.get("prefetch")]
-        assert cands and all(c["num_stages"] == 1 for c in cands)
-        runs += tuple((M, c) for c in cands[:2])
+        assert cands and all(c["num_stages"] == 1 for c in cands) and any(c["prefetch"] == 2 for c in cands)
+        runs += tuple((M, c) for c in cands[:2] + [c for c in cands if c["prefetch"] == 2][:1])
     for M, cfg in runs:
         x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
         bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 19 else None
         ref = x.float().cpu() @ wd.t() + (bias.float().cpu() if bias is not None else 0)
-        cfg = dict(cfg, prefetch=True, num_warps=4, num_stages=1)
+        cfg = dict(cfg, num_warps=4, num_stages=1)
         check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
     assert workspace_is_clean(DEVICE)
