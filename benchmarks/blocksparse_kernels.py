@@ -11,7 +11,7 @@ run in the same process; --variants also times every launch candidate of the nam
 tuner's own cold-L2 timings of every candidate go to rows.json ("tune_log"). --check then runs a correctness sweep
 (after the timings, in the same process): the first three tiles of each M and every split-K size of the first, with
 too few and too many splits, fp16/bf16, dense, int8 and int4 values, both scale layouts, thin and square blocks,
-empty and full block rows, outputs poisoned with NaN, the split-K workspace left zeroed, and CUDA-graph replays
+empty and full block rows, outputs poisoned with NaN, the split-K tile counters left zeroed, CUDA-graph replays
 (tuned and split-K launches). --formats '' runs the check alone. rows.json, table.md and bench.log go to --out.
 
 CPU: dense `F.linear` (float32) vs `bitsmith.kernels.bsr_cpu.gather_linear` vs torch's CSR/BSR sparse matmul, the
@@ -195,7 +195,7 @@ def check(log) -> int:
 
 
 def check_configs(M: int, params: dict) -> list[dict]:
-    """What the sweep launches: the first three tiles, the last one, three `prefetch` tiles (and a two-steps-ahead one), the first of the
+    """What the sweep launches: the first three tiles, the last one, three `prefetch` tiles and the first of the
     other GEMV memory order, whole-row (chunk 0); every split size of the first tile, and that tile with too few and
     too many splits (the last split takes the rest; idle splits write nothing)."""
     from bitsmith.kernels import bsr
@@ -208,8 +208,7 @@ def check_configs(M: int, params: dict) -> list[dict]:
             tiles.append(tile)
     splits = [c for c in cands if c["chunk"] and all(c[k] == v for k, v in tiles[0].items())]
     other = [dict(tiles[0], jmajor=True)] if M == 1 else []  # the other GEMV memory order (a kernel option)
-    pf = [t for t in tiles if t.get("prefetch")][:3]  # the hand-pipelined loops, one and two steps ahead
-    pf += [t for t in tiles if t.get("prefetch") == 2 and t not in pf][:1]
+    pf = [t for t in tiles if t.get("prefetch")][:3]  # the hand-pipelined loops
     picked = tiles[:3] + [t for t in tiles[-1:] + other + pf if t not in tiles[:3]]
     out = [dict(tile, chunk=0) for tile in picked] + splits
     KB = params["in_features"] // params["block_cols"]

@@ -109,8 +109,8 @@ def test_split_candidates_are_valid_and_run():
     t = {k: v.to(DEVICE) for k, v in t.items()}
     g = torch.Generator().manual_seed(4)
     for M in (1, 3):
-        assert not any(c["chunk"] for c in bsr.configs(M, params, sms=4, split=False))  # split-K can be refused
-        cands = bsr.configs(M, params, sms=4)
+        assert not any(c["chunk"] for c in bsr.configs(M, params, sms=4))  # split-K is opt-in
+        cands = bsr.configs(M, params, sms=4, split=True)
         assert cands[0]["chunk"] == 0 and any(c["chunk"] for c in cands)
         x = torch.randn(M, 1024, generator=g).half().to(DEVICE)
         ref = x.float().cpu() @ wd.t()
@@ -176,7 +176,7 @@ def test_thin_blocks_split():
         t = {k: v.to(DEVICE) for k, v in t.items()}
         for M in (1, 5, 20):
             x = torch.randn(M, 64, generator=g).half().to(DEVICE)
-            for cfg in [c for c in bsr.configs(M, params) if c["chunk"]][:2] + [
+            for cfg in [c for c in bsr.configs(M, params, split=True) if c["chunk"]][:2] + [
                     dict(block_m=1 if M == 1 else 16, block_r=min(4, block[0]), nblk=2, chunk=2, num_warps=4)]:
                 check(run(x, t, params, None, cfg).cpu(), x.float().cpu() @ wd.t(), torch.float16, (M, cfg))
         assert workspace_is_clean(DEVICE)
@@ -202,11 +202,11 @@ def test_prefetch_tiles(case):
         with pytest.raises(ValueError, match="prefetch"):
             run(x, t, params, None, dict(runs[2][1], prefetch=True))
         return
-    runs = tuple((M, dict(c, prefetch=depth)) for depth in (1, 2) for M, c in runs)  # one and two steps ahead
+    runs = tuple((M, dict(c, prefetch=True)) for M, c in runs)
     for M in (1, 16):
-        cands = [c for c in bsr.configs(M, params) if c.get("prefetch")]
-        assert cands and all(c["num_stages"] == 1 for c in cands) and any(c["prefetch"] == 2 for c in cands)
-        runs += tuple((M, c) for c in cands[:2] + [c for c in cands if c["prefetch"] == 2][:1])
+        cands = [c for c in bsr.configs(M, params, split=True) if c.get("prefetch")]
+        assert cands and all(c["num_stages"] == 1 for c in cands)
+        runs += tuple((M, c) for c in cands[:2])
     for M, cfg in runs:
         x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
         bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 19 else None

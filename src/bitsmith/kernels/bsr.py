@@ -38,7 +38,7 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
                   the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
                   are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
-Split-K (`chunk` > 0 in the launch config; offered to the tuner unless BITSMITH_BSR_SPLIT=0): a block row's
+Split-K (`chunk` > 0 in the launch config; offered to the tuner with BITSMITH_BSR_SPLIT=1): a block row's
 stored blocks are spread over several programs; each stores its fp32 partial tile in a [splits, M, N] workspace
 (plain stores, no atomics on data) and counts itself in; the last to count sums the others' partials and writes
 the output (`_split_epilogue`; no host sync, CUDA-graph safe). Block rows no longer than a chunk skip all that.
@@ -367,7 +367,7 @@ if triton is not None:
                          chunk, n_split, magic,
                          R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                          NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         JMAJOR: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                         JMAJOR: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
         # M == 1. x: [K]; values [B, R, CW]; out: [N]. Program (pid, s) owns BLOCK_R rows of one block row and
         # split s of its stored blocks; it reads NBLK blocks per step as one [NBLK, BLOCK_R, CW] tile (bytes in
         # flight; JMAJOR: loaded block index outermost, so that threads walk each block's BLOCK_R * CW contiguous
@@ -386,27 +386,7 @@ if triton is not None:
             acc = tl.zeros((NBLK, BLOCK_R, CW), dtype=tl.float32)
         else:
             acc = tl.zeros((NBLK, BLOCK_R), dtype=tl.float32)
-        if PREFETCH == 2:  # two steps ahead: step i+1's and i+2's loads in flight during step i's products
-            blk = lo + offs_j
-            valid = blk < hi
-            cb = tl.load(col_ptr + blk, mask=valid, other=0)
-            v = _gemv_values(v_ptr, blk, valid, sub, offs_r, offs_c, R, CW, JMAJOR)
-            xk = tl.load(x_ptr + (cb * C)[:, None] + offs_c[None, :], mask=valid[:, None], other=0.0)
-            blk1 = blk + NBLK
-            valid1 = blk1 < hi
-            cb1 = tl.load(col_ptr + blk1, mask=valid1, other=0)
-            v1 = _gemv_values(v_ptr, blk1, valid1, sub, offs_r, offs_c, R, CW, JMAJOR)
-            xk1 = tl.load(x_ptr + (cb1 * C)[:, None] + offs_c[None, :], mask=valid1[:, None], other=0.0)
-            cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
-            for i in range(lo, hi, NBLK):
-                blk2 = blk1 + NBLK
-                valid2 = blk2 < hi
-                v2 = _gemv_values(v_ptr, blk2, valid2, sub, offs_r, offs_c, R, CW, JMAJOR)
-                xk2 = tl.load(x_ptr + (cb2 * C)[:, None] + offs_c[None, :], mask=valid2[:, None], other=0.0)
-                cb3 = tl.load(col_ptr + blk2 + NBLK, mask=blk2 + NBLK < hi, other=0)
-                acc += v.to(tl.float32) * xk.to(tl.float32)[:, None, :]
-                v, xk, v1, xk1, blk1, cb2 = v1, xk1, v2, xk2, blk2, cb3
-        elif PREFETCH == 1:  # values in the model dtype only: next step's loads issued before this step's products
+        if PREFETCH:  # values in the model dtype only: next step's loads issued before this step's products
             blk = lo + offs_j
             valid = blk < hi
             cb = tl.load(col_ptr + blk, mask=valid, other=0)
@@ -543,7 +523,7 @@ if triton is not None:
                        R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
                        USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FENCE: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                       FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
         # x: [M, K], values [B, R, CW], out: [M, N]. Program (r, m, s) owns BLOCK_R rows of one block row,
         # BLOCK_M rows of x and split s of the block row's stored blocks; each step gathers NBLK stored blocks into
         # one K-tile of KK = NBLK * CW columns: w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and
@@ -564,26 +544,7 @@ if triton is not None:
         cc = kk % CW
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if PREFETCH == 2:  # two steps ahead (as below, one more set of tiles in registers)
-            blk = lo + jj
-            valid = blk < hi
-            cb = tl.load(col_ptr + blk, mask=valid, other=0)
-            v, xk, xh = _mm_loads(v_ptr, x_rows, m_mask, blk, valid, cb, cc, sub, offs_r, R, C, CW, BITS)
-            blk1 = blk + NBLK
-            valid1 = blk1 < hi
-            cb1 = tl.load(col_ptr + blk1, mask=valid1, other=0)
-            v1, xk1, xh1 = _mm_loads(v_ptr, x_rows, m_mask, blk1, valid1, cb1, cc, sub, offs_r, R, C, CW, BITS)
-            cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
-            for i in range(lo, hi, NBLK):
-                blk2 = blk1 + NBLK
-                valid2 = blk2 < hi
-                v2, xk2, xh2 = _mm_loads(v_ptr, x_rows, m_mask, blk2, valid2, cb2, cc, sub, offs_r, R, C, CW, BITS)
-                cb3 = tl.load(col_ptr + blk2 + NBLK, mask=blk2 + NBLK < hi, other=0)
-                acc = _mm_step(acc, v, xk, xh, magic, s_ptr, N, group_size, cb, blk, valid, cc, row0, sub, offs_r,
-                               R, C, CW, BITS, GB, USE_DOT, DOT_F32)
-                v, xk, xh, cb, blk, valid = v1, xk1, xh1, cb1, blk1, valid1
-                v1, xk1, xh1, cb1, blk1, valid1, cb2 = v2, xk2, xh2, cb2, blk2, valid2, cb3
-        elif PREFETCH == 1:
+        if PREFETCH:
             # software pipelining by hand (Triton 3.6's pipeliner gives this loop one buffer, so each step waited
             # a full memory latency): step i+1's blocks and x segments and step i+2's column indexes are issued
             # before step i is multiplied; all in registers (launch with num_stages=1)
@@ -660,8 +621,9 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
     for the tensor cores (M >= 2) whatever the block width. `chunk` (0: whole block rows) splits each block row's
     stored blocks over several programs of `chunk` blocks (split-K), for the grid to fill the GPU and for long block
-    rows not to set the time; split variants of the first tiles are offered unless split=False or
-    BITSMITH_BSR_SPLIT=0 (the tuner keeps them only where they are faster).
+    rows not to set the time; split variants of the first tiles are offered with split=True or
+    BITSMITH_BSR_SPLIT=1 only: correct on the H100 (stored partials) but never faster than whole rows by more than
+    the cold-L2 tuner's noise, which once made it pick a split that ran 1.6 us slower (docs/results/blocksparse.md).
     """
     N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
@@ -669,7 +631,7 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
     out = []
 
     if split is None:
-        split = os.environ.get("BITSMITH_BSR_SPLIT", "1") == "1"
+        split = os.environ.get("BITSMITH_BSR_SPLIT", "0") == "1"
 
     def add(cfg, split_tile):
         split_tile = split_tile and split
@@ -702,9 +664,6 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
                     nblk //= 2
                 add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, jmajor=False,
                          prefetch=True), k < 2)
-                if k < 2:  # two steps ahead
-                    add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, jmajor=False,
-                             prefetch=2), False)
         return out
     bm = min(128, max(16, _next_pow2(M)))
     if R >= 16:
@@ -739,8 +698,6 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
                 continue
             add(dict(block_m=bmw, block_r=br, nblk=nblk, num_warps=warps, num_stages=1 if pf else 2, prefetch=pf),
                 pf and k < 4)
-            if pf and bm <= 16 and k in (2, 4):  # two steps ahead (a third set of tiles in registers)
-                add(dict(block_m=bmw, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, prefetch=2), False)
         if out:
             return out
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
@@ -848,13 +805,13 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     if gemv:
         return _bsr_gemv_kernel[(N // br, n_split)](
             x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt, N, params.get("group_size") or 1,
-            chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), PREFETCH=int(cfg.get("prefetch") or 0),
+            chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), PREFETCH=bool(cfg.get("prefetch")),
             **common)
     return _bsr_mm_kernel[(N // br, num_m, n_split)](
         x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt,
         M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), chunk, n_split, MAGIC_F32, BLOCK_M=bm,
         USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
-        PREFETCH=int(cfg.get("prefetch") or 0), **common)
+        PREFETCH=bool(cfg.get("prefetch")), **common)
 
 
 _TUNED: dict[tuple, dict] = {}
