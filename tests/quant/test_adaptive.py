@@ -123,3 +123,24 @@ def test_listed_coarse_candidates_are_still_allowed():
 def test_scale_divisor_auto_bad_keys(body, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe("version: 1\npasses:\n  - type: finequant\n" + body)
+
+
+def test_profiles_and_allocations_are_deterministic_and_independent_of_order():
+    a, b = _profiles(), _profiles()
+    assert [p.options for p in a] == [p.options for p in b]  # the same weights profile the same, bit for bit
+    lo, hi = adaptive.budget_range([p.shape for p in a], 4, True, 16)
+    for budget in [lo + (hi - lo) * i / 6 for i in range(7)]:
+        first = {n: o.group_size for n, o in adaptive.allocate(a, budget).items()}
+        again = {n: o.group_size for n, o in adaptive.allocate(list(reversed(b)), budget).items()}
+        assert first == again
+
+
+def test_listed_non_power_of_two_candidates_keep_the_budget():
+    cands = (16, 24, 32, 48, 64, 96, 128)  # gwint takes any group size; these were tried as candidates
+    profiles = _profiles(candidates=cands)
+    lo, hi = adaptive.budget_range([p.shape for p in profiles], 4, True, 16, cands)
+    for budget in [lo + (hi - lo) * i / 10 for i in range(11)]:
+        choice = adaptive.allocate(profiles, budget)
+        assert adaptive.allocation_bits(choice, profiles) <= budget + 1e-12
+        for p in profiles:
+            assert choice[p.name].group_size in adaptive.effective_sizes(cands, p.shape[1])
