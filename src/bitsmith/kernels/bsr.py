@@ -371,8 +371,10 @@ if triton is not None:
         # M == 1. x: [K]; values [B, R, CW]; out: [N]. Program (pid, s) owns BLOCK_R rows of one block row and
         # split s of its stored blocks; it reads NBLK blocks per step as one [NBLK, BLOCK_R, CW] tile (bytes in
         # flight; JMAJOR: loaded block index outermost, so that threads walk each block's BLOCK_R * CW contiguous
-        # values, else row outermost) and accumulates in fp32 without reducing over blocks inside the loop; splits of one row meet in the fp32 workspace
-        # (`_split_epilogue`). scales: GB == 0 -> [ceil(K / group_size), N]; GB >= 1 -> [B, R, GB]
+        # values, else row outermost) and accumulates in fp32 without reducing over blocks inside the loop; splits
+        # of one row meet in the fp32 workspace (`_split_epilogue`). PREFETCH (model-dtype values): the next
+        # step's loads are issued before this step's products. scales: GB == 0 -> [ceil(K / group_size), N];
+        # GB >= 1 -> [B, R, GB]
         pid = tl.program_id(0)
         row0 = pid * BLOCK_R
         brow = row0 // R
