@@ -38,6 +38,10 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
                   the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
                   are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
+`prefetch` in the launch config (values in the model dtype only; num_stages 1): both loops issue the next step's
+loads before this step's products, by hand: Triton 3.6 pipelines the mm loop with one buffer and the GEMV loop not
+at all, so otherwise a program has one step's loads in flight.
+
 Split-K (`chunk` > 0 in the launch config; offered to the tuner with BITSMITH_BSR_SPLIT=1): a block row's
 stored blocks are spread over several programs; each stores its fp32 partial tile in a [splits, M, N] workspace
 (plain stores, no atomics on data) and counts itself in; the last to count sums the others' partials and writes
