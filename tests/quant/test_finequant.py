@@ -257,7 +257,7 @@ def test_allocation_never_scores_worse_than_one_group_size():
         assert sum(p.score(choice[p.name]) for p in profiles) <= sum(p.score(uniform[p.name]) for p in profiles)
 
 
-@pytest.mark.parametrize("name", ["finequant-w8", "finequant-w4", "finequant-w3"])
+@pytest.mark.parametrize("name", ["finequant-w8", "finequant-w4", "finequant-w4-sda", "finequant-w3"])
 def test_bundled_recipes_compress_a_tiny_model(name, tmp_path):
     from bitsmith.compress.recipe import load_recipe
 
