@@ -16,6 +16,8 @@ bfloat16 again and scored. One JSON line per result goes to --out (appended) and
 `reconstruct_epochs` (with --reconstruct-lr) on the seq configurations: each pruned decoder layer trained toward the
 dense model's layer output; the row then records the mean relative layer-output error before and after. --save FILE
 keeps the best pruned weights (bf16); --load FILE skips the pruning and recovers those weights instead.
+--allocation owl (with --owl-lambda, --owl-m) sets `allocation: owl`: per-decoder-layer sparsities from the dense
+model's activation outliers at the same average; the row records the layer sparsities and the achieved average.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-seq-len", type=int, default=256)
     ap.add_argument("--reconstruct-epochs", type=int, default=0, help="seq configs: block_sparse reconstruct_epochs")
     ap.add_argument("--reconstruct-lr", type=float, default=1e-4)
+    ap.add_argument("--allocation", choices=["uniform", "owl"], default="uniform")
+    ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--save", type=Path, default=None, help="save the best pruned weights (bf16) here")
     ap.add_argument("--load", type=Path, default=None, help="skip --configs: recover the pruned weights saved here"
                                                              " with --save")
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = BlockSparse(sparsity=args.sparsity, block=block, score="activation", refit=True,
                           text=str(args.calib), samples=args.samples, seq_len=args.seq_len, sequential=mode == "seq",
                           scope=scope, reconstruct_epochs=args.reconstruct_epochs if mode == "seq" else 0,
-                          reconstruct_lr=args.reconstruct_lr)
+                          reconstruct_lr=args.reconstruct_lr, allocation=args.allocation,
+                          owl_lambda=args.owl_lambda, owl_m=args.owl_m)
         set_weights(dense)
         report = prune_model(model, cfg, tokenizer=tok, log=log)
         round_bf16()
@@ -108,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         p, s = ppl()
         rec = cfg.reconstruct_epochs
         row = {"config": f"{block_s}@{args.sparsity}:activation+refit:{mode}" + (":row" if scope == "row" else "")
-               + (f":rec{rec}@{cfg.reconstruct_lr:g}" if rec else ""),
+               + (f":rec{rec}@{cfg.reconstruct_lr:g}" if rec else "")
+               + (f":owl{cfg.owl_lambda:g}@m{cfg.owl_m:g}" if cfg.allocation == "owl" else "")
+               + (f":s{args.samples}" if args.samples != 32 else ""),
                "block": block_s, "sequential": mode == "seq", "scope": scope,
                "achieved_sparsity": round(report["sparsity"], 4), "mean_out_err": round(sum(errs) / len(errs), 5), "prune_s": report["seconds"], "recover_steps": 0,
                "ppl": p, "eval_s": s}
+        if "owl" in report:
+            row.update(owl_lambda=cfg.owl_lambda, owl_m=cfg.owl_m,
+                       owl_layer_sparsity=[v["sparsity"] for v in report["owl"]["layers"].values()],
+                       owl_outlier_ratio=[v["outlier_ratio"] for v in report["owl"]["layers"].values()])
         if rec:
             rs = [e["reconstruct"] for e in report["modules"].values() if "reconstruct" in e]
             row.update(reconstruct_epochs=rec, reconstruct_lr=cfg.reconstruct_lr,

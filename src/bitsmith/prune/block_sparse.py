@@ -18,6 +18,13 @@ output of that layer (the dense model's hidden states are carried alongside, one
 set's): block-wise distillation, which also corrects the error the earlier layers left, at one layer's
 forward/backward per calibration batch and epoch.
 
+`allocation: owl` (activation scores, scope layer or row, one-shot or sequential) prunes the decoder layers
+unevenly at the same average: each layer's sparsity is `sparsity` +- `owl_lambda`, lower for the layers whose
+importances |W|*||X|| on the dense model hold more outliers (above `owl_m` times the layer's mean), as OWL does
+(`bitsmith.prune.owl`: the rule, and the rounding to whole blocks that keeps the average). The sequential form
+collects the dense model's input norms in one extra forward first. The report's "owl" entry lists every layer's
+outlier ratio and sparsity.
+
 Its kind follows the config: with `score: magnitude`, no refit and a per-layer or per-row allocation it needs
 nothing but each weight, so it is a tensor pass (streamed one weight at a time, like the quantizers: checkpoints
 bigger than memory, `--workers`, ranks); activation scores, refit or a global threshold need the whole model, so it
@@ -47,6 +54,7 @@ from ..compress.formats import PackedTensor
 from ..compress.inventory import inventory_from_model, select
 from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
 from ..kernels import bsr
+from . import owl
 from . import scores as S
 
 EXTRA_KEY = "block_sparse"  # ctx.extra[EXTRA_KEY][module] = {"block": (R, C), "sparsity": s}
@@ -94,6 +102,12 @@ class BlockSparse(CalibrationFields):
                                                        " weights this many passes over the calibration set toward"
                                                        " the dense model's layer output (0: off)")
     reconstruct_lr: float = Field(1e-4, gt=0.0, description="reconstruct: Adam learning rate")
+    allocation: Literal["uniform", "owl"] = Field("uniform", description="per-layer sparsity: uniform (every matrix"
+                                                  " at `sparsity`) or owl (decoder layers with more activation"
+                                                  " outliers pruned less, same average; scope layer or row)")
+    owl_lambda: float = Field(0.08, gt=0.0, lt=0.5, description="owl: layer sparsities span sparsity +- this")
+    owl_m: float = Field(5.0, gt=1.0, description="owl: an importance |W|*||X|| above owl_m times its layer's mean"
+                                                  " counts as an outlier")
 
     @property
     def supports_ranks(self) -> bool:
@@ -120,6 +134,16 @@ class BlockSparse(CalibrationFields):
         if self.reconstruct_epochs and not self.sequential:
             raise ValueError("reconstruct_epochs needs sequential: true (it trains each layer on the inputs that the"
                              " pruned earlier layers produce)")
+        if self.allocation == "owl":
+            if self.score != "activation":
+                raise ValueError("allocation owl counts outliers of the activation-aware importances |W|*||X||: it"
+                                 " needs score: activation")
+            if self.scope == "global":
+                raise ValueError("allocation owl sets one sparsity per decoder layer; scope global sets them by one"
+                                 " threshold: use scope layer or row with owl, or allocation uniform")
+            if not (0.0 < self.sparsity - self.owl_lambda and self.sparsity + self.owl_lambda < 1.0):
+                raise ValueError(f"allocation owl: sparsity {self.sparsity} +- owl_lambda {self.owl_lambda} must lie"
+                                 " inside (0, 1)")
         if self.sequential and not self.needs_calibration:
             raise ValueError("sequential: true needs calibration statistics: score activation or refit: true"
                              " (magnitude scores without refit do not depend on the earlier layers)")
@@ -228,15 +252,21 @@ def prune_model(model: torch.nn.Module, cfg: BlockSparse, *, tokenizer=None, sta
                           distributed=ranks is not None)
     t1 = time.time()
     masks = None
+    owl_report = None
     if rank == 0:  # scores need the statistics, which only rank 0 holds
         act = cfg.score == "activation"
         scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in modules.items()}
-        masks = S.allocate(scores, cfg.sparsity, cfg.scope, min_sparsity=cfg.min_sparsity,
+        sparsity = cfg.sparsity
+        if cfg.allocation == "owl":
+            sparsity, owl_report = _owl_plan(cfg, model, modules, {n: stats[n].norm for n in modules}, where, log)
+        masks = S.allocate(scores, sparsity, cfg.scope, min_sparsity=cfg.min_sparsity,
                            max_sparsity=cfg.max_sparsity)
     if ranks is not None:
         masks = _broadcast_masks(masks, modules, cfg.block)
     measure = cfg.refit if measure is None else measure
     report = {"modules": {}, "block": list(cfg.block), "score": cfg.score, "scope": cfg.scope, "refit": cfg.refit}
+    if owl_report is not None:  # rank 0's (the masks, hence the weights, are every rank's)
+        report["owl"] = owl_report
     pruned = sum(int((~masks[n]).sum()) * R * C for n in modules)
     total = sum(m.weight.numel() for m in modules.values())
     shared = ranks is not None and (cfg.refit or measure)  # else every rank masks every weight itself
@@ -311,15 +341,32 @@ def _summary(report: dict, cfg: BlockSparse, where: str) -> str:
     return msg + f"; {report['seconds']:.2f} s (calibration {report['calibration_s']:.2f} s)"
 
 
-def _prune_masks(cfg: BlockSparse, mods: dict, stats: dict, measure: bool, dtype, pruned: dict) -> dict:
-    """Score, allocate (per matrix) and prune `mods` with their statistics; {module: report entry}, and
-    pruned[module] = its number of zeroed weights."""
+def _prune_masks(cfg: BlockSparse, mods: dict, stats: dict, measure: bool, dtype, pruned: dict,
+                 sparsity: float | dict = None) -> dict:
+    """Score, allocate (per matrix; `sparsity` default cfg.sparsity, or {module: sparsity}) and prune `mods` with
+    their statistics; {module: report entry}, and pruned[module] = its number of zeroed weights."""
     act = cfg.score == "activation"
     scores = {n: S.block_scores(m.weight, cfg.block, stats[n].norm if act else None) for n, m in mods.items()}
-    masks = S.allocate(scores, cfg.sparsity, cfg.scope)
+    masks = S.allocate(scores, cfg.sparsity if sparsity is None else sparsity, cfg.scope)
     R, C = cfg.block
     pruned.update({n: int((~k).sum()) * R * C for n, k in masks.items()})
     return {n: _prune_one(m.weight, masks[n], cfg, stats[n].gram, measure, dtype) for n, m in mods.items()}
+
+
+def _owl_plan(cfg: BlockSparse, model, modules: dict, norms: dict, where: str, log) -> tuple[dict, dict]:
+    """allocation owl: ({module: sparsity}, report) from the dense model's input norms (`bitsmith.prune.owl`)."""
+    from ..quant.gptq import find_layers
+
+    stack, _ = find_layers(model)
+    sparsity, report = owl.owl_sparsities({n: m.weight for n, m in modules.items()}, norms, stack, cfg.sparsity,
+                                          cfg.owl_lambda, cfg.owl_m, cfg.block, cfg.scope)
+    total = sum(m.weight.numel() for m in modules.values())
+    report["planned_sparsity"] = sum(sparsity[n] * m.weight.numel() for n, m in modules.items()) / total
+    if log is not None and report["layers"]:
+        sp = [v["sparsity"] for v in report["layers"].values()]
+        log(f"{where}: owl allocation (m {cfg.owl_m}, lambda {cfg.owl_lambda}): layer sparsities {min(sp):.3f}.."
+            f"{max(sp):.3f} ({', '.join(f'{v:.3f}' for v in sp)}), planned average {report['planned_sparsity']:.4f}")
+    return sparsity, report
 
 
 @torch.no_grad()
@@ -340,6 +387,21 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     stat_s = [0.0]
 
     dense_hidden: list = []  # reconstruct: the dense model's hidden states entering this layer, per batch
+    sparsity, owl_report = cfg.sparsity, None
+    if cfg.allocation == "owl":  # the layer sparsities need every layer's dense statistics before the first prune
+        t = time.time()
+        dtype = next(model.parameters()).dtype
+        upcast = device.type == "cpu" and dtype != torch.float32
+        if upcast:
+            model.to(torch.float32)
+        try:
+            dense_stats = calibrate(model, cfg, list(modules), tokenizer, gram=False, desc=where)
+        finally:
+            if upcast:
+                model.to(dtype)
+        sparsity, owl_report = _owl_plan(cfg, model, modules, {n: dense_stats[n].norm for n in modules}, where, log)
+        del dense_stats
+        stat_s[0] += time.time() - t
 
     def process(step) -> None:
         mods = {n: m for n, m in modules.items() if n.startswith(step.name + ".")}
@@ -355,7 +417,7 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
             stats = {n: calibration.LinearStats(hs.H[n].diagonal().to(torch.float64), gram=hs.H[n]) for n in mods}
             stat_s[0] += time.time() - t
             # rounded to the model's dtype at once, so the next layers see the weights that will be stored
-            done = _prune_masks(cfg, mods, stats, measure, step.dtype, counts)
+            done = _prune_masks(cfg, mods, stats, measure, step.dtype, counts, sparsity)
             if cfg.reconstruct_epochs:
                 rec = reconstruct_layer(step, mods, dense_hidden, cfg.reconstruct_epochs, cfg.reconstruct_lr)
                 for n in mods:
@@ -383,7 +445,7 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
         try:
             stats = calibrate(model, cfg, list(rest), tokenizer, gram=True, desc=where)
             stat_s[0] += time.time() - t
-            entries.update(_prune_masks(cfg, rest, stats, measure, dtype, counts))
+            entries.update(_prune_masks(cfg, rest, stats, measure, dtype, counts, sparsity))
         finally:
             if upcast:
                 model.to(dtype)
@@ -393,6 +455,8 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
               "scope": cfg.scope, "refit": cfg.refit, "sequential": True,
               "sparsity": pruned / total if total else 0.0, "calibration_s": round(stat_s[0], 2),
               "seconds": round(time.time() - t0, 2), "outside_layers": sorted(rest)}
+    if owl_report is not None:
+        report["owl"] = owl_report
     if log is not None:
         log(_summary(report, cfg, where) + (f"; pruned after the layers ({stack_name}): {', '.join(sorted(rest))}"
                                             if rest else ""))

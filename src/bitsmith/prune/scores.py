@@ -66,15 +66,19 @@ def keep_lowest_pruned(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def allocate(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer", *, min_sparsity: float = 0.0,
-             max_sparsity: float = 1.0, normalize: bool = True) -> dict[str, torch.Tensor]:
-    """{name: keep-mask [NB, KB]} (see the module docstring). All blocks of all matrices have the same size."""
+def allocate(scores: dict[str, torch.Tensor], sparsity: float | dict[str, float], scope: str = "layer", *,
+             min_sparsity: float = 0.0, max_sparsity: float = 1.0, normalize: bool = True) -> dict[str, torch.Tensor]:
+    """{name: keep-mask [NB, KB]} (see the module docstring). All blocks of all matrices have the same size.
+    `sparsity` may be a {name: sparsity} (scopes layer and row: one per matrix, e.g. from `owl.owl_sparsities`)."""
+    def of(n: str) -> float:
+        return sparsity[n] if isinstance(sparsity, dict) else sparsity
+
     if scope == "layer":
-        return {n: keep_lowest_pruned(s, round(sparsity * s.numel())) for n, s in scores.items()}
+        return {n: keep_lowest_pruned(s, round(of(n) * s.numel())) for n, s in scores.items()}
     if scope == "row":
         out = {}
         for n, s in scores.items():
-            k = round(sparsity * s.shape[1])
+            k = round(of(n) * s.shape[1])
             order = torch.argsort(s, dim=1, stable=True)
             keep = torch.ones_like(s, dtype=torch.bool)
             keep.scatter_(1, order[:, :k], False)
@@ -82,6 +86,8 @@ def allocate(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "lay
         return out
     if scope != "global":
         raise ValueError(f"unknown scope {scope!r}")
+    if isinstance(sparsity, dict):
+        raise ValueError("scope global takes one sparsity for all matrices, not one per matrix")
     names = list(scores)
     sorted_s = {}
     for n in names:
