@@ -34,3 +34,16 @@ def test_quantized_head_variant_and_kernel_categories(tmp_path):
     cat = bench_generate.kernel_category
     assert cat("_gemv_wide_kernel") == "gwint" and cat("nvjet_hsh_64x8_splitK") == "cublas-gemm"
     assert cat("triton_poi_fused_mul_0") == "other" and cat("flash_fwd_kernel") == "attention"
+
+
+def test_compiled_decode_step(tmp_path):
+    """--compile puts the decode step's forward through torch.compile (here the aot_eager backend, which needs no
+    C++ compiler) for the fp16 and packed variants alike; the rows say so."""
+    torch._dynamo.reset()
+    out = tmp_path / "rows.json"
+    assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu",
+                                "--variant", "fp16", "--variant", "w4", "--compile", "aot_eager",
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["fp16", "w4"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["compiled"] == "aot_eager" for r in rows)

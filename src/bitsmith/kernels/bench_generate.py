@@ -8,6 +8,8 @@ Linear (not the head) by a `PackedLinear` of the gwint format (int4 with fp16 sc
 scale per output row) holding random codes, exactly what `bitsmith compress finequant-w4 / int8` would store.
 `w4-h8` / `w4-h4` also pack the lm_head (int8 per row / int4 g128): separate, clearly labelled variants, since the
 passes leave the head out by default (`ignore: lm_head`), so a recipe's checkpoint keeps it in fp16.
+With `--compile` the decode step's forward is compiled by `torch.compile` (inductor) first, for every variant
+alike; packed Linears enter the compiled graph as opaque custom ops (`bitsmith::gwint_linear`).
 Decoding uses a static KV cache: after a prefill of `--prompt` tokens, one decode step (forward of one token per
 sequence, greedy next token written back into the input buffer) is captured into a CUDA graph and replayed
 `--steps` times; tokens/s = batch x steps / time. The same code path runs every variant, so the ratio is the
@@ -96,7 +98,10 @@ def pack_linears(model, bits: int, group_size: int | None, seed: int = 0, head: 
 
 @torch.no_grad()
 def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs: bool = True,
-                        profile: bool = False) -> dict:
+                        profile: bool = False, compile: str | None = None) -> dict:
+    """Decode tokens/s of `model` (see the module docstring). `compile` (a torch.compile backend, e.g. "inductor"):
+    the decode step's forward is compiled first (static shapes; the CUDA graph is still this function's own), so
+    the small ops between the Linears are fused; packed Linears stay opaque custom ops inside the compiled graph."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -107,9 +112,11 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
     logits = model(input_ids=ids, cache_position=pos, past_key_values=cache, use_cache=True).logits  # prefill
     step_ids = logits[:, -1:].argmax(-1)  # [batch, 1]
     step_pos = torch.tensor([prompt], device=device)
+    forward = torch.compile(model.forward, backend=compile, dynamic=False) if compile else model.forward
+    t_compile = time.perf_counter()
 
     def step() -> None:
-        out = model(input_ids=step_ids, cache_position=step_pos, past_key_values=cache, use_cache=True).logits
+        out = forward(input_ids=step_ids, cache_position=step_pos, past_key_values=cache, use_cache=True).logits
         step_ids.copy_(out[:, -1:].argmax(-1))
         step_pos.add_(1)
 
@@ -121,6 +128,7 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
             for _ in range(3):
                 step()
         torch.cuda.current_stream().wait_stream(stream)
+        t_compile = time.perf_counter() - t_compile  # warm-up time: compilation (with `compile`) and tuning
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             step()
@@ -130,6 +138,7 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
         run = graph.replay
     else:
         step()
+        t_compile = time.perf_counter() - t_compile
         run = step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -139,7 +148,8 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
     sync()
     seconds = time.perf_counter() - t0
     res = {"batch": batch, "steps": steps, "seconds": round(seconds, 4), "graphs": use_graph,
-           "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3)}
+           "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3), "compiled": compile,
+           "warmup_s": round(t_compile, 1)}
     if profile and device.type == "cuda":
         res["profile"] = _profile_step(run, sync)
     return res
@@ -193,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true", help="time eager steps (no CUDA graph)")
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per kernel category")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="torch.compile the decode step's forward (every variant alike) before the CUDA graph "
+                         "(backend: inductor unless named)")
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shape or ["1b", "8b"]:
         for variant in args.variant or DEFAULT_VARIANTS:
+            if args.compile:
+                torch._dynamo.reset()  # a fresh compile per model: guards on the last model's modules would pile up
             model = build_model(shape, device)
             stored = None
             if VARIANTS[variant] is not None:
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batch or [1, 16]:
                 try:
                     res = decode_tokens_per_s(model, batch, args.steps, args.prompt, graphs=not args.no_graphs,
-                                              profile=args.profile)
+                                              profile=args.profile, compile=args.compile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
                 row = {"shape": shape, "variant": variant, "decoder_linear_bytes": stored, **res,

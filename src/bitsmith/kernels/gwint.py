@@ -115,9 +115,29 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
            group_size: int, in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The op packed modules call: Triton kernels (`gwint_triton`) on CUDA, the torch reference elsewhere."""
+    """The op packed modules call: Triton kernels (`gwint_triton`) on CUDA, the torch reference elsewhere.
+
+    Under `torch.compile` the Triton path goes through the opaque custom op `bitsmith::gwint_linear`, so the
+    graph has no break at a packed Linear and the compiler fuses the ops around it; eager calls skip the op's
+    dispatch cost and launch directly."""
     if use_triton(x):
+        if torch.compiler.is_compiling():
+            return torch.ops.bitsmith.gwint_linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
         from . import gwint_triton
 
         return gwint_triton.linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
     return linear_reference(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+
+
+@torch.library.custom_op("bitsmith::gwint_linear", mutates_args=())
+def _gwint_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group_size: int, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    from . import gwint_triton
+
+    # the result is a view of a freshly allocated output, never of an input (custom ops may not alias inputs)
+    return gwint_triton.linear(x, qweight, scales, zeros, bits, group_size, in_features, bias)
+
+
+@_gwint_linear_op.register_fake
+def _(x, qweight, scales, zeros, bits, group_size, in_features, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))  # [..., K] -> [..., N]

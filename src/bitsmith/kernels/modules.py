@@ -43,6 +43,7 @@ class PackedLinear(nn.Module):
             return nn.functional.linear(x, self._cached_weight(x.dtype), self.bias)
         return get_format(self.format_name).linear(x, self.packed_tensors(), self.params, self.bias)
 
+    @torch.compiler.disable  # a Python-side cache keyed by tensor ids: traced, it would recompile per module
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         tensors = self.packed_tensors()
         key = (dtype, tuple((id(t), t._version) for t in tensors.values()))  # in-place loads bump _version
