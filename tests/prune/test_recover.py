@@ -124,3 +124,56 @@ def test_teacher_cache_shared_between_runs_and_bounded(tiny_lm, calib_text):
     assert small.bytes == 32 * 256 * 4 and list(small.store) == [0]
     with torch.no_grad():
         torch.testing.assert_close(out, teacher(input_ids=ids).logits.float())
+
+
+def test_teacher_topk_over_the_whole_vocabulary_is_the_full_kl(tiny_lm, calib_text):
+    """k = the vocabulary (256): the renormalized top-k KL is the full KL, so training matches teacher_topk 0."""
+    from bitsmith.prune.recover import recover_model
+
+    runs = []
+    for k in (0, 256):
+        student, teacher, tok = _pruned_and_teacher(tiny_lm)
+        cfg = Recover(steps=3, lr=0.01, text=str(calib_text), samples=4, seq_len=32, batch_size=2, micro_batch=1,
+                      teacher_topk=k)
+        runs.append((recover_model(student, cfg, teacher, tok), dict(student.named_parameters())))
+    (full, w_full), (topk, w_topk) = runs
+    assert topk["teacher_topk"] == 256 and topk["topk_mass"] == pytest.approx(1.0, abs=1e-5)
+    assert topk["kl_first"] == pytest.approx(full["kl_first"], rel=1e-4)
+    assert topk["kl_last"] == pytest.approx(full["kl_last"], rel=1e-3)
+    for n, w in w_full.items():
+        torch.testing.assert_close(w_topk[n], w, rtol=1e-3, atol=1e-4)  # Adam magnifies float noise a little
+
+
+def test_teacher_topk_trains_keeps_masks_and_runs_the_teacher_once_per_sequence(tiny_lm, calib_text):
+    from bitsmith.prune.recover import TeacherTopK, recover_model
+
+    student, teacher, tok = _pruned_and_teacher(tiny_lm)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = Recover(steps=8, lr=0.003, text=str(calib_text), samples=4, seq_len=32, batch_size=2, teacher_topk=32)
+    report = recover_model(student, cfg, teacher, tok)
+    assert report["teacher_forwards"] == 4  # 12 sequences drawn, 4 distinct: top-k kept for each
+    assert 0.0 < report["topk_mass"] < 1.0 and report["kl_last"] < report["kl_first"]
+    w, w0 = student.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(w == 0, w0 == 0) and not torch.equal(w, w0)
+    assert torch.equal(student.lm_head.weight, before["lm_head.weight"])  # the head is not trained
+    # the cache: the teacher's k largest logits and their ids
+    cache = TeacherTopK(teacher, 8)
+    ids = torch.randint(0, 256, (2, 32))
+    words, vals = cache(ids, [0, 1])
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits.float().topk(8, dim=-1)
+    torch.testing.assert_close(vals, ref.values)
+    assert torch.equal(words, ref.indices)
+    with pytest.raises(ValueError, match="other tokens"):
+        cache(torch.randint(0, 256, (1, 32)), [0])
+
+
+def test_teacher_topk_checks():
+    with pytest.raises(ValueError, match="teacher_cache_gb: 0"):
+        Recover(teacher_topk=64, teacher_cache_gb=1.0)
+    with pytest.raises(ValueError):
+        Recover(teacher_topk=-1)
+    from bitsmith.prune.recover import head_of
+
+    with pytest.raises(RecipeError, match="teacher_topk"):
+        head_of(torch.nn.Linear(4, 4))

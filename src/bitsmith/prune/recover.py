@@ -25,6 +25,14 @@ backward). `teacher_cache_gb` > 0 keeps the teacher's float32 logits of each cal
 GB) and reuses them when the sequence comes back (`samples` < steps x batch_size): the loss is unchanged, only the
 repeated teacher forwards go. `TeacherLogits` is the cache; a caller distilling several students toward the same
 teacher on the same sequences (benchmarks) passes one to `recover_model` and pays the teacher once.
+
+`teacher_topk` = k > 0 distills on the teacher's k most likely words per position only: the teacher's top-k
+logits (and word ids) of each sequence are computed once and kept (k x 8 bytes per token, `TeacherTopK`), and the
+student's logits are computed for those k words alone, from its final hidden state and the rows of its output head
+(the head is never run over the whole vocabulary, and the teacher never twice on a sequence). The loss is the KL
+between the two distributions renormalized over the k words. For a large vocabulary this removes most of a step's
+arithmetic (Gemma-3's 262k-word head is about 60 % of its weights' flops); it ignores how the student spreads the
+mass outside the teacher's top k, and the report gives the teacher's mean mass inside them (`topk_mass`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..compress import calibration
 from ..compress.errors import RecipeError
@@ -61,8 +69,17 @@ class Recover(CalibrationFields):
                                                                          " tensor; default: each tensor's fitted nu")
     teacher_cache_gb: float = Field(0.0, ge=0.0, description="keep up to this many GB of teacher logits (float32)"
                                                              " for sequences seen again (0: off)")
+    teacher_topk: int = Field(0, ge=0, description="k > 0: distill on the teacher's top-k words per position only"
+                                                   " (student head run on those k words; 0: full vocabulary)")
 
     kind: ClassVar[PassKind] = PassKind.MODEL
+
+    @model_validator(mode="after")
+    def _topk(self):
+        if self.teacher_topk and self.teacher_cache_gb:
+            raise ValueError("teacher_topk keeps the teacher's top-k logits of every sequence itself; set"
+                             " teacher_cache_gb: 0 with it")
+        return self
 
 
 def plan_recover(cfg: Recover, view, inventory) -> None:
@@ -123,6 +140,66 @@ class TeacherLogits:
         return torch.stack(rows)
 
 
+class TeacherTopK:
+    """The teacher's top-k logits and word ids per calibration sequence, computed on first use and always kept
+    (k x 8 bytes per token). Same keys and checks as `TeacherLogits`; `mass` sums the teacher's probability inside
+    the top k over the positions seen (for the report)."""
+
+    def __init__(self, teacher: torch.nn.Module, k: int, temperature: float = 1.0):
+        self.teacher, self.k, self.temperature = teacher, k, temperature
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # key -> (ids, idx, values)
+        self.forwards = 0
+        self.seconds = 0.0
+        self.mass_sum = 0.0
+        self.positions = 0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(word ids [B, L, k] int64, logits [B, L, k] float32) on ids' device, for token ids [B, L]."""
+        for k, row in zip(keys, ids):
+            if k in self.store and not torch.equal(self.store[k][0], row.cpu()):
+                raise ValueError(f"TeacherTopK: sequence {k} has other tokens than when it was cached")
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        if todo:
+            t = time.time()
+            logits = self.teacher(input_ids=ids[todo], use_cache=False).logits.float()  # [b, L, V]
+            vals, idx = logits.topk(min(self.k, logits.shape[-1]), dim=-1)
+            p = torch.softmax(logits / self.temperature, dim=-1)
+            self.mass_sum += float(p.gather(-1, idx).sum())
+            self.positions += idx.shape[0] * idx.shape[1]
+            del logits, p
+            self.seconds += time.time() - t
+            self.forwards += len(todo)
+            for i, v, j in zip(todo, vals, idx):
+                self.store[keys[i]] = (ids[i].cpu(), j.to(torch.int32).cpu(), v.cpu())
+        idx = torch.stack([self.store[k][1] for k in keys]).to(ids.device, torch.int64)
+        vals = torch.stack([self.store[k][2] for k in keys]).to(ids.device)
+        return idx, vals
+
+
+def head_of(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, float | None]:
+    """(the decoder stack returning the final hidden state, the output head's weight [V, H], its logit soft cap)
+    of a Hugging Face causal LM, for `teacher_topk`."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model or getattr(head, "bias", None) is not None:
+        raise RecipeError(f"recover: teacher_topk needs a causal LM with a bias-free output head over a base model;"
+                          f" {type(model).__name__} has none: use teacher_topk: 0")
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return base, head.weight, cap
+
+
+def topk_student_logits(base: torch.nn.Module, weight: torch.Tensor, cap: float | None, ids: torch.Tensor,
+                        idx: torch.Tensor) -> torch.Tensor:
+    """The student's logits [B, L, k] of the words idx [B, L, k] for tokens ids [B, L]: final hidden state h [B, L, H]
+    times the head rows weight[idx] [B, L, k, H] (soft cap applied as the model does)."""
+    h = base(input_ids=ids, use_cache=False).last_hidden_state
+    logits = torch.einsum("blh,blkh->blk", h, weight[idx].to(h.dtype))
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def lr_at(step: int, steps: int, peak: float) -> float:
     warm = max(1, round(0.05 * steps))
     if step < warm:
@@ -139,7 +216,8 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.Tensor, cfg: Recover, params,
-            *, progress: bool = False, log=None, teacher_cache: Optional[TeacherLogits] = None) -> dict:
+            *, progress: bool = False, log=None, teacher_cache: Optional[TeacherLogits | TeacherTopK] = None
+            ) -> dict:
     """Train `params` (a {name: Parameter} of `student`) toward `teacher` on token `batches` [S, L]; zeros fixed.
 
     `teacher_cache`: a `TeacherLogits` of this teacher on these batches (default: one of `cfg.teacher_cache_gb`)."""
@@ -158,7 +236,13 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     student, opt = accelerator.prepare(student, opt)
     teacher.to(accelerator.device).eval()
-    if teacher_cache is None:
+    topk = None
+    if cfg.teacher_topk:
+        base, head_w, cap = head_of(accelerator.unwrap_model(student))
+        if not isinstance(teacher_cache, TeacherTopK):
+            teacher_cache = TeacherTopK(teacher, cfg.teacher_topk, cfg.temperature)
+        topk = teacher_cache
+    elif teacher_cache is None:
         teacher_cache = TeacherLogits(teacher, cfg.teacher_cache_gb * 1e9)
     forwards0, teacher_s0 = teacher_cache.forwards, teacher_cache.seconds
     student.train()
@@ -177,8 +261,12 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
             total = 0.0
             for mb, mkeys in zip(batch.split(cfg.micro_batch), keys.split(cfg.micro_batch)):
                 ids = mb.to(accelerator.device)
-                t_logits = teacher_cache(ids, mkeys.tolist())
-                s_logits = student(input_ids=ids, use_cache=False).logits
+                if topk is not None:  # the teacher's top-k words, the student's logits on those alone
+                    words, t_logits = topk(ids, mkeys.tolist())
+                    s_logits = topk_student_logits(base, head_w, cap, ids, words)
+                else:
+                    t_logits = teacher_cache(ids, mkeys.tolist())
+                    s_logits = student(input_ids=ids, use_cache=False).logits
                 loss = kl_loss(s_logits, t_logits, cfg.temperature) * (mb.shape[0] / batch.shape[0])
                 accelerator.backward(loss)
                 total += loss.item()
@@ -206,12 +294,16 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
               "tokens": cfg.steps * cfg.batch_size * batches.shape[1],
               "teacher_forwards": teacher_cache.forwards - forwards0,
               "teacher_s": round(teacher_cache.seconds - teacher_s0, 1)}
+    if topk is not None:
+        report["teacher_topk"] = topk.k
+        report["topk_mass"] = round(topk.mass_sum / max(1, topk.positions), 4)
     if penalties:
         report["gg_penalty_first"] = sum(penalties[:k]) / k
         report["gg_penalty_last"] = sum(penalties[-k:]) / k
     if log is not None:
         log(f"recover: {cfg.steps} steps, KL {report['kl_first']:.4f} -> {report['kl_last']:.4f}"
-            f" ({report['s_per_step']} s/step)")
+            + (f" (over the teacher's top {topk.k} words, mean mass {report['topk_mass']:.3f})" if topk else "")
+            + f" ({report['s_per_step']} s/step)")
     return report
 
 
@@ -238,7 +330,7 @@ def gg_penalty(params, prior: dict[str, tuple[float, float, float]]) -> torch.Te
 
 def recover_model(model: torch.nn.Module, cfg: Recover, teacher: torch.nn.Module, tokenizer, *,
                   progress: bool = False, log=None, where: str = "recover",
-                  teacher_cache: Optional[TeacherLogits] = None) -> dict:
+                  teacher_cache: Optional[TeacherLogits | TeacherTopK] = None) -> dict:
     """Distill `model` in place toward `teacher` as `cfg` says (float32 training); returns the report.
 
     `teacher_cache`: a `TeacherLogits` of `teacher` shared with other calls on the same calibration settings."""
