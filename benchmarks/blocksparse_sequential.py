@@ -18,6 +18,7 @@ dense model's layer output; the row then records the mean relative layer-output 
 keeps the best pruned weights (bf16); --load FILE skips the pruning and recovers those weights instead.
 --allocation owl (with --owl-lambda, --owl-m) sets `allocation: owl`: per-decoder-layer sparsities from the dense
 model's activation outliers at the same average; the row records the layer sparsities and the achieved average.
+--recover-topk K sets the recovery's `teacher_topk` (distill on the teacher's top-K words per position only).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              " with --save")
     ap.add_argument("--recover-samples", type=int, default=None,
                     help="calibration sequences of the recovery (default max(64, steps x batch / 2))")
+    ap.add_argument("--recover-topk", type=int, default=0, help="recover teacher_topk (0: full vocabulary)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dense", action="store_true", help="also score the dense model")
     ap.add_argument("--out", type=Path, default=None)
@@ -142,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         set_weights(weights)
         rc = Recover(steps=args.recover_steps, batch_size=args.recover_batch, micro_batch=args.recover_micro_batch,
                      seq_len=args.recover_seq_len, lr=args.recover_lr, text=str(args.calib),
-                     samples=args.recover_samples or max(64, args.recover_steps * args.recover_batch // 2), seed=1)
+                     samples=args.recover_samples or max(64, args.recover_steps * args.recover_batch // 2), seed=1,
+                     teacher_topk=args.recover_topk)
         log(f"recover {row['config']}: {rc.steps} steps x {rc.batch_size} x {rc.seq_len} tokens, lr {rc.lr}")
         rr = recover_model(model, rc, teacher, tok, progress=True, log=log)
         round_bf16()
         p, s = ppl()
         emit({**row, "recover_steps": rc.steps, "recover_batch": rc.batch_size, "recover_seq_len": rc.seq_len,
               "recover_lr": rc.lr, "recover_samples": rc.samples, "kl_first": round(rr["kl_first"], 4), "kl_last": round(rr["kl_last"], 4),
-              "recover_s": rr["seconds"], "ppl": p, "eval_s": s})
+              "recover_s": rr["seconds"], "s_per_step": rr["s_per_step"], "teacher_s": rr["teacher_s"],
+              **({"teacher_topk": rr["teacher_topk"], "topk_mass": rr["topk_mass"]} if args.recover_topk else {}),
+              "ppl": p, "eval_s": s})
     return 0
 
 
