@@ -118,12 +118,14 @@ def _warm(task):
     try:
         if task[0] == "check":
             return ("check", check(lambda m: print(m, flush=True), task[1]))
+        if task[0] == "check_mma":
+            return ("check", check_mma(lambda m: print(m, flush=True), task[1]))
         return ("warm", _warm_one(*task))
     except Exception:
         import traceback
 
         traceback.print_exc()
-        return (task[0] if task[0] == "check" else "warm", 1 if task[0] == "check" else 0)
+        return ("check", 1) if task[0].startswith("check") else ("warm", 0)
 
 
 def _warm_one(kind, bits, M):
@@ -146,7 +148,8 @@ def warm(log, workers=12, with_check=True) -> int:
     ctx = mp.get_context("spawn")
     # the correctness sweep as one task per case (its compiles spread over the processes), first in the queue
     cases = (2, 3, 4, 5, 16) if QUICK else CASES if CASES is not None else range(N_CASES)
-    tasks = ([("check", (i,)) for i in cases] + [("check", ())] if with_check else []) + timing_tasks()
+    tasks = ([("check_mma", (b,)) for b in range(1, 9)] + [("check", (i,)) for i in cases] + [("check", ())]
+             if with_check else []) + timing_tasks()
     with ctx.Pool(workers) as pool:
         res = pool.map(_warm, tasks, chunksize=1)
     n = sum(v for k, v in res if k == "warm")
@@ -243,6 +246,48 @@ def check(log, only: tuple[int, ...] | None = None) -> int:
         failures += 1
         log(f"FAIL graph replay: {e:.2e}")
     log(f"check: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
+    return failures
+
+
+def check_mma(log, bits_list=range(1, 9)) -> int:
+    """The tensor-core GEMV (`bitplane_mma`) against the fp32 reference -> failures: every candidate config on the
+    first shape, two on the others, and the plain-Triton twin (mode 1) of the first, which must also agree with
+    the PTX to rounding. Shapes: clamped row runs (N % 64 != 0, tiny N), a partial last K tile (576), one group
+    per row, bias on some."""
+    from bitsmith.kernels import bitplane_mma as bm
+
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    failures = checked = 0
+    t0 = time.time()
+    for bits in bits_list:
+        for ci, (N, K, gs) in enumerate(((1000, 576, 128), (36, 1024, 1024), (4160, 2048, 256))):
+            if SMOKE:
+                N, K = min(N, 132), min(K, 384)
+            w = make("bipolar", N, K, bits, torch.float16, gen, gs=gs)
+            bias = torch.randn(N, device=DEVICE, generator=gen).half() if (bits + ci) % 2 else None
+            x = torch.randn(1, K, device=DEVICE, dtype=torch.float16, generator=gen)
+            ref = reference(x, w, bias)
+            cfgs = bm.gemv_mma_configs(N, K, bits, w["group_size"], "bipolar", None, torch.float16, 132)
+            plans = [dict(c, mode=1) for c in cfgs[:1]]
+            if not SMOKE:
+                plans += [dict(c, mode=2) for c in (cfgs if ci == 0 else cfgs[:2])]
+            outs = {}
+            for cfg in plans:
+                out = call(x, w, bias=bias, config=cfg, regime="gemv")
+                e = rel(out, ref)
+                checked += 1
+                if not e < 3e-3:
+                    failures += 1
+                    log(f"FAIL mma b{bits} N{N} K{K} g{gs} {cfg}: {e:.2e}")
+                outs.setdefault(str(dict(cfg, mode=0)), []).append(out)
+            for pair in outs.values():
+                if len(pair) == 2:
+                    d = rel(pair[1], pair[0].float())
+                    checked += 1
+                    if not d < 1e-3:
+                        failures += 1
+                        log(f"FAIL mma PTX vs twin b{bits} N{N} K{K}: {d:.2e}")
+    log(f"check mma bits {list(bits_list)}: {checked} runs, {failures} failures, {time.time() - t0:.0f} s")
     return failures
 
 
@@ -406,7 +451,7 @@ def main(argv=None) -> int:
         failures = warm(log, args.workers, with_check=not args.no_check)
     if not args.no_check and not parallel:
         try:
-            failures = check(log)
+            failures = check(log) + check_mma(log, (2, 3) if SMOKE else range(1, 9))
         except Exception:
             import traceback
 

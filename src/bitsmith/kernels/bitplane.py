@@ -1375,13 +1375,27 @@ def gemm_t_configs(M: int, N: int, K: int, bits: int, kind: str, sms: int,
     return out
 
 
-def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
+def launch_gemv_mma(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
+    """x2 [1, K] fp16 -> out [1, N] by the tensor-core GEMV (`bitplane_mma`; bipolar without offset)."""
+    from . import bitplane_mma
+
+    if kind != "bipolar" or offset is not None:
+        raise ValueError("the mma GEMV takes bipolar weights without offset")
+    return bitplane_mma.launch_gemv_mma(x2, planes, coef, bias, out, group_size, K, cfg)
+
+
+def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int,
+                    offset: bool = False) -> list[dict]:
     """Everything the tuner tries at M == 1: the fp32 GEMV's two first configurations, for BCQ also the swapped
-    kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), and the f16x2 GEMV (fp16 activations)."""
+    kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), the f16x2 GEMV (fp16 activations) and for
+    bipolar fp16 without offset the tensor-core GEMV (`bitplane_mma`)."""
+    from . import bitplane_mma
+
     h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms)
+    mma = bitplane_mma.gemv_mma_configs(N, K, bits, group_size, kind, True if offset else None, dtype, sms)
     if h2 and kind == "bipolar":  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at
         # 1..4 bits: keep the latter's two best configurations only (rebuild strategy)
-        return gemv_configs(N, K, bits, group_size, kind, sms, (0,))[:2] + h2
+        return mma + gemv_configs(N, K, bits, group_size, kind, sms, (0,))[:2] + h2
     extra = [] if kind == "bipolar" else gemm_t_configs(1, N, K, bits, kind, sms)[:2]
     return gemv_configs(N, K, bits, group_size, kind, sms)[:2] + extra + h2
 
@@ -1419,11 +1433,12 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
             raise ValueError("the gemv regime takes exactly one row")
 
         def go(c):
-            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2}.get(c.get("kernel"), launch_gemv)
+            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, "mma": launch_gemv_mma}.get(c.get("kernel"),
+                                                                                                launch_gemv)
             launch(x2, *args, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or gemv_candidates(N, K, bits, group_size, kind,
-                                                                                   x.dtype, sms)
+                                                                                   x.dtype, sms, offset is not None)
         cfg = config or _tune(("gemv",) + key, cands, go)
     else:
         def go(c):
