@@ -126,7 +126,7 @@ def check(log) -> int:
         wd = bsr.dequantize(t, params, torch.float32)
         bias = torch.randn(N, device=DEV, generator=gen).to(dtype) if use_bias else None
         for M in (1, 3, 33, 200):
-            for cfg in check_configs(M, params):
+            for cfg in check_configs(M, params, dtype):
                 x = torch.randn(M, K, device=DEV, generator=gen).to(dtype)
                 ref = x.float() @ wd.t() + (bias.float() if use_bias else 0)
                 out = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
@@ -145,10 +145,11 @@ def check(log) -> int:
     # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
     if DEV == "cuda":
         n = 0
-        for fname in ("s80-b32", "s90-b64"):
+        for fname in ("s80-b32", "s90-b64", "s80-b32-w4"):
             params, t, _ = make(8192, 8192, FORMATS[fname], torch.float16, DEV, gen)
             wd = bsr.dequantize(t, params, torch.float32)
-            for M, cfg in [(M, c) for M in (1, 16, 128) for c in bsr.configs(M, params, split=True) if c["chunk"]]:
+            ms = (1,) if params["bits"] else (1, 16, 128)  # int4: the packed GEMV's splits
+            for M, cfg in [(M, c) for M in ms for c in bsr.configs(M, params, split=True) if c["chunk"]]:
                 for _ in range(STRESS_REPEATS):
                     x = torch.randn(M, 8192, device=DEV, generator=gen).half()
                     out = torch.full((M, 8192), float("nan"), device=DEV, dtype=torch.float16)
@@ -194,13 +195,14 @@ def check(log) -> int:
     return failures
 
 
-def check_configs(M: int, params: dict) -> list[dict]:
-    """What the sweep launches: the first three tiles, the last one, three `prefetch` tiles and the first of the
-    other GEMV memory order, whole-row (chunk 0); every split size of the first tile, and that tile with too few and
-    too many splits (the last split takes the rest; idle splits write nothing)."""
+def check_configs(M: int, params: dict, dtype=torch.float16) -> list[dict]:
+    """What the sweep launches: the first three tiles, the last one, three `prefetch` tiles, every `packed` tile
+    (int4 GEMV, fp16) and the first of the other GEMV memory order, whole-row (chunk 0); every split size of the
+    first tile, and that tile with too few and too many splits (the last split takes the rest; idle splits write
+    nothing)."""
     from bitsmith.kernels import bsr
 
-    cands = bsr.configs(M, params, split=True)  # split-K variants included
+    cands = bsr.configs(M, params, split=True, dtype=dtype)  # split-K variants included
     tiles = []
     for c in cands:
         tile = {k: v for k, v in c.items() if k != "chunk"}
@@ -208,8 +210,9 @@ def check_configs(M: int, params: dict) -> list[dict]:
             tiles.append(tile)
     splits = [c for c in cands if c["chunk"] and all(c[k] == v for k, v in tiles[0].items())]
     other = [dict(tiles[0], jmajor=True)] if M == 1 else []  # the other GEMV memory order (a kernel option)
-    pf = [t for t in tiles if t.get("prefetch")][:3]  # the hand-pipelined loops
-    picked = tiles[:3] + [t for t in tiles[-1:] + other + pf if t not in tiles[:3]]
+    pf = [t for t in tiles if t.get("prefetch") and not t.get("packed")][:3]  # the hand-pipelined loops
+    pk = [t for t in tiles if t.get("packed")]
+    picked = tiles[:3] + [t for t in tiles[-1:] + other + pf + pk if t not in tiles[:3]]
     out = [dict(tile, chunk=0) for tile in picked] + splits
     KB = params["in_features"] // params["block_cols"]
     out += [dict(t, chunk=2 * t["nblk"]) for t in picked[1:] if 2 * t["nblk"] < KB]  # split-K on every tile

@@ -190,7 +190,7 @@ def test_triton_kernel_against_dense_reference(N, K, block, density, values, dty
     g = torch.Generator().manual_seed(7)
     ms = (1, 3, 33) if block[0] >= 16 else (1, 5)
     for M in ms:
-        for cfg in bsr.configs(M, params)[:2]:
+        for cfg in bsr.configs(M, params, dtype=dtype)[:2]:
             bias = torch.randn(N, generator=g).to(dtype) if M == 3 else None
             x = torch.randn(M, K, generator=g).to(dtype)
             ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)

@@ -621,8 +621,9 @@ def _chunks(params: dict, row_programs: int, nblk: int, sms: int, block_m: int) 
     return out
 
 
-def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> list[dict]:
-    """Launch candidates for an [M, K] input, the heuristic default first.
+def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
+            dtype: torch.dtype = torch.float16) -> list[dict]:
+    """Launch candidates for an [M, K] input of `dtype`, the heuristic default first.
 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
     for the tensor cores (M >= 2) whatever the block width. `chunk` (0: whole block rows) splits each block row's
@@ -631,6 +632,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
     BITSMITH_BSR_SPLIT=1 only: correct on the H100 (stored partials) but never faster than whole rows by more than
     the cold-L2 tuner's noise, which once made it pick a split that ran 1.6 us slower (docs/results/blocksparse.md).
     """
+    from . import bsr_pk  # (imports this module)
+
     N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
     elt = 1 if bits else 2  # bytes per stored code/value (int4: two codes per byte, counted per byte)
@@ -648,6 +651,14 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None) -> 
             if c not in out:
                 out.append(c)
 
+    if M == 1 and bsr_pk.ok(params, dtype):
+        # int4 codes, fp16 x: the packed fp16x2 kernel (`bsr_pk`), one or two (block, row) slots per thread,
+        # the next step's loads in flight (prefetch) or not
+        for k, (br, nblk, warps, pf) in enumerate(((8, 32, 4, True), (8, 16, 4, True), (16, 16, 4, True),
+                                                   (4, 32, 4, True), (16, 32, 8, True), (8, 32, 4, False))):
+            br = min(br, R)
+            add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, packed=True, prefetch=pf),
+                k < 2)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.
@@ -793,7 +804,13 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
         v, s = tensors["qvalues"], tensors["scales"]
         gb = C // params["group_size"] if block_scales(params) else 0
     b = bias if bias is not None else s
-    if cfg.get("prefetch") and bits:
+    from . import bsr_pk  # (imports this module)
+
+    packed = bool(cfg.get("packed"))
+    if packed and not (bsr_pk.ok(params, x2.dtype) and bm == 1 and M == 1):
+        raise ValueError("bsr packed launches are for M = 1, fp16 x and int4 values with one scale per block row"
+                         " (group_size a multiple of block_cols) and block_cols a multiple of 16")
+    if cfg.get("prefetch") and bits and not packed:
         # the mm prefetch loop gave wrong sums and an illegal address with int4 codes and 64-row x tiles on the
         # H100 (2026-11-24; correct under TRITON_INTERPRET=1); the GEMV one is written for model-dtype values only
         raise ValueError("bsr prefetch launches take values in the model dtype only (bits null)")
@@ -808,6 +825,10 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
                                (N // br) * num_m if n_split > 1 else 0)
     common = dict(R=R, C=C, CW=_cw(params), BLOCK_R=br, NBLK=nblk, BITS=bits or 0, GB=gb, HAS_BIAS=bias is not None,
                   FENCE=not _interpreting(), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+    if packed and bsr_pk.launch(x2, tensors, params, bias, out, cfg, ws, cnt, chunk, n_split, not _interpreting()):
+        return None
+    if packed:  # x or the codes not word-aligned: the fp32 path of the same tile (it has no prefetch for codes)
+        cfg = dict(cfg, prefetch=False)
     if gemv:
         return _bsr_gemv_kernel[(N // br, n_split)](
             x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt, N, params.get("group_size") or 1,
@@ -871,7 +892,7 @@ def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tens
     if M == 0:
         return rows.result()
     if config is None:
-        cands = configs(M, params, _num_sms(x.device))
+        cands = configs(M, params, _num_sms(x.device), dtype=x.dtype)
         config = _tune(tune_key(M, params, x.dtype, bias is not None, x.device), cands,
                        lambda c: launch(x2, tensors, params, bias, out, c), x.device)
     launch(x2, tensors, params, bias, out, config)

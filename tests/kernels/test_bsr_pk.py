@@ -1,0 +1,146 @@
+"""bsr packed int4 GEMV (`bitsmith.kernels.bsr_pk`): fp16x2 dequantization, hand-pipelined loads.
+
+Under TRITON_INTERPRET=1 the kernel runs its plain-Triton twin of the inline PTX (`_pkb_ref`, the same fp16
+arithmetic); on a GPU the PTX itself. Against the dense fp32 reference of the dequantized weight: block widths 16,
+32 and 64, block rows empty / one block / full, group sizes a multiple of the block width and one group for the
+whole row, every tile option with and without prefetch and split-K, bias, NaN-poisoned outputs."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bitsmith.kernels import bsr, bsr_pk, gwint  # noqa: E402
+from bitsmith.quant.groupwise import quantize_groupwise  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(bsr.triton is None or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+                                reason="needs Triton with a GPU or TRITON_INTERPRET=1")
+
+
+def int4_weight(N, K, block, group_size, seed, dtype=torch.float16):
+    """int4 bsr weight with block row 0 empty, row 1 full, row 2 a single block, the rest at density 0.4."""
+    g = torch.Generator().manual_seed(seed)
+    R, C = block
+    NB, KB = N // R, K // C
+    mask = torch.rand(NB, KB, generator=g) < 0.4
+    mask[0] = False
+    mask[1] = True
+    mask[2] = False
+    mask[2, KB - 1] = True
+    w = torch.randn(N, K, generator=g) * mask.repeat_interleave(R, 0).repeat_interleave(C, 1)
+    codes, scales, _ = quantize_groupwise(w, 4, group_size, True, "pow2_minus_1", dtype, None)
+    qw = gwint.pack_codes(codes, 4)
+    wd = gwint.dequantize(qw, scales, None, 4, group_size, K, dtype=torch.float32)
+    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block)
+    return params, {k: v.to(DEVICE) for k, v in t.items()}, wd
+
+
+def run(x, t, params, bias, cfg):
+    out = torch.full((x.shape[0], params["out_features"]), float("nan"), dtype=x.dtype, device=x.device)
+    bsr.launch(x, t, params, bias, out, cfg)
+    return out
+
+
+def rel(out, ref):
+    assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+    return ((out.double().cpu() - ref.double()).norm() / ref.double().norm()).item()
+
+
+CASES = [  # N, K, block, group_size
+    (64, 512, (16, 32), 128),  # scales per 4 blocks
+    (96, 256, (32, 32), 32),  # one scale per block
+    (128, 512, (32, 64), 512),  # one group for the whole row
+    (48, 256, (16, 16), 64),  # two code words per block row (one pair)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[2][0]}x{c[2][1]}-g{c[3]}")
+def test_packed_gemv_matches_reference(case):
+    N, K, block, gs = case
+    params, t, wd = int4_weight(N, K, block, gs, seed=N + K)
+    assert bsr_pk.ok(params, torch.float16)
+    g = torch.Generator().manual_seed(3)
+    cands = [c for c in bsr.configs(1, params, split=True) if c.get("packed")]
+    assert cands and cands[0] == bsr.configs(1, params)[0]  # the packed tiles come first
+    extra = [dict(block_m=1, block_r=min(4, block[0]), nblk=2, chunk=0, packed=True, prefetch=pf) for pf in (0, 1)]
+    extra += [dict(block_m=1, block_r=min(8, block[0]), nblk=1, chunk=1, packed=True, prefetch=True),  # 1-block splits
+              dict(block_m=1, block_r=block[0], nblk=4, chunk=4, n_split=64, packed=True, prefetch=True)]
+    for i, cfg in enumerate(cands + extra):
+        x = torch.randn(1, K, generator=g).half()
+        bias = torch.randn(N, generator=g).half() if i % 2 else None
+        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
+        out = run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg)
+        # fp16 partial sums over 8 products per half, like gwint's packed GEMV
+        assert rel(out, ref) < 3e-3, cfg
+        if bias is not None:  # block row 0 stores nothing: the bias, exactly
+            assert torch.equal(out[0, :block[0]].cpu(), bias[:block[0]])
+    _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
+    assert not cnt.any()
+
+
+def test_packed_gemv_falls_back_on_unaligned_x():
+    """x whose storage offset is not a multiple of four halves cannot be read as int64 words: the fp32 path of
+    the same tile runs instead, with the same result."""
+    params, t, wd = int4_weight(64, 256, (16, 32), 128, seed=5)
+    big = torch.randn(1, 257, generator=torch.Generator().manual_seed(6)).half()
+    x = big[:, 1:]  # storage offset 1
+    with pytest.raises(RuntimeError):
+        x.view(torch.int64)
+    cfg = bsr.configs(1, params)[0]
+    assert cfg.get("packed")
+    out = run(x.to(DEVICE), t, params, None, cfg)
+    assert rel(out, x.float() @ wd.t()) < 3e-3
+    assert rel(bsr.triton_linear(x.to(DEVICE), t, params, config=cfg), x.float() @ wd.t()) < 3e-3
+
+
+def test_packed_applicability_and_refusals():
+    params, t, _ = int4_weight(48, 128, (16, 32), 64, seed=7)
+    assert bsr_pk.ok(params, torch.float16) and not bsr_pk.ok(params, torch.bfloat16)
+    assert not bsr_pk.ok({**params, "bits": 8}, torch.float16)
+    assert not bsr_pk.ok({**params, "group_size": 16}, torch.float16)  # per-block scales (g < C)
+    assert not bsr_pk.ok({**params, "block_cols": 8}, torch.float16)  # one code word per block row
+    assert not any(c.get("packed") for c in bsr.configs(1, params, dtype=torch.bfloat16))
+    assert not any(c.get("packed") for M in (2, 16, 128) for c in bsr.configs(M, params))
+    cfg = bsr.configs(1, params)[0]
+    with pytest.raises(ValueError, match="packed"):
+        run(torch.randn(1, 128).bfloat16().to(DEVICE), t, params, None, cfg)
+    with pytest.raises(ValueError, match="packed"):
+        run(torch.randn(2, 128).half().to(DEVICE), t, params, None, dict(cfg, block_m=16))
+
+
+if bsr.triton is not None:
+    import triton
+    import triton.language as tl
+
+    from bitsmith.kernels.bsr_pk import _pkb_ref
+
+    @triton.jit
+    def _twin_kernel(w_ptr, x_ptr, o_ptr, T: tl.constexpr):
+        i = tl.arange(0, T)
+        r = _pkb_ref(tl.load(w_ptr + i), tl.load(w_ptr + T + i), tl.load(x_ptr + i), tl.load(x_ptr + T + i),
+                     tl.load(x_ptr + 2 * T + i), tl.load(x_ptr + 3 * T + i))
+        tl.store(o_ptr + i, r)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the twin runs under the interpreter")
+def test_twin_matches_unpacked_codes():
+    """The interpreter twin's arithmetic, element by element: code words and x words in, the fp32 dot out (the
+    fp16 partial sums round: a loose tolerance)."""
+    g = torch.Generator().manual_seed(8)
+    T = 16
+    w = torch.randint(-2**31, 2**31 - 1, (2, T), generator=g, dtype=torch.int64).to(torch.int32)
+    xs = torch.randn(4, T, 4, generator=g).half()  # low / high x of word 0, low / high x of word 1
+    out = torch.empty(T)
+    _twin_kernel[(1,)](w, xs.view(torch.int64).reshape(4, T).contiguous(), out, T=T)
+    ref = torch.zeros(T, dtype=torch.float64)
+    for j in range(2):
+        wb = w[j].to(torch.int64) & 0xFFFFFFFF
+        for byte in range(4):  # byte k: column k (low nibble) and column k + C/2 (high nibble)
+            b = (wb >> (8 * byte)) & 0xFF
+            ref += ((b & 0xF) - 8).double() * xs[2 * j, :, byte].double()
+            ref += ((b >> 4) - 8).double() * xs[2 * j + 1, :, byte].double()
+    assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2)
