@@ -91,7 +91,8 @@ def _candidates(kind, bits, M, N, K):
     if M == 1:  # what the public op tunes over (fp32 GEMV, f16x2 GEMV, and for BCQ the swapped kernel)
         return [("gemv", c) for c in bp.gemv_candidates(N, K, bits, G, kind, torch.float16, sms)]
     # the older `_gemm_kernel` keeps its two first candidates, so the tune log compares both kernels
-    return [("gemm", c) for c in bp.gemm_t_configs(M, N, K, bits, kind, sms, torch.float16)
+    return [("gemm", c) for c in bp.gemm_mma_candidates(M, N, K, bits, G, kind, None, torch.float16)
+            + bp.gemm_t_configs(M, N, K, bits, kind, sms, torch.float16)
             + bp.gemm_configs(M, N, K, bits, G, kind, sms)[:2]]
 
 
@@ -255,6 +256,7 @@ def check_mma(log, bits_list=range(1, 9)) -> int:
     the PTX to rounding. Shapes: clamped row runs (N % 64 != 0, tiny N), a partial last K tile (576), one group
     per row, bias on some."""
     from bitsmith.kernels import bitplane_mma as bm
+    from bitsmith.kernels import bitplane_mma_gemm as bg
 
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     failures = checked = 0
@@ -271,15 +273,25 @@ def check_mma(log, bits_list=range(1, 9)) -> int:
             plans = [dict(c, mode=1) for c in cfgs[:1]]
             if not SMOKE:
                 plans += [dict(c, mode=2) for c in (cfgs if ci == 0 else cfgs[:2])]
+            cfgk = bg.gemm_mma_configs(1, N, K, bits, w["group_size"], "bipolar", None, torch.float16)
+            plans += [dict(c, mode=1) for c in cfgk[:1]]
+            if not SMOKE:
+                plans += [dict(c, mode=2) for c in (cfgk if ci == 0 else cfgk[:2])]
             outs = {}
             for cfg in plans:
-                out = call(x, w, bias=bias, config=cfg, regime="gemv")
-                e = rel(out, ref)
-                checked += 1
-                if not e < 3e-3:
-                    failures += 1
-                    log(f"FAIL mma b{bits} N{N} K{K} g{gs} {cfg}: {e:.2e}")
-                outs.setdefault(str(dict(cfg, mode=0)), []).append(out)
+                for M in ((1,) if cfg["kernel"] == "mma" else (1, 3, 16)):
+                    xm = x if M == 1 else torch.randn(M, K, device=DEVICE, dtype=torch.float16, generator=gen)
+                    refm = ref if M == 1 else reference(xm, w, bias)
+                    if cfg["mode"] == 1 and M > 1 and (SMOKE or ci > 0 or M > 8):  # twin at M = 3, shape 0
+                        continue
+                    out = call(xm, w, bias=bias, config=cfg, regime="gemv" if M == 1 else "gemm")
+                    e = rel(out, refm)
+                    checked += 1
+                    if not e < 3e-3:
+                        failures += 1
+                        log(f"FAIL mma b{bits} N{N} K{K} g{gs} M{M} {cfg}: {e:.2e}")
+                    if M == 1:
+                        outs.setdefault(str(dict(cfg, mode=0)), []).append(out)
             for pair in outs.values():
                 if len(pair) == 2:
                     d = rel(pair[1], pair[0].float())

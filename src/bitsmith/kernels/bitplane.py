@@ -1384,20 +1384,41 @@ def launch_gemv_mma(x2, planes, coef, offset, bias, out, kind, group_size, K, cf
     return bitplane_mma.launch_gemv_mma(x2, planes, coef, bias, out, group_size, K, cfg)
 
 
+def launch_gemm_mma(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
+    """x2 [M <= 16, K] fp16 -> out [M, N] by the tensor-core kernel of `bitplane_mma_gemm` (bipolar, no offset)."""
+    from . import bitplane_mma_gemm
+
+    if kind != "bipolar" or offset is not None:
+        raise ValueError("the mma GEMM takes bipolar weights without offset")
+    return bitplane_mma_gemm.launch_gemm_mma(x2, planes, coef, bias, out, group_size, K, cfg)
+
+
+MMA_LAUNCH = {"mma": launch_gemv_mma, "mma_k": launch_gemm_mma}
+
+
 def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int,
                     offset: bool = False) -> list[dict]:
     """Everything the tuner tries at M == 1: the fp32 GEMV's two first configurations, for BCQ also the swapped
     kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), the f16x2 GEMV (fp16 activations) and for
     bipolar fp16 without offset the tensor-core GEMV (`bitplane_mma`)."""
-    from . import bitplane_mma
+    from . import bitplane_mma, bitplane_mma_gemm
 
     h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms)
-    mma = bitplane_mma.gemv_mma_configs(N, K, bits, group_size, kind, True if offset else None, dtype, sms)
+    off = True if offset else None
+    mma = bitplane_mma.gemv_mma_configs(N, K, bits, group_size, kind, off, dtype, sms) + \
+        bitplane_mma_gemm.gemm_mma_configs(1, N, K, bits, group_size, kind, off, dtype)[:4]
     if h2 and kind == "bipolar":  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at
         # 1..4 bits: keep the latter's two best configurations only (rebuild strategy)
         return mma + gemv_configs(N, K, bits, group_size, kind, sms, (0,))[:2] + h2
     extra = [] if kind == "bipolar" else gemm_t_configs(1, N, K, bits, kind, sms)[:2]
     return gemv_configs(N, K, bits, group_size, kind, sms)[:2] + extra + h2
+
+
+def gemm_mma_candidates(M, N, K, bits, group_size, kind, offset, dtype) -> list[dict]:
+    """The tensor-core kernel's candidates for 2 <= M <= 16 (`bitplane_mma_gemm`; [] where it does not apply)."""
+    from . import bitplane_mma_gemm
+
+    return bitplane_mma_gemm.gemm_mma_configs(M, N, K, bits, group_size, kind, offset, dtype)
 
 
 def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=None, config: dict | None = None,
@@ -1433,8 +1454,7 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
             raise ValueError("the gemv regime takes exactly one row")
 
         def go(c):
-            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, "mma": launch_gemv_mma}.get(c.get("kernel"),
-                                                                                                launch_gemv)
+            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, **MMA_LAUNCH}.get(c.get("kernel"), launch_gemv)
             launch(x2, *args, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or gemv_candidates(N, K, bits, group_size, kind,
@@ -1442,11 +1462,13 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         cfg = config or _tune(("gemv",) + key, cands, go)
     else:
         def go(c):
-            (launch_gemm_t if c.get("kernel") == "swapped" else launch_gemm)(x2, *args, out, kind, group_size, K, c)
+            launch = {"swapped": launch_gemm_t, **MMA_LAUNCH}.get(c.get("kernel"), launch_gemm)
+            launch(x2, *args, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or (
-            gemm_t_configs(M, N, K, bits, kind, sms, x.dtype) + gemm_configs(M, N, K, bits, group_size, kind,
-                                                                             sms)[:2])
+            gemm_mma_candidates(M, N, K, bits, group_size, kind, offset, x.dtype)
+            + gemm_t_configs(M, N, K, bits, kind, sms, x.dtype) + gemm_configs(M, N, K, bits, group_size, kind,
+                                                                               sms)[:2])
         cfg = config or _tune(("gemm", 1 << (M - 1).bit_length()) + key, cands, go)
     go(cfg)
     return rows.result()

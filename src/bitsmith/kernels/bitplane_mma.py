@@ -102,6 +102,20 @@ if triton is not None:
         return s0.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32), s3.to(tl.float32)
 
     @triton.jit
+    def _x_loads(x_ptr, x_a, xo, MODE: tl.constexpr):
+        """The lane's 32 x values from element offset xo: 16 int32 of fp16 pairs (x_2a, x_2a+1) (MODE 2, four
+        16-byte loads), or 32 fp16 tensors (MODE 1)."""
+        xs = ()
+        if MODE == 2:
+            for v in tl.static_range(4):
+                x0, x1, x2, x3 = _ld4(x_a + (xo + 8 * v) * 2, MODE, x_ptr, xo)
+                xs = xs + (x0, x1, x2, x3)
+        else:
+            for j in tl.static_range(32):
+                xs = xs + (tl.load(x_ptr + xo + j),)
+        return xs
+
+    @triton.jit
     def _tile_loads(pl_ptr, x_ptr, s_ptr, pl_a, x_a, s_a, po, xo, so, db, plane_stride, BITS: tl.constexpr,
                     MODE: tl.constexpr):
         """One K tile's loads of a lane: plane words (per plane, its 8 rows), its 32 x values (16 int32 of fp16
@@ -114,14 +128,7 @@ if triton is not None:
             a0, a1, a2, a3 = _ld4(pl_a + oa * 4, MODE, pl_ptr, oa)
             b0, b1, b2, b3 = _ld4(pl_a + (oa + db) * 4, MODE, pl_ptr, oa + db)
             words = words + ((a0, a1, a2, a3, b0, b1, b2, b3),)
-        xs = ()
-        if MODE == 2:
-            for v in tl.static_range(4):
-                x0, x1, x2, x3 = _ld4(x_a + (xo + 8 * v) * 2, MODE, x_ptr, xo)
-                xs = xs + (x0, x1, x2, x3)
-        else:
-            for j in tl.static_range(32):
-                xs = xs + (tl.load(x_ptr + xo + j),)
+        xs = _x_loads(x_ptr, x_a, xo, MODE)
         s0, s1, s2, s3 = _scales4(s_a + so * 2, MODE, s_ptr, so)
         s4, s5, s6, s7 = _scales4(s_a + (so + db) * 2, MODE, s_ptr, so + db)
         return words, xs, (s0, s1, s2, s3, s4, s5, s6, s7)
