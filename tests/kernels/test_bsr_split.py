@@ -216,3 +216,42 @@ def test_prefetch_tiles(case):
         cfg = dict(cfg, num_warps=4, num_stages=1)
         check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
     assert workspace_is_clean(DEVICE)
+
+
+def test_row_order_longest_first_and_cached():
+    params, t, _ = weights((64, 256, (16, 16), None, torch.float16), seed=31)
+    crow = t["crow_indices"]
+    lengths = (crow[1:] - crow[:-1]).tolist()
+    order = bsr.row_order(crow, params, 8).tolist()  # two row tiles per block row
+    assert sorted(order) == list(range(64 // 8))
+    rows = [order[i] // 2 for i in range(0, len(order), 2)]
+    assert [order[i + 1] for i in range(0, len(order), 2)] == [2 * r + 1 for r in rows]
+    assert [lengths[r] for r in rows] == sorted(lengths, reverse=True)
+    assert bsr.row_order(crow, params, 8) is bsr.row_order(crow, params, 8)  # cached
+    crow[1:] += 0  # in place: a new version, computed again
+    assert bsr.row_order(crow, params, 8).tolist() == order
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]],
+                         ids=lambda c: f"{c[2][0]}x{c[2][1]}-{c[3]}-{str(c[4])[6:]}")
+def test_ordered_launches(case):
+    """`order` (row tiles longest block row first) on the GEMV, mm and packed int4 kernels, with and without
+    split-K and prefetch: the same results as the reference, every row written."""
+    params, t, wd = weights(case, seed=41 + case[0])
+    t = {k: v.to(DEVICE) for k, v in t.items()}
+    N, K, dtype = params["out_features"], params["in_features"], case[4]
+    g = torch.Generator().manual_seed(42)
+    runs = [(1, dict(block_m=1, block_r=8, nblk=2, chunk=0, jmajor=False)),
+            (1, dict(block_m=1, block_r=8, nblk=1, chunk=3, jmajor=False)),
+            (19, dict(block_m=16, block_r=16, nblk=2, chunk=0)), (19, dict(block_m=16, block_r=16, nblk=1, chunk=3))]
+    if params["bits"] is None:
+        runs += [(M, dict(c, prefetch=True, num_stages=1)) for M, c in runs]
+    elif dtype == torch.float16 and params["bits"] == 4:
+        runs += [(1, c) for c in bsr.configs(1, params) if c.get("order") and c.get("packed")]
+    for M, cfg in runs:
+        cfg = dict(cfg, order=True)
+        x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+        bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if M == 19 else None
+        ref = x.float().cpu() @ wd.t() + (bias.float().cpu() if bias is not None else 0)
+        check(run(x, t, params, bias, cfg).cpu(), ref, dtype, (M, cfg))
+    assert workspace_is_clean(DEVICE)

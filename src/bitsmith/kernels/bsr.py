@@ -335,6 +335,15 @@ if triton is not None:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _row_tile(order_ptr, ORDER: tl.constexpr):
+        """The row tile this program owns: program_id(0), or (ORDER) its entry of the longest-first order."""
+        if ORDER:
+            r = tl.load(order_ptr + tl.program_id(0))
+        else:
+            r = tl.program_id(0)
+        return r
+
+    @triton.jit
     def _lop_f32(codes, mask: tl.constexpr, magic, zero: tl.constexpr):
         """(codes & mask) | magic read as float32 is 2^23 + the masked field (at its bit position); minus
         (2^23 + zero) it is exact: field - zero. No shift and no int->float conversion (a quarter-rate op)."""
@@ -371,7 +380,8 @@ if triton is not None:
                          chunk, n_split, magic,
                          R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                          NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         JMAJOR: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
+                         JMAJOR: tl.constexpr, FENCE: tl.constexpr, PREFETCH: tl.constexpr = False,
+                         order_ptr=None, ORDER: tl.constexpr = False):
         # M == 1. x: [K]; values [B, R, CW]; out: [N]. Program (pid, s) owns BLOCK_R rows of one block row and
         # split s of its stored blocks; it reads NBLK blocks per step as one [NBLK, BLOCK_R, CW] tile (bytes in
         # flight; JMAJOR: loaded block index outermost, so that threads walk each block's BLOCK_R * CW contiguous
@@ -379,7 +389,7 @@ if triton is not None:
         # of one row meet in the fp32 workspace (`_split_epilogue`). PREFETCH (model-dtype values): the next
         # step's loads are issued before this step's products. scales: GB == 0 -> [ceil(K / group_size), N];
         # GB >= 1 -> [B, R, GB]
-        pid = tl.program_id(0)
+        pid = _row_tile(order_ptr, ORDER)
         row0 = pid * BLOCK_R
         brow = row0 // R
         sub = row0 - brow * R
@@ -529,12 +539,13 @@ if triton is not None:
                        R: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, NBLK: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
                        USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FENCE: tl.constexpr, PREFETCH: tl.constexpr = False):
+                       FENCE: tl.constexpr, PREFETCH: tl.constexpr = False, order_ptr=None,
+                       ORDER: tl.constexpr = False):
         # x: [M, K], values [B, R, CW], out: [M, N]. Program (r, m, s) owns BLOCK_R rows of one block row,
         # BLOCK_M rows of x and split s of the block row's stored blocks; each step gathers NBLK stored blocks into
         # one K-tile of KK = NBLK * CW columns: w [BLOCK_R, KK] (contiguous rows of consecutive blocks) and
         # x [BLOCK_M, KK] (the blocks' x segments). Splits meet in the fp32 workspace (`_split_epilogue`).
-        pid_r = tl.program_id(0)
+        pid_r = _row_tile(order_ptr, ORDER)
         pid_m = tl.program_id(1)
         row0 = pid_r * BLOCK_R
         brow = row0 // R
@@ -654,11 +665,16 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
     if M == 1 and bsr_pk.ok(params, dtype):
         # int4 codes, fp16 x: the packed fp16x2 kernel (`bsr_pk`), one or two (block, row) slots per thread,
         # the next step's loads in flight (prefetch) or not
-        for k, (br, nblk, warps, pf) in enumerate(((8, 32, 4, True), (8, 16, 4, True), (16, 16, 4, True),
-                                                   (4, 32, 4, True), (16, 32, 8, True), (8, 32, 4, False))):
+        # (call 1 of the third pass: r8 n32 without prefetch best at 8192x8192, r16 n16 with it at 28672x8192);
+        # n64: most block rows in one step; `order`: longest block rows first
+        for k, (br, nblk, warps, pf, od) in enumerate((
+                (8, 32, 4, False, False), (16, 16, 4, True, False), (8, 32, 4, True, False),
+                (8, 16, 4, True, False), (16, 32, 8, True, False), (8, 64, 8, False, False),
+                (4, 64, 4, False, False), (16, 32, 8, False, False), (8, 32, 4, False, True),
+                (16, 16, 4, True, True), (8, 64, 8, False, True))):
             br = min(br, R)
-            add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, packed=True, prefetch=pf),
-                k < 2)
+            c = dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, packed=True, prefetch=pf)
+            add(dict(c, order=True) if od else c, k < 2)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.
@@ -681,6 +697,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
                     nblk //= 2
                 add(dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, jmajor=False,
                          prefetch=True), k < 2)
+            for c in [c for c in out if c.get("prefetch") and not c["chunk"]][:2]:  # longest block rows first
+                add(dict(c, order=True), False)
         return out
     bm = min(128, max(16, _next_pow2(M)))
     if R >= 16:
@@ -703,7 +721,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # before the current step's multiply (two steps in flight)
         # (no wide K-tile for 64/128-row x tiles: 128 x 256 int4 tiles need more shared memory than the H100 has)
         wide = ((32, 256, 4, False), (16, 512, 4, False), (32, 128, 4, True), (64, 64, 8, True),
-                (16, 128, 4, True), (32, 256, 4, True)) if bm <= 16 else \
+                (16, 128, 4, True), (32, 256, 4, True), (16, 256, 4, True), (16, 512, 4, True),
+                (64, 256, 8, True)) if bm <= 16 else \
             ((32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True))
         for k, (br, kk, warps, pf) in enumerate(wide):
             if pf and bits:  # see `launch`
@@ -715,6 +734,10 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
                 continue
             add(dict(block_m=bmw, block_r=br, nblk=nblk, num_warps=warps, num_stages=1 if pf else 2, prefetch=pf),
                 pf and k < 4)
+        # longest block rows first: the best prefetch tiles of the second pass (M = 16), the first tiles (M = 128)
+        firsts = [c for c in out if not c["chunk"] and (c.get("prefetch") if bm <= 16 else True)]
+        for c in (firsts[2:4] + firsts[:1]) if bm <= 16 else firsts[:3]:
+            add(dict(c, order=True), False)
         if out:
             return out
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
@@ -759,6 +782,37 @@ def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
 
         _ROW_MAX[key] = (weakref.ref(crow, drop), version, most)
     return most
+
+
+_ROW_ORDER: dict[tuple, tuple] = {}
+
+
+def row_order(crow: torch.Tensor, params: dict, block_r: int) -> torch.Tensor:
+    """int32 [N / block_r]: the row tiles, longest block row first (stable), for launches with `order`: the
+    longest block rows start first and the short ones fill in behind them. Computed on the device (no host sync)
+    and cached per crow tensor, version and block_r; under CUDA-graph capture it is computed into the graph's
+    memory and not cached."""
+    R = params["block_rows"]
+    try:
+        version = crow._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    key = (id(crow), block_r)
+    hit = _ROW_ORDER.get(key)
+    if hit is not None and hit[0]() is crow and hit[1] == version and version is not None:
+        return hit[2]
+    lengths = (crow[1:] - crow[:-1]).to(torch.int64)
+    rows = torch.sort(-lengths, stable=True).indices  # [NB] block rows, longest first
+    per = R // block_r
+    tiles = (rows[:, None] * per + torch.arange(per, device=crow.device)[None, :]).reshape(-1).to(torch.int32)
+    capturing = crow.is_cuda and torch.cuda.is_current_stream_capturing()
+    if version is not None and not capturing:
+        def drop(ref, key=key):
+            if _ROW_ORDER.get(key, (None,))[0] is ref:
+                del _ROW_ORDER[key]
+
+        _ROW_ORDER[key] = (weakref.ref(crow, drop), version, tiles)
+    return tiles
 
 
 MAX_SPLITS = 64
@@ -823,9 +877,14 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
     num_m = 1 if gemv else triton.cdiv(M, bm)
     ws, cnt = _split_workspace(x2.device, n_split * M * N if n_split > 1 else 0,
                                (N // br) * num_m if n_split > 1 else 0)
+    if cfg.get("order"):
+        order = dict(order_ptr=row_order(crow, params, br), ORDER=True)
+    else:
+        order = {}
     common = dict(R=R, C=C, CW=_cw(params), BLOCK_R=br, NBLK=nblk, BITS=bits or 0, GB=gb, HAS_BIAS=bias is not None,
                   FENCE=not _interpreting(), num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
-    if packed and bsr_pk.launch(x2, tensors, params, bias, out, cfg, ws, cnt, chunk, n_split, not _interpreting()):
+    if packed and bsr_pk.launch(x2, tensors, params, bias, out, cfg, ws, cnt, chunk, n_split, not _interpreting(),
+                                order):
         return None
     if packed:  # x or the codes not word-aligned: the fp32 path of the same tile (it has no prefetch for codes)
         cfg = dict(cfg, prefetch=False)
@@ -833,12 +892,12 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
         return _bsr_gemv_kernel[(N // br, n_split)](
             x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt, N, params.get("group_size") or 1,
             chunk, n_split, MAGIC_F32, JMAJOR=cfg.get("jmajor", True), PREFETCH=bool(cfg.get("prefetch")),
-            **common)
+            **order, **common)
     return _bsr_mm_kernel[(N // br, num_m, n_split)](
         x2, crow, tensors["col_indices"], v, s, b, out, ws, cnt,
         M, N, params.get("group_size") or 1, x2.stride(0), out.stride(0), chunk, n_split, MAGIC_F32, BLOCK_M=bm,
         USE_DOT=_can_dot(params, bm, br, nblk), DOT_F32=_interpreting() and x2.dtype == torch.bfloat16,
-        PREFETCH=bool(cfg.get("prefetch")), **common)
+        PREFETCH=bool(cfg.get("prefetch")), **order, **common)
 
 
 _TUNED: dict[tuple, dict] = {}

@@ -66,7 +66,7 @@ def _asm() -> str:
 
 
 if triton is not None:
-    from .bsr import _split_epilogue, _split_range
+    from .bsr import _row_tile, _split_epilogue, _split_range
 
     _PKB_ASM = tl.constexpr(_asm())
 
@@ -144,13 +144,14 @@ if triton is not None:
     def _bsr_gemv_pk_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, chunk,
                             n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
+                            FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
+                            ORDER: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
         NW: tl.constexpr = C // 8
         T: tl.constexpr = NBLK * BLOCK_R
-        pid = tl.program_id(0)
+        pid = _row_tile(order_ptr, ORDER)
         row0 = pid * BLOCK_R
         brow = row0 // R
         sub = row0 - brow * R
@@ -185,7 +186,7 @@ if triton is not None:
 
 
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tensor, cfg: dict, ws, cnt, chunk: int,
-           n_split: int, fence: bool) -> bool:
+           n_split: int, fence: bool, order: dict) -> bool:
     """Launch the packed kernel for x2 [1, K]; False (nothing launched) where x or the codes cannot be read as
     int64 / int32 words (a storage offset that is not a multiple of the word), so that the caller falls back."""
     try:
@@ -199,5 +200,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
         N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"],
         NBLK=cfg["nblk"], GPB=g // C if g < params["in_features"] else 0, HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **order)
     return True
