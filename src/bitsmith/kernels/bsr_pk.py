@@ -114,16 +114,16 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _pkb_loads(v_ptr, x_ptr, s_ptr, col_ptr, blk, valid, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
-                   NW: tl.constexpr, GPB: tl.constexpr):
+    def _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, valid, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
+                   NW: tl.constexpr, GPB: tl.constexpr, VOL: tl.constexpr = False):
         """One step's operands for the T slots, each row as P = NW / 2 word pairs, all of a row in one thread:
         codes int32 [T, P, 2] (8-byte loads), x int64 [T, P, 2] (16-byte loads) of the low columns (x word
-        (p, i): columns 4 (2p + i) .. +3 of the block) and of the high ones (the same + C/2), scales fp32 [T]."""
+        (p, i): columns 4 (2p + i) .. +3 of the block) and of the high ones (the same + C/2), scales fp32 [T].
+        cb [T]: the blocks' column indexes (loaded a step earlier by the caller)."""
         P: tl.constexpr = NW // 2
-        cb = tl.load(col_ptr + blk, mask=valid, other=0)  # [T]
         qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
         m3 = valid[:, None, None]
-        w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq, mask=m3, other=0)
+        w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq, mask=m3, other=0, volatile=VOL)
         xb = (cb * (C // 4))[:, None, None] + qq  # int64 index of the word's four low columns
         xl = tl.load(x_ptr + xb, mask=m3, other=0)
         xh = tl.load(x_ptr + xb + C // 8, mask=m3, other=0)
@@ -145,7 +145,7 @@ if triton is not None:
                             n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
-                            ORDER: tl.constexpr = False):
+                            ORDER: tl.constexpr = False, VOL: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -164,20 +164,27 @@ if triton is not None:
         srow = row0 + _opaque(tt, ASM)  # the scales' column in [G, N]
         acc = tl.zeros((T,), dtype=tl.float32)
         if PREFETCH:
+            # step i+1's codes, x and scales are issued before step i's arithmetic, and step i+2's column indexes
+            # (x and the scales depend on them: loaded a step ahead, their latency is not waited for in line).
+            # ptxas sinks the next step's loads below this step's arithmetic (SASS read offline, Triton 3.6), which
+            # undoes the prefetch; VOL makes the code loads volatile (LDG.STRONG.SYS, not cached in L1, which
+            # streamed codes do not need), which ptxas keeps at the top of the loop
             blk = lo + jb
-            w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, col_ptr, blk, blk < hi, rr, srow, N, R, C, NW,
-                                       GPB)
+            cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
+            cb1 = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
+            w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
             for i in range(lo, hi, NBLK):
                 blk1 = blk + NBLK
-                w1, xl1, xh1, sc1 = _pkb_loads(v_ptr, x_ptr, s_ptr, col_ptr, blk1, blk1 < hi, rr, srow, N, R, C,
-                                               NW, GPB)
+                cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
+                w1, xl1, xh1, sc1 = _pkb_loads(v_ptr, x_ptr, s_ptr, cb1, blk1, blk1 < hi, rr, srow, N, R, C, NW,
+                                               GPB, VOL)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
-                w, xl, xh, sc, blk = w1, xl1, xh1, sc1, blk1
+                w, xl, xh, sc, blk, cb1 = w1, xl1, xh1, sc1, blk1, cb2
         else:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
-                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, col_ptr, blk, blk < hi, rr, srow, N, R, C, NW,
-                                           GPB)
+                cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
+                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
         res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
         if tl.program_id(1) < parts:
@@ -200,5 +207,6 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
         N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"],
         NBLK=cfg["nblk"], GPB=g // C if g < params["in_features"] else 0, HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **order)
+        VOL=bool(cfg.get("volatile")) and fence, num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 1), **order)
     return True
