@@ -255,6 +255,7 @@ def check_mma(log, bits_list=range(1, 9)) -> int:
     first shape, two on the others, and the plain-Triton twin (mode 1) of the first, which must also agree with
     the PTX to rounding. Shapes: clamped row runs (N % 64 != 0, tiny N), a partial last K tile (576), one group
     per row, bias on some."""
+    from bitsmith.kernels import bitplane as bp
     from bitsmith.kernels import bitplane_mma as bm
     from bitsmith.kernels import bitplane_mma_gemm as bg
 
@@ -272,17 +273,20 @@ def check_mma(log, bits_list=range(1, 9)) -> int:
             cfgs = bm.gemv_mma_configs(N, K, bits, w["group_size"], "bipolar", None, torch.float16, 132)
             plans = [dict(c, mode=1) for c in cfgs[:1]]
             if not SMOKE:
-                plans += [dict(c, mode=2) for c in (cfgs if ci == 0 else cfgs[:2])]
+                plans += [dict(c, mode=2) for c in (cfgs[:3] + cfgs[-1:] if ci == 0 else cfgs[:1])]
             cfgk = bg.gemm_mma_configs(1, N, K, bits, w["group_size"], "bipolar", None, torch.float16)
             plans += [dict(c, mode=1) for c in cfgk[:1]]
             if not SMOKE:
-                plans += [dict(c, mode=2) for c in (cfgk if ci == 0 else cfgk[:2])]
+                plans += [dict(c, mode=2) for c in (cfgk[:3] + cfgk[-1:] if ci == 0 else cfgk[:1])]
+                # the f16x2 GEMV with its L2 prefetch (unrolled splits)
+                plans += [c for c in bp.gemv_h2_configs(N, K, bits, w["group_size"], "bipolar", torch.float16, 132)
+                          if c.get("prefetch")][:1 if ci else 3]
             outs = {}
             for cfg in plans:
-                for M in ((1,) if cfg["kernel"] == "mma" else (1, 3, 16)):
+                for M in ((1, 3, 16) if cfg["kernel"] == "mma_k" else (1,)):
                     xm = x if M == 1 else torch.randn(M, K, device=DEVICE, dtype=torch.float16, generator=gen)
                     refm = ref if M == 1 else reference(xm, w, bias)
-                    if cfg["mode"] == 1 and M > 1 and (SMOKE or ci > 0 or M > 8):  # twin at M = 3, shape 0
+                    if cfg.get("mode") == 1 and M > 1 and (SMOKE or ci > 0 or M > 8):  # twin at M = 3, shape 0
                         continue
                     out = call(xm, w, bias=bias, config=cfg, regime="gemv" if M == 1 else "gemm")
                     e = rel(out, refm)

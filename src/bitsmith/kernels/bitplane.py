@@ -1077,12 +1077,44 @@ if triton is not None:
                            G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, BLOCK_KW)
         return acc
 
+    @triton.constexpr_function
+    def _pow2_at_least(n):
+        return 1 << max(0, (int(n) - 1).bit_length())
+
+    _PF = tl.constexpr("{\n.reg .pred p;\nsetp.gt.s32 p, $2, 0;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
+                       "mov.b32 $0, 0;\n}")
+
+    @triton.jit
+    def _l2_prefetch(addr, size):
+        """cp.async.bulk.prefetch into L2 of `size` bytes (> 0; a multiple of 16) at byte address `addr` (16-byte
+        aligned), elementwise; size <= 0 skips. Issued at a program's start for its whole working set, so that the
+        HBM reads are in flight at once and the loads that follow hit L2 (sm_90)."""
+        tl.inline_asm_elementwise(_PF, "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _h2_prefetch(pl_ptr, c_ptr, kw_begin, pid_n, N, KW, G, group_size, BITS: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BCQ: tl.constexpr):
+        """L2 prefetch of one program's plane words (ROWS word rows x BLOCK_N columns per plane, one chunk per row)
+        and its first and last groups' scales (bipolar; N % 8 == 0)."""
+        RP: tl.constexpr = _pow2_at_least(ROWS)
+        c = tl.arange(0, 8 * RP)
+        plane = tl.where(c % RP < ROWS, c // RP, BITS)  # padding rows: no prefetch
+        row = kw_begin + c % RP
+        n0 = pid_n * BLOCK_N
+        cols = tl.minimum(N - n0, BLOCK_N)
+        addr = pl_ptr.to(tl.int64) + ((plane * KW + row).to(tl.int64) * N + n0) * 4
+        _l2_prefetch(addr, tl.where((plane < BITS) & (row < KW), cols * 4, 0))
+        if not BCQ:
+            j = tl.arange(0, 2)
+            g = tl.minimum((tl.minimum(kw_begin + j * (ROWS - 1), KW - 1) * 32) // group_size, G - 1)
+            _l2_prefetch(c_ptr.to(tl.int64) + (g.to(tl.int64) * N + n0) * 2, tl.where(N % 8 == 0, cols * 2, 0))
+
     @triton.jit
     def _gemv_h2_kernel(x_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                         N, K, KW, G, group_size, k_iters, split_k,
                         BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
                         CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                        UNROLL: tl.constexpr = 0, BCQ: tl.constexpr = False):
+                        UNROLL: tl.constexpr = 0, BCQ: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         # x: [K] fp16; planes: [BITS, KW, N] int32; scales [G, N] (or BCQ alphas [BITS, G, N]); out: [N].
         # BCQ: plane-wise, each plane a 1-bit bipolar tile: d = 2 b - 1 = 2 (b - 1/2), alpha_i in place of s.
         # Tile [BKW words, BN]; slot pair (jj, jj + 16) of each word: BITS LOP3 (pre-shifted windows, as in
@@ -1099,6 +1131,8 @@ if triton is not None:
         rw = tl.arange(0, BLOCK_KW)
         acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
         kw_begin = pid_k * k_iters * BLOCK_KW
+        if PREFETCH:  # the whole split's words (and scales) into L2 at once (needs N % 4 == 0, UNROLL > 0)
+            _h2_prefetch(pl_ptr, c_ptr, kw_begin, pid_n, N, KW, G, group_size, BITS, UNROLL * BLOCK_KW, BLOCK_N, BCQ)
         if UNROLL > 0:
             w0, w1, w2, w3, w4, w5, w6, w7 = _h2_words(pl_ptr, kw_begin, rw, offs_n, n_mask, KW, N, BITS, EVEN)
             for i in tl.static_range(UNROLL):
@@ -1246,7 +1280,8 @@ def launch_gemv_h2(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
         CHUNK=cfg.get("chunk", h2_chunk(1 if bcq else bits)), BLOCK_N=cfg["block_n"], BLOCK_KW=bkw,
         EVEN=K % (32 * bkw) == 0 and N % cfg["block_n"] == 0 and KW % (bkw * k_iters) == 0,
-        UNROLL=unroll, BCQ=bcq, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
+        UNROLL=unroll, BCQ=bcq, PREFETCH=bool(cfg.get("prefetch")) and unroll > 0 and N % 4 == 0 and not _interpreting(),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
 
 
 def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int) -> list[dict]:
@@ -1268,7 +1303,9 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
     else:
         shapes = ((1024, 1, 4, 4.0, 0), (512, 1, 4, 4.0, 0), (1024, 1, 8, 4.0, 0), (1024, 1, 4, 0, 2),
                   (512, 1, 4, 0, 2), (512, 1, 4, 0, 4))
-    for bn, bkw, warps, waves, unroll in shapes:
+    # L2 prefetch of each split's working set (`_h2_prefetch`) on the unrolled shapes, N % 4 == 0
+    shapes = shapes + tuple(sh + (1,) for sh in shapes if sh[4] and N % 4 == 0)
+    for bn, bkw, warps, waves, unroll, *pf in shapes:
         bkw = _fit_kw(bkw, group_size, K)
         k_tiles = -(-KW // bkw)
         cfg = dict(kernel="h2", block_n=bn, block_kw=bkw, num_warps=warps,
@@ -1277,6 +1314,8 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
             cfg["unroll"] = min(unroll, k_tiles)
         else:
             cfg["split_k"] = _split_for(-(-N // bn), k_tiles, sms, waves)
+        if pf:
+            cfg["prefetch"] = 1
         if cfg not in out:
             out.append(cfg)
     return out

@@ -43,7 +43,7 @@ _TK = tl.constexpr(TILE_K) if triton is not None else None
 
 
 if triton is not None:
-    from .bitplane import _h2_sub_const, _halves, _shift_to
+    from .bitplane import _h2_prefetch, _h2_sub_const, _halves, _shift_to
     from .gwint_triton import _interpreting, _workspace
 
     _MMA = tl.constexpr("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
@@ -311,7 +311,8 @@ if triton is not None:
     def _gemv_mma_kernel(x_ptr, pl_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                          N, KW, G, group_size, k_tiles, split_k,
                          BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, UNROLL: tl.constexpr,
-                         NT: tl.constexpr, EVEN_K: tl.constexpr, MERGE: tl.constexpr = False):
+                         NT: tl.constexpr, EVEN_K: tl.constexpr, MERGE: tl.constexpr = False,
+                         PREFETCH: tl.constexpr = False):
         # x: [k_tiles * 128] fp16 (zero past K); planes [BITS, KW, N] int32; scales [G, N]; out [N].
         # Program (pid_n, pid_k): rows pid_n * 64 * warps .. (64 per warp), K tiles pid_k * UNROLL .. + UNROLL
         # (straight-line: the next tile's loads are issued before this tile's arithmetic). Tiles past k_tiles
@@ -331,6 +332,8 @@ if triton is not None:
         z = tl.zeros([NT], dtype=tl.float32)
         acc = (z, z, z, z, z, z, z, z)
         kt0 = pid_k * UNROLL
+        if PREFETCH:  # the program's words and scales into L2 at once
+            _h2_prefetch(pl_ptr, s_ptr, kt0 * 4, pid_n, N, KW, G, group_size, BITS, 4 * UNROLL, 2 * NT, False)
         nxt = _tile_loads(pl_ptr, x_ptr, s_ptr, pl_a, x_a, s_a, *_tile_offsets(kt0, t, rA, N, KW, k_tiles, G, group_size,
                                                                            EVEN_K), db, plane_stride, BITS, MODE)
         for i in tl.static_range(UNROLL):
@@ -401,7 +404,7 @@ def launch_gemv_mma(x2, planes, scales, bias, out, group_size, K, cfg):
         xv, planes, scales, bias if bias is not None else scales, out, ws, cnt, N, KW, G, group_size, k_tiles, split,
         BITS=bits, HAS_BIAS=bias is not None, MODE=mode, UNROLL=unroll, NT=32 * warps,
         EVEN_K=K % TILE_K == 0 and k_tiles % unroll == 0, MERGE=bool(cfg.get("merge", False)) and 2 <= bits <= 4,
-        num_warps=warps, num_stages=1)
+        PREFETCH=bool(cfg.get("prefetch")) and mode == 2, num_warps=warps, num_stages=1)
 
 
 def gemv_mma_configs(N: int, K: int, bits: int, group_size: int, kind: str, offset, dtype, sms: int) -> list[dict]:
@@ -412,10 +415,12 @@ def gemv_mma_configs(N: int, K: int, bits: int, group_size: int, kind: str, offs
     out = []
     # (warps, K tiles per program, merged plane words for 2..4 bits); offline sm_90: 1.5 / 2.1 / 2.8 SASS
     # instructions per weight at 2 / 3 / 4 bits merged (u8), 2.0 / 2.8 / 3.3 unmerged (u4)
-    for warps, unroll, merge in ((4, 4, 1), (4, 8, 1), (2, 4, 1), (8, 4, 1), (4, 2, 1), (2, 8, 1), (4, 4, 0)):
+    # H100 (docs/results/bitplane.md): without the L2 prefetch 4 warps, 2 tiles best
+    for warps, unroll, merge, pf in ((4, 2, 1, 1), (4, 4, 1, 1), (2, 4, 1, 1), (4, 8, 1, 1), (8, 2, 1, 1),
+                                     (4, 2, 1, 0)):
         if bits > 4 or bits == 1:
             merge = 0
-        cfg = dict(kernel="mma", num_warps=warps, unroll=min(unroll, k_tiles), merge=merge)
+        cfg = dict(kernel="mma", num_warps=warps, unroll=min(unroll, k_tiles), merge=merge, prefetch=pf)
         if cfg not in out:
             out.append(cfg)
     return out

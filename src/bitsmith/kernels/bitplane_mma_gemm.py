@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 from .bitplane_mma import TILE_K, mma_ok
 
 if triton is not None:
-    from .bitplane import _halves
+    from .bitplane import _h2_prefetch, _halves
     from .bitplane_mma import (_MMA, _TK, _a_bits, _e_asm, _quad_sum, _src, _tile_loads, _tile_offsets, _x_loads,
                                _x_pair)
     from .gwint_triton import _interpreting, _workspace
@@ -103,11 +103,13 @@ if triton is not None:
             pr = npr
         out = ()
         for i in tl.static_range(16 * NB):  # row i // (2 NB), column 2t + 8 (cc // 2) + cc % 2, cc = i % (2 NB)
-            j0 = (i // (2 * NB)) * MB + 8 * (i % (2 * NB) // 2) + i % (2 * NB) % 2
-            v = _quad_sum(pr[j0], NT)
-            v = tl.where(t == 1, _quad_sum(pr[j0 + 2], NT), v)
-            v = tl.where(t == 2, _quad_sum(pr[j0 + 4], NT), v)
-            v = tl.where(t == 3, _quad_sum(pr[j0 + 6], NT), v)
+            v = _quad_sum(pr[(i // (2 * NB)) * MB + 8 * (i % (2 * NB) // 2) + i % (2 * NB) % 2], NT)
+            v = tl.where(t == 1, _quad_sum(pr[(i // (2 * NB)) * MB + 8 * (i % (2 * NB) // 2) + i % (2 * NB) % 2 + 2],
+                                           NT), v)
+            v = tl.where(t == 2, _quad_sum(pr[(i // (2 * NB)) * MB + 8 * (i % (2 * NB) // 2) + i % (2 * NB) % 2 + 4],
+                                           NT), v)
+            v = tl.where(t == 3, _quad_sum(pr[(i // (2 * NB)) * MB + 8 * (i % (2 * NB) // 2) + i % (2 * NB) % 2 + 6],
+                                           NT), v)
             out = out + (v,)
         return out
 
@@ -115,7 +117,8 @@ if triton is not None:
     def _gemm_mma_kernel(x_ptr, pl_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                          M, N, KW, G, group_size, k_tiles, split_k, stride_xm, stride_om,
                          BITS: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, UNROLL: tl.constexpr,
-                         NT: tl.constexpr, EVEN_K: tl.constexpr, MERGE: tl.constexpr, NB: tl.constexpr):
+                         NT: tl.constexpr, EVEN_K: tl.constexpr, MERGE: tl.constexpr, NB: tl.constexpr,
+                         PREFETCH: tl.constexpr = False):
         # x: [M, >= k_tiles * 128] fp16 (zero past K); planes [BITS, KW, N] int32; scales [G, N]; out [M, N].
         # Program (pid_n, pid_k): rows pid_n * 64 .. + 63; warp w takes K tiles kt0 + i * W + w, i < UNROLL.
         W: tl.constexpr = NT // 32
@@ -136,6 +139,9 @@ if triton is not None:
         xr1 = tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm
         z = tl.zeros([NT], dtype=tl.float32)
         acc = (z,) * (16 * NB)
+        if PREFETCH:  # the program's words and scales into L2 at once
+            _h2_prefetch(pl_ptr, s_ptr, pid_k * (UNROLL * W) * 4, pid_n, N, KW, G, group_size, BITS, 4 * UNROLL * W, 64,
+                         False)
         kt0 = pid_k * (UNROLL * W) + wv
         po, xo, so = _tile_offsets(kt0, t, rA, N, KW, k_tiles, G, group_size, EVEN_K)
         nxt = _tile_loads(pl_ptr, x_ptr, s_ptr, pl_a, x_a, s_a, po, xo + xr0, so, db, plane_stride, BITS, MODE)
@@ -224,8 +230,8 @@ def launch_gemm_mma(x2, planes, scales, bias, out, group_size, K, cfg):
         split, xs.stride(0), out.stride(0),
         BITS=bits, HAS_BIAS=bias is not None, MODE=mode, UNROLL=unroll, NT=32 * warps,
         EVEN_K=K % TILE_K == 0 and k_tiles % (unroll * warps) == 0,
-        MERGE=bool(cfg.get("merge", False)) and 2 <= bits <= 4, NB=1 if M <= 8 else 2, num_warps=warps,
-        num_stages=1)
+        MERGE=bool(cfg.get("merge", False)) and 2 <= bits <= 4, NB=1 if M <= 8 else 2,
+        PREFETCH=bool(cfg.get("prefetch")) and mode == 2, num_warps=warps, num_stages=1)
 
 
 def gemm_mma_configs(M: int, N: int, K: int, bits: int, group_size: int, kind: str, offset, dtype) -> list[dict]:
@@ -233,10 +239,11 @@ def gemm_mma_configs(M: int, N: int, K: int, bits: int, group_size: int, kind: s
     if M > 16 or not mma_ok(N, K, group_size, kind, offset, dtype):
         return []
     out = []
-    for warps, unroll, merge in ((4, 4, 1), (4, 2, 1), (2, 4, 1), (8, 2, 1), (4, 1, 1), (8, 1, 1), (4, 4, 0)):
+    for warps, unroll, merge, pf in ((4, 2, 1, 1), (4, 4, 1, 1), (2, 4, 1, 1), (8, 2, 1, 1), (4, 1, 1, 1),
+                                     (4, 2, 1, 0)):
         if not 2 <= bits <= 4:
             merge = 0
-        cfg = dict(kernel="mma_k", num_warps=warps, unroll=unroll, merge=merge)
+        cfg = dict(kernel="mma_k", num_warps=warps, unroll=unroll, merge=merge, prefetch=pf)
         if cfg not in out:
             out.append(cfg)
     return out
