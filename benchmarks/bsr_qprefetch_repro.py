@@ -37,7 +37,7 @@ def one(i: int) -> None:
     ws, cnt = bsr._split_workspace(x.device, 0, 0)
     grid = (2048 // br, -(-M // bm), 1)
     bsr._bsr_mm_kernel[grid](
-        x, t["crow_indices"], t["col_indices"], t["qvalues"], t["scales"], t["scales"], out, ws, cnt, M, 2048, 128,
+        x, t["crow_indices"], t["col_indices"], t["qvalues"], t["scales"], t["scales"], out, ws, cnt, M, 2048, g,
         x.stride(0), out.stride(0), 2048 // C, 1, bsr.MAGIC_F32, R=R, C=C, CW=bsr._cw(params), BLOCK_R=br,
         NBLK=nblk, BITS=bits, GB=C // g if bsr.block_scales(params) else 0, HAS_BIAS=False, FENCE=True, BLOCK_M=bm,
         USE_DOT=bsr._can_dot(params, bm, br, nblk), DOT_F32=False, PREFETCH=True, num_warps=warps, num_stages=1)
