@@ -205,8 +205,9 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     s = tensors["scales"]
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
-        N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"],
-        NBLK=cfg["nblk"], GPB=g // C if g < params["in_features"] else 0, HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
+        N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"],
+        GPB=g // C if g < params["in_features"] else 0,  # blocks per scale group (0: one group per row)
+        HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
         VOL=bool(cfg.get("volatile")) and fence, num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 1), **order)
     return True
