@@ -10,9 +10,10 @@ lines up with a *natural* pair of fp16 activations (x[4q], x[4q+1]) / (x[4q+2], 
 is loaded as it lies (int64 = four fp16). Then per half pair: one LOP3 ((a & 0x000F000F) | 0x64006400 is fp16
 1024 + code in each half; 0x00F000F0 gives 1024 + 16 code for the high nibbles), one HSUB2 of 1032 (low) or one
 HFMA2 by 1/16 minus 72 (high, exact: 64 + code - 72), one HFMA2 with the x pair, accumulated in fp16 over two words
-(8 products per half, like gwint), then the two halves go to fp32 once and are scaled once per (block, row). About
-16 instructions per 8 weights plus the loads, against ~7 per weight for the fp32 path of `_bsr_gemv_kernel`
-(SASS read offline, docs/results/blocksparse.md). Under TRITON_INTERPRET=1 (no inline assembly) the same
+(8 products per half, like gwint), then the two halves go to fp32 once and are scaled once per (block, row): 14
+instructions per 8 weights for the arithmetic; with loads, addresses and masks the loop is 3.3-3.5 SASS instructions
+per weight against 7.1 for the fp32 path of `_bsr_gemv_kernel` (Triton 3.6 for sm_90, read offline;
+docs/results/blocksparse.md, third pass). Under TRITON_INTERPRET=1 (no inline assembly) the same
 arithmetic runs as fp16 Triton ops (`_pkb_ref`).
 
 A program owns BLOCK_R rows of one block row and NBLK of its stored blocks per step, as T = NBLK * BLOCK_R
