@@ -25,13 +25,11 @@ from bitplane_kernels import call, make, nbytes, reference, rel  # noqa: E402
 
 SHAPES = [(8192, 8192), (28672, 8192)]
 H2 = dict(kernel="h2", block_n=1024, block_kw=1, num_warps=4, unroll=4)  # + chunk per width
-M1 = [("h2", dict(H2)), ("h2 pf", dict(H2, prefetch=1)), ("h2 512 pf", dict(H2, block_n=512, prefetch=1)),
+M1 = [("h2", dict(H2)), ("h2 pf", dict(H2, prefetch=1)),
       ("mma u2 pf", dict(kernel="mma", num_warps=4, unroll=2, merge=1, prefetch=1)),
-      ("mma u4 pf", dict(kernel="mma", num_warps=4, unroll=4, merge=1, prefetch=1)),
       ("mma_k u2 pf", dict(kernel="mma_k", num_warps=4, unroll=2, merge=1, prefetch=1))]
 M16 = [("mma_k 4x2 pf", dict(kernel="mma_k", num_warps=4, unroll=2, merge=1, prefetch=1)),
        ("mma_k 4x4 pf", dict(kernel="mma_k", num_warps=4, unroll=4, merge=1, prefetch=1)),
-       ("mma_k 2x4 pf", dict(kernel="mma_k", num_warps=2, unroll=4, merge=1, prefetch=1)),
        ("mma_k 4x2", dict(kernel="mma_k", num_warps=4, unroll=2, merge=1)),
        ("swapped (run 2's choice)", dict(kernel="swapped", block_m=16, block_n=64, block_kw=16, num_warps=4,
                                          num_stages=2, join=0, xperm=1, group_m=8, split_k=4, mode=1))]
