@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from bitsmith.kernels import bench_generate
@@ -47,3 +48,25 @@ def test_compiled_decode_step(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == ["fp16", "w4"]
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["compiled"] == "aot_eager" for r in rows)
+
+
+def test_fused_projections_same_logits_and_packed_decode(tmp_path):
+    """--fuse: q/k/v and gate/up through one concatenated Linear each gives the unfused model's logits (same
+    weights, float32); parts called out of order fail loudly; the packed variants pack the fused matrices."""
+    model = bench_generate.build_model("tiny", torch.device("cpu"), dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        bench_generate.fuse_projections(model)
+        out = model(input_ids=ids).logits
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.linear.weight.shape == (64 + 2 * 32, 64) and model.model.layers[0].mlp.gate_up_proj.sizes == [128, 128]
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="in order"):
+        attn.k_proj(x)
+    out_json = tmp_path / "rows.json"
+    assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu", "--fuse",
+                                "--variant", "fp16", "--variant", "w4", "--out", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert all("error" not in r and r["fused"] and r["tokens_per_s"] > 0 for r in rows)

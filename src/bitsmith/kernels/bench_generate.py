@@ -9,7 +9,9 @@ scale per output row) holding random codes, exactly what `bitsmith compress fine
 `w4-h8` / `w4-h4` also pack the lm_head (int8 per row / int4 g128): separate, clearly labelled variants, since the
 passes leave the head out by default (`ignore: lm_head`), so a recipe's checkpoint keeps it in fp16.
 With `--compile` the decode step's forward is compiled by `torch.compile` (inductor) first, for every variant
-alike; packed Linears enter the compiled graph as opaque custom ops (`bitsmith::gwint_linear`).
+alike; packed Linears enter the compiled graph as opaque custom ops (`bitsmith::gwint_linear`). With `--fuse`
+every variant computes q/k/v with one Linear and gate/up with another (`fuse_projections`; packed variants pack
+the concatenated matrices), fewer and larger GEMVs.
 Decoding uses a static KV cache: after a prefill of `--prompt` tokens, one decode step (forward of one token per
 sequence, greedy next token written back into the input buffer) is captured into a CUDA graph and replayed
 `--steps` times; tokens/s = batch x steps / time. The same code path runs every variant, so the ratio is the
@@ -74,13 +76,71 @@ def _packed_like(lin: torch.nn.Linear, bits: int, group_size: int | None, gen: t
     return packed, stored
 
 
+class FusedProjections(torch.nn.Module):
+    """One Linear computing several projections of the same input (q/k/v, or gate/up) in one launch.
+
+    The model keeps calling its own projection modules (`FusedPart`s now): the first part called computes every
+    projection and keeps the split result; the others return their slices of it, after checking that they are
+    given the same input tensor (Llama calls q, k, v, and gate, up, in that order on one input).
+    """
+
+    def __init__(self, linear: torch.nn.Module, sizes: list[int]):
+        super().__init__()
+        self.linear = linear  # [sum(sizes), K]
+        self.sizes = sizes
+        self._memo = None  # (input, split outputs), between the first part's call and the last one's
+
+    def project(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if i == 0:
+            self._memo = (x, self.linear(x).split(self.sizes, dim=-1))  # [..., sum] -> views [..., size_i]
+        elif self._memo is None or self._memo[0] is not x:
+            raise RuntimeError("fused projection parts must be called in order on one input")
+        out = self._memo[1][i]
+        if i == len(self.sizes) - 1:
+            self._memo = None
+        return out
+
+
+class FusedPart(torch.nn.Module):
+    def __init__(self, fused: FusedProjections, i: int):
+        super().__init__()
+        self._fused = (fused,)  # a tuple: not a second registration of the fused module's weights
+        self.i = i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0].project(x, self.i)
+
+
+FUSED_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(model) -> None:
+    """Replace each decoder layer's q/k/v and gate/up Linears by one concatenated Linear each (same weights)."""
+    for layer in model.model.layers:
+        for parent_name, fused_name, names in FUSED_GROUPS:
+            parent = getattr(layer, parent_name)
+            lins = [getattr(parent, n) for n in names]
+            w = torch.cat([lin.weight for lin in lins])  # [sum N_i, K]
+            fused_lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                fused_lin.weight.copy_(w)
+            fused = FusedProjections(fused_lin, [lin.weight.shape[0] for lin in lins])
+            setattr(parent, fused_name, fused)
+            for i, n in enumerate(names):
+                setattr(parent, n, FusedPart(fused, i))
+            del lins, w
+
+
 def pack_linears(model, bits: int, group_size: int | None, seed: int = 0, head: tuple | None = None) -> int:
     """Replace every decoder Linear (and with `head` = (bits, group size) the lm_head too) by a gwint PackedLinear
     with random codes and scales; returns the bytes stored (decoder Linears only)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stored = 0
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        parents = [layer.self_attn, layer.mlp]
+        parents += [m for p in parents for m in p.children() if isinstance(m, FusedProjections)]
+        for parent in parents:
             for name, lin in list(parent.named_children()):
                 if not isinstance(lin, torch.nn.Linear):
                     continue
@@ -203,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true", help="time eager steps (no CUDA graph)")
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per kernel category")
+    ap.add_argument("--fuse", action="store_true",
+                    help="one Linear for q/k/v and one for gate/up in every layer (every variant alike)")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile the decode step's forward (every variant alike) before the CUDA graph "
                          "(backend: inductor unless named)")
@@ -216,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile:
                 torch._dynamo.reset()  # a fresh compile per model: guards on the last model's modules would pile up
             model = build_model(shape, device)
+            if args.fuse:
+                fuse_projections(model)
             stored = None
             if VARIANTS[variant] is not None:
                 bits, gs, head = VARIANTS[variant]
@@ -226,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                                               profile=args.profile, compile=args.compile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
-                row = {"shape": shape, "variant": variant, "decoder_linear_bytes": stored, **res,
+                row = {"shape": shape, "variant": variant, "fused": args.fuse, "decoder_linear_bytes": stored, **res,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
