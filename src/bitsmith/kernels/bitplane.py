@@ -44,6 +44,11 @@ the CPU for tests):
                registers, built per slot pair as above (+ HMUL2 by 2s); x re-ordered once per call (`xperm`).
                On the H100 the plain-Triton arithmetic (mode 1) beats the PTX (mode 2) at M = 16: Triton cannot
                move the A layout conversion through inline asm, so mode 2 stages every A tile in shared memory.
+    M == 1     `bitplane_mma` (bipolar fp16, no offset, N % 4 == 0, 128-k groups): mma.sync m16n8k16 with A built
+               per thread (bits LOP3, or one on merged plane words) and one constant mma for the level offset.
+    M <= 16    `bitplane_mma_gemm`: the same with x rows as the mma columns; opt-in (BITSMITH_MMA_GEMM=1) until
+               its PTX passes a GPU check.
+    Unrolled f16x2 splits and both mma kernels also come with an L2 bulk prefetch of each program's working set.
 The tuner (`triton_linear`) picks among all of these per shape; the H100 results are in docs/results/bitplane.md.
 
 K-tiles never straddle a group: the kernels need group_size % 32 == 0 (or one group per row); other group sizes
