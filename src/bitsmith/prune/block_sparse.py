@@ -42,6 +42,7 @@ passes see them: `recover` keeps them zero, `finequant` keeps them zero (symmetr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import ClassVar, Literal, Union
 
@@ -369,6 +370,21 @@ def _owl_plan(cfg: BlockSparse, model, modules: dict, norms: dict, where: str, l
     return sparsity, report
 
 
+@contextlib.contextmanager
+def _float32_on_cpu(model, device: torch.device):
+    """Run the block with the model in float32 when it computes on the CPU in a lower precision (calibration
+    statistics and refits want float32), then put its dtype back, also on errors."""
+    dtype = next(model.parameters()).dtype
+    upcast = device.type == "cpu" and dtype != torch.float32
+    if upcast:
+        model.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            model.to(dtype)
+
+
 @torch.no_grad()
 def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, progress, log, where, measure, t0
                       ) -> dict:
@@ -390,15 +406,8 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     sparsity, owl_report = cfg.sparsity, None
     if cfg.allocation == "owl":  # the layer sparsities need every layer's dense statistics before the first prune
         t = time.time()
-        dtype = next(model.parameters()).dtype
-        upcast = device.type == "cpu" and dtype != torch.float32
-        if upcast:
-            model.to(torch.float32)
-        try:
+        with _float32_on_cpu(model, device):
             dense_stats = calibrate(model, cfg, list(modules), tokenizer, gram=False, desc=where)
-        finally:
-            if upcast:
-                model.to(dtype)
         sparsity, owl_report = _owl_plan(cfg, model, modules, {n: dense_stats[n].norm for n in modules}, where, log)
         del dense_stats
         stat_s[0] += time.time() - t
@@ -439,16 +448,10 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     if rest:  # outside the decoder layers (e.g. an untied head): statistics from the pruned model's forward
         t = time.time()
         dtype = next(model.parameters()).dtype
-        upcast = device.type == "cpu" and dtype != torch.float32
-        if upcast:
-            model.to(torch.float32)
-        try:
+        with _float32_on_cpu(model, device):
             stats = calibrate(model, cfg, list(rest), tokenizer, gram=True, desc=where)
             stat_s[0] += time.time() - t
             entries.update(_prune_masks(cfg, rest, stats, measure, dtype, counts, sparsity))
-        finally:
-            if upcast:
-                model.to(dtype)
     pruned = sum(counts.values())
     total = sum(m.weight.numel() for m in modules.values())
     report = {"modules": {n: entries[n] for n in modules}, "block": list(cfg.block), "score": cfg.score,
