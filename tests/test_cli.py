@@ -113,3 +113,21 @@ def test_recipes_commands(tmp_path, tiny_llama):
     assert r.exit_code == 0 and "ok" in r.output and "14 modules" in r.output
     bad(run("recipes", "validate", write(tmp_path, "version: 1\npasses:\n  - type: nope\n")), "unknown pass type")
     bad(run("recipes", "show", "no-such-recipe"), "not a bundled recipe")
+
+
+def test_bench_commands_hand_their_options_to_the_harness(tmp_path):
+    """`bitsmith bench generate/kernels` pass every option (--help included) to the harnesses' own parsers."""
+    import torch
+
+    out = tmp_path / "rows.json"
+    r = run("bench", "generate", "--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu",
+            "--variant", "fp16", "--fuse", "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    assert rows[0]["shape"] == "tiny" and rows[0]["fused"] and rows[0]["tokens_per_s"] > 0
+    for cmd, flag in (("generate", "--compile"), ("kernels", "--shapes")):  # the harness's own usage
+        r = run("bench", cmd, "--help")
+        assert r.exit_code == 0 and flag in r.output, r.output
+    if not torch.cuda.is_available():  # the kernel benchmark needs a GPU and says so
+        r = run("bench", "kernels", "--no-bench", "--out", tmp_path / "k")
+        assert r.exit_code == 2

@@ -248,21 +248,25 @@ def push(folder, repo_id, private, revision):
 
 # --- bench -----------------------------------------------------------------------------------------------------------
 
+# the harnesses parse their own options (argparse), --help included: click hands every argument through
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
 @main.group(cls=BitsmithGroup)
 def bench():
     """GPU benchmarks: kernels against cuBLAS and peers; end-to-end decode."""
 
 
-@bench.command("kernels")
+@bench.command("kernels", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_kernels(args):
     """Kernel timings (CUDA graphs, L2 flushed) vs fp16 cuBLAS and peers. Extra ARGS go to the harness."""
-    from .kernels.bench import main as bench_main
+    from .kernels.bench_kernels import main as bench_main
 
     sys.exit(bench_main(list(args)))
 
 
-@bench.command("generate")
+@bench.command("generate", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_generate(args):
     """Decode tokens/s of a Llama-shaped model, fp16 vs packed. Extra ARGS go to the harness."""
