@@ -61,7 +61,8 @@ def test_fused_projections_same_logits_and_packed_decode(tmp_path):
         out = model(input_ids=ids).logits
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     attn = model.model.layers[0].self_attn
-    assert attn.qkv_proj.linear.weight.shape == (64 + 2 * 32, 64) and model.model.layers[0].mlp.gate_up_proj.sizes == [128, 128]
+    assert attn.qkv_proj.linear.weight.shape == (64 + 2 * 32, 64)
+    assert model.model.layers[0].mlp.gate_up_proj.sizes == [128, 128]
     x = torch.randn(1, 64)
     with pytest.raises(RuntimeError, match="in order"):
         attn.k_proj(x)

@@ -208,8 +208,8 @@ def decode_tokens_per_s(model, batch: int, steps: int, prompt: int = 16, graphs:
     sync()
     seconds = time.perf_counter() - t0
     res = {"batch": batch, "steps": steps, "seconds": round(seconds, 4), "graphs": use_graph,
-           "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3), "compiled": compile,
-           "warmup_s": round(t_compile, 1)}
+           "tokens_per_s": round(batch * steps / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3),
+           "compiled": compile, "warmup_s": round(t_compile, 1)}
     if profile and device.type == "cuda":
         res["profile"] = _profile_step(run, sync)
     return res
