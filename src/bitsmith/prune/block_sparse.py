@@ -371,11 +371,13 @@ def _owl_plan(cfg: BlockSparse, model, modules: dict, norms: dict, where: str, l
 
 
 @contextlib.contextmanager
-def _float32_on_cpu(model, device: torch.device):
-    """Run the block with the model in float32 when it computes on the CPU in a lower precision (calibration
-    statistics and refits want float32), then put its dtype back, also on errors."""
+def _float32_on_cpu(model, device, enabled: bool = True):
+    """Run the block with the model in float32 when it computes on the CPU (`device` None means the CPU) in a lower
+    precision (bf16 matmuls are slower there and round the statistics and refits), then put its dtype back, also
+    on errors."""
     dtype = next(model.parameters()).dtype
-    upcast = device.type == "cpu" and dtype != torch.float32
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    upcast = enabled and on_cpu and dtype != torch.float32
     if upcast:
         model.to(torch.float32)
     try:
@@ -578,22 +580,13 @@ def apply_block_sparse(cfg: BlockSparse, model, ctx) -> None:
     progress = bool(getattr(ctx, "progress", False))
     device = getattr(ctx, "device", None)
     tokenizer = resolve_tokenizer(cfg, model, ctx, where) if cfg.needs_calibration else None
-    # Calibration on a CPU runs in float32 (bf16 matmuls are slower there and round the statistics); the sequential
-    # form upcasts one layer at a time itself.
-    dtype = next(model.parameters()).dtype
-    upcast = (cfg.needs_calibration and not cfg.sequential and (device is None or str(device) == "cpu")
-              and dtype != torch.float32)
-    if upcast:
-        model.to(torch.float32)
-    try:
+    # Calibration on a CPU runs in float32; the sequential form upcasts one layer at a time itself.
+    with _float32_on_cpu(model, device, enabled=cfg.needs_calibration and not cfg.sequential):
         distributed = bool(getattr(ctx, "distributed", False))  # under torchrun: every rank runs this pass
         first = not distributed or (parallel.active_world() or (0, 1))[0] == 0  # rank 0 logs
         report = prune_model(model, cfg, tokenizer=tokenizer, progress=progress and first,
                              log=ctx.log if ctx is not None and first else None, where=where,
                              distributed=distributed)
-    finally:
-        if upcast:
-            model.to(dtype)
     if ctx is not None:
         rec = ctx.extra.setdefault(EXTRA_KEY, {})
         for n, e in report["modules"].items():
