@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -47,9 +48,28 @@ FORMATS = {
     "s80-b16": (0.8, (16, 16), None, None),
     "s80-b16-w4": (0.8, (16, 16), 4, 128),
 }
+# other names: sNN-bR[xC][-wB][-row] (NN % of blocks pruned, R x C blocks (R x R without xC), int B values with
+# group-128 scales, -row: every block row keeps the same number of blocks, as the pass's scope row makes them)
 
 
-def random_mask(NB: int, KB: int, sparsity: float, gen: torch.Generator, device) -> torch.Tensor:
+def spec_of(name: str) -> tuple:
+    """(sparsity, (R, C), bits, group_size[, row]) of a format name."""
+    if name in FORMATS:
+        return FORMATS[name]
+    m = re.fullmatch(r"s(\d+)-b(\d+)(?:x(\d+))?(?:-w(4|8))?(-row)?", name)
+    if not m:
+        raise ValueError(f"unknown format {name!r} (sNN-bR[xC][-wB][-row])")
+    R = int(m.group(2))
+    C = int(m.group(3) or R)
+    bits = int(m.group(4)) if m.group(4) else None
+    return (int(m.group(1)) / 100, (R, C), bits, 128 if bits else None, bool(m.group(5)))
+
+
+def random_mask(NB: int, KB: int, sparsity: float, gen: torch.Generator, device, rows: bool = False) -> torch.Tensor:
+    if rows:  # the same number of blocks in every block row, uniform within the row
+        keep = round((1 - sparsity) * KB)
+        idx = torch.rand(NB, KB, generator=gen, device=device).argsort(dim=1)[:, :keep]
+        return torch.zeros(NB, KB, dtype=torch.bool, device=device).scatter_(1, idx, True)
     keep = round((1 - sparsity) * NB * KB)
     idx = torch.randperm(NB * KB, generator=gen, device=device)[:keep]
     m = torch.zeros(NB * KB, dtype=torch.bool, device=device)
@@ -61,8 +81,8 @@ def make(N: int, K: int, spec: tuple, dtype, device, gen: torch.Generator) -> tu
     """(params, tensors, mask) of one random weight in the given format."""
     from bitsmith.kernels import bsr
 
-    sparsity, (R, C), bits, g = spec
-    mask = random_mask(N // R, K // C, sparsity, gen, device)
+    sparsity, (R, C), bits, g = spec[:4]
+    mask = random_mask(N // R, K // C, sparsity, gen, device, rows=len(spec) > 4 and spec[4])
     crow, col = bsr._index(mask)
     B = int(mask.sum())
     params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C, "nnz_blocks": B,
@@ -101,18 +121,32 @@ CHECK_CASES = [  # N, K, sparsity, block, bits, group, dtype, bias
     (512, 256, 0.5, (4, 1), 8, 64, torch.float16, True),
     (512, 512, 0.5, (16, 64), None, None, torch.float16, False),
     (512, 512, 0.5, (64, 16), 4, 128, torch.float16, False),
+    # thin blocks through `bsr_thin` (M >= 2): odd N, bf16, 1x4 with 16 slots per window, 2x16
+    (999, 768, 0.5, (1, 16), None, None, torch.bfloat16, True),
+    (1024, 1024, 0.8, (1, 16), None, None, torch.float16, False),
+    (640, 512, 0.6, (1, 4), None, None, torch.float16, True),
+    (512, 768, 0.5, (2, 16), None, None, torch.float16, False),
+    # wide blocks (the fourth pass's block shapes)
+    (1024, 1024, 0.9, (128, 128), None, None, torch.float16, True),
+    (1024, 1024, 0.9, (64, 128), None, None, torch.float16, False),
+    (1024, 1024, 0.8, (128, 64), 4, 128, torch.float16, False),
 ]
 
 
 STRESS_REPEATS = 6
 
 
-def check(log) -> int:
+def check(log, only: str = "") -> int:
+    """The sweep; `only` (a comma list of block shapes RxC) restricts it to those cases and skips the full-size
+    split stress and graph replays of the other formats."""
     from bitsmith.kernels import bsr
 
     gen = torch.Generator(device=DEV).manual_seed(1)
     tol = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
     cases = CHECK_CASES
+    if only:
+        keep = {tuple(int(v) for v in b.split("x")) for b in only.split(",")}
+        cases = [c for c in cases if c[3] in keep]
     failures = 0
     t0 = time.time()
     for N, K, sp, block, bits, g, dtype, use_bias in cases:
@@ -145,10 +179,10 @@ def check(log) -> int:
     # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
     if DEV == "cuda":
         n = 0
-        for fname in ("s80-b32", "s90-b64", "s80-b32-w4"):
-            params, t, _ = make(8192, 8192, FORMATS[fname], torch.float16, DEV, gen)
+        for fname in (("s80-b32", "s90-b64", "s80-b32-w4") if not only else ()) + ("s50-b1x16",):
+            params, t, _ = make(8192, 8192, spec_of(fname), torch.float16, DEV, gen)
             wd = bsr.dequantize(t, params, torch.float32)
-            ms = (1,) if params["bits"] else (1, 16, 128)  # int4: the packed GEMV's splits
+            ms = (1,) if params["bits"] else (16, 128) if params["block_rows"] == 1 else (1, 16, 128)
             for M, cfg in [(M, c) for M in ms for c in bsr.configs(M, params, split=True) if c["chunk"]]:
                 for _ in range(STRESS_REPEATS):
                     x = torch.randn(M, 8192, device=DEV, generator=gen).half()
@@ -168,7 +202,17 @@ def check(log) -> int:
     # CUDA-graph replay of the public op with fresh inputs
     if DEV != "cuda":
         return failures
-    params, t, _ = make(4096, 4096, FORMATS["s80-b32-w4"], torch.float16, DEV, gen)
+    for fname in ("s80-b32-w4", "s50-b1x16")[1 if only else 0:]:
+        failures += _graph_check(fname, gen, tol, log)
+    log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+    return failures
+
+
+def _graph_check(fname, gen, tol, log) -> int:
+    from bitsmith.kernels import bsr
+
+    failures = 0
+    params, t, _ = make(4096, 4096, spec_of(fname), torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     for M in (1, 16, 128):
         split = [c for c in bsr.configs(M, params, split=True) if c["chunk"]][:1]
@@ -190,8 +234,7 @@ def check(log) -> int:
                 err = rel_err(y, x.float() @ wd.t())
                 if not err < tol[torch.float16]:
                     failures += 1
-                    log(f"FAIL graph replay M={M} {cfg}: {err:.2e}")
-    log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+                    log(f"FAIL graph replay {fname} M={M} {cfg}: {err:.2e}")
     return failures
 
 
@@ -215,7 +258,8 @@ def check_configs(M: int, params: dict, dtype=torch.float16) -> list[dict]:
     picked = tiles[:3] + [t for t in tiles[-1:] + other + pf + pk if t not in tiles[:3]]
     out = [dict(tile, chunk=0) for tile in picked] + splits
     KB = params["in_features"] // params["block_cols"]
-    out += [dict(t, chunk=2 * t["nblk"]) for t in picked[1:] if 2 * t["nblk"] < KB]  # split-K on every tile
+    # split-K on every tile (thin tiles: chunk counts K windows)
+    out += [dict(t, chunk=2 * t.get("nblk", 1)) for t in picked[1:] if 2 * t.get("nblk", 1) < KB]
     if splits:
         out += [dict(splits[-1], n_split=2), dict(splits[-1], n_split=64)]
     return out
@@ -270,7 +314,7 @@ def bench_gpu(shapes, ms, formats, log, variants=()) -> list[dict]:
         del ws
         torch.cuda.empty_cache()
         for fname in formats:
-            spec = FORMATS[fname]
+            spec = spec_of(fname)
             p0, t0, m0 = make(N, K, spec, dtype, DEV, gen)
             set_bytes = sum(v.numel() * v.element_size() for v in t0.values())
             n_sets = bench.rotations(set_bytes)
@@ -405,6 +449,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,16,128")
     ap.add_argument("--formats", default="s90-b64,s90-b32,s80-b64,s80-b32,s80-b32-w4,s80-b64-w4,"
                                          "s80-b32-w8,s80-b16-w4,s50-b16,s50-b32")
+    ap.add_argument("--check-only", default="", help="RxC,...: check only the cases of these block shapes")
     ap.add_argument("--variants", default="",
                     help="FORMAT:NxK:M,... cases whose every launch candidate is also timed (forced config)")
     ap.add_argument("--reps", type=int, default=9)
@@ -442,7 +487,7 @@ def main(argv=None) -> int:
             with open(os.path.join(args.out, "rows.json"), "w") as f:  # kept if the check below is cut short
                 json.dump(result, f, indent=1, default=str)
         if args.check:  # after the timings (a long sweep cut short by a time limit loses no timing)
-            result["check_failures"] = check(log)
+            result["check_failures"] = check(log, args.check_only)
     if args.cpu:
         log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         result["cpu"] = bench_cpu(args.reps, log)

@@ -38,6 +38,10 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
                   the tiles are at least 16 on each side, else the same multiply-reduce as GEMV. Quantized blocks
                   are dequantized in registers (exponent trick, one LOP3 per code) before the dot.
 
+    M >= 2, R < 16 `bsr_thin._bsr_thin_kernel` (values in the model dtype): BLOCK_N rows of several block rows
+                  per program, each K window's stored blocks expanded to a dense tile in registers, `tl.dot` with
+                  the dense x tile (launch config key `thin`; candidates ahead of the multiply-reduce path).
+
 `prefetch` in the launch config (values in the model dtype only; num_stages 1): both loops issue the next step's
 loads before this step's products, by hand: Triton 3.6 pipelines the mm loop with one buffer and the GEMV loop not
 at all, so otherwise a program has one step's loads in flight. `packed` (M = 1, fp16 x, int4 codes): the fp16x2
@@ -645,7 +649,7 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
     BITSMITH_BSR_SPLIT=1 only: correct on the H100 (stored partials) but never faster than whole rows by more than
     the cold-L2 tuner's noise, which once made it pick a split that ran 1.6 us slower (docs/results/blocksparse.md).
     """
-    from . import bsr_pk  # (imports this module)
+    from . import bsr_pk, bsr_thin  # (import this module)
 
     N, R, bits = params["out_features"], params["block_rows"], params.get("bits")
     cw = _cw(params)
@@ -744,6 +748,10 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             add(dict(c, order=True), False)
         if out:
             return out
+    if R < 16 and bsr_thin.ok(params, dtype):
+        # thin blocks in values of the model dtype: dense weight tiles of several block rows on the tensor cores
+        # (`bsr_thin`; the multiply-reduce below, one output row per program at R = 1, ran 0.06x of cuBLAS at M = 16)
+        out += [c for c in bsr_thin.configs(M, params, sms) if c not in out]
     # thin blocks (or a K-tile under 16): multiply-reduce on CUDA cores; keep the [BM, BR, KK] product small
     bm = min(_next_pow2(M), 16)
     br = min(R, 16)
@@ -849,6 +857,10 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
            cfg: dict):
     """x2 [M, K] (contiguous rows) -> out [M, N] with the given launch config (block_m, block_r, nblk, chunk,
     num_warps, num_stages; `n_split` forces the number of splits per block row, for tests)."""
+    if cfg.get("thin"):  # thin blocks, several block rows per program (`bsr_thin`)
+        from . import bsr_thin
+
+        return bsr_thin.launch(x2, tensors, params, bias, out, cfg)
     M = x2.shape[0]
     N, K, R, C = params["out_features"], params["in_features"], params["block_rows"], params["block_cols"]
     KB = K // C
