@@ -2,6 +2,7 @@
 
     PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint [name filter...] [--dump]
     PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint swapped     # the M = 16 / 128 kernel
+    PYTHONPATH=/tmp/tri36 .venv/bin/python benchmarks/sass_count.py gwint deep        # the M = 1 deep GEMV
 
 `/tmp/tri36` is an unpacked triton 3.6 wheel (the GPU machine's version; the venv's newer Triton generates
 different code). Library use, for any kernel:
@@ -212,7 +213,18 @@ def gwint_cases():
             if unroll:  # the packed fp16x2 path
                 cases.append((f"packed_b{bits}_n{bn}_kw{bkw}_w{warps}_u{unroll}", gt._gemv_wide_kernel, _GWINT_SIG,
                               cx | dict(PACKED=True, ASM=True), _GWINT_DIV, warps, 1, tiles * bn * bkw * P / (32 * warps)))
+        for bn, rows, warps, unroll in ((32, 128, 8, 4), (32, 64, 4, 8), (32, 256, 16, 2), (64, 128, 8, 4),
+                                        (16, 128, 4, 4), (32, 128, 8, 14)):
+            if P == 4:  # 8-bit: twice the word rows for the same K
+                unroll *= 2
+            cx = dict(BITS=bits, P=P, SYM=True, HAS_BIAS=False, EVEN=True, BLOCK_N=bn, ROWS=rows, UNROLL=unroll,
+                      ASM=True)
+            cases.append((f"deep_b{bits}_n{bn}_r{rows}_w{warps}_u{unroll}", gt._gemv_deep_kernel, _GWINT_DEEP_SIG,
+                          cx, _GWINT_DIV, warps, 1, unroll * rows * bn * P / (32 * warps)))
     return cases
+
+
+_GWINT_DEEP_SIG = {k: v for k, v in _GWINT_SIG.items() if k not in ("k_iters", "magic")}
 
 
 def _gwint_main(argv: list[str]) -> int:

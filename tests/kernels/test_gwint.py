@@ -465,3 +465,114 @@ def test_wide_gemv_through_linear_dispatch():
     for cfg in (None, _wide(split_k=2)):
         out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), bits, gs, K, config=cfg)
         assert out.shape == (1, N) and _rel(out.cpu(), ref) < TOL[torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------------- deep GEMV
+
+def _deep(**kw):
+    return dict(kernel="deep", block_n=32, rows=16, unroll=1, num_warps=4) | kw
+
+
+# (N, K, bits, group_size, sym, bias, config), fp16 only: odd N (masked columns), K = 576 with g128 (partial last
+# group) in 3 splits with a short last one, EVEN tiles with one split and with two, g64 / g32 / g16 (a group of
+# 8 / 4 / 2 word rows: the scales gathered per row pair), 8-bit per channel with K not a multiple of the chunk.
+DEEP = [
+    (67, 576, 4, 128, True, True, _deep(unroll=2)),
+    (67, 576, 4, 128, False, False, _deep(rows=8, unroll=5, block_n=16)),
+    (64, 512, 4, 128, True, False, _deep(rows=64)),  # EVEN, one split: the plain store
+    (64, 512, 4, 64, False, True, _deep(rows=16, unroll=2, block_n=16)),  # EVEN, two splits
+    (35, 1000, 8, 1000, False, True, _deep(rows=32, unroll=4)),
+    (45, 256, 8, 128, True, False, _deep(rows=8, unroll=2, block_n=64)),
+    (33, 320, 4, 32, True, False, _deep(rows=8, unroll=3)),
+    (20, 96, 4, 16, False, False, _deep(rows=4, unroll=2, block_n=16)),
+]
+
+
+@pytest.mark.parametrize("case", DEEP, ids=lambda c: _ids((1,) + c[:5] + (torch.float16, "deep")))
+def test_deep_gemv_matches_reference(case):
+    N, K, bits, gs, sym, use_bias, cfg = case
+    assert gt.deep_ok(bits, torch.float16, gs, K)
+    _, qw, scales, zeros = _make(N, K, bits, gs, sym, torch.float16, seed=N + K + bits + 7)
+    bias = torch.randn(N).half() if use_bias else None
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    for rep in range(2):  # split-K leaves its workspace zeroed
+        x = torch.randn(1, K).half()
+        ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K, None if bias is None else bias.float())
+        out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)
+        gt.launch_gemv_deep(dev(x), dev(qw), dev(scales), dev(zeros), dev(bias), out, bits, gs, K, cfg)
+        err = _rel(out.cpu(), ref)
+        assert err < TOL[torch.float16], f"relative error {err:.2e} (call {rep})"
+        for ws, cnt in gt._WORKSPACES.values():
+            assert not ws.any() and not cnt.any()
+
+
+def test_deep_gemv_applicability_and_configs():
+    assert gt.deep_ok(4, torch.float16, 128, 4096) and gt.deep_ok(8, torch.float16, 4096, 4096)
+    assert gt.deep_ok(4, torch.float16, 16, 4096) and not gt.deep_ok(4, torch.float16, 8, 4096)  # 8 < a row pair
+    assert not gt.deep_ok(4, torch.bfloat16, 128, 4096) and not gt.deep_ok(3, torch.float16, 120, 4096)
+    assert gt.gemv_deep_configs(4096, 4096, 4, 128, 132, torch.bfloat16) == []
+    # the decode shapes: chunks tile K exactly (unmasked loads), one split at K = 4096 for the first candidate
+    for N, K, bits, gs in ((6144, 4096, 4, 128), (4096, 4096, 4, 64), (28672, 4096, 4, 128), (4096, 14336, 4, 128),
+                           (4096, 4096, 8, 4096)):
+        KW = K // (32 // bits)
+        cfgs = gt.gemv_deep_configs(N, K, bits, gs, 132)
+        assert cfgs and all(c["kernel"] == "deep" for c in cfgs)
+        for c in cfgs:
+            span = c["rows"] * c["unroll"]
+            assert KW % span == 0 and c["rows"] & (c["rows"] - 1) == 0
+        if K == 4096 and bits == 4:
+            assert cfgs[0]["rows"] * cfgs[0]["unroll"] == KW
+    _, qw, scales, _ = _make(16, 256, 4, 128, True, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="deep GEMV takes fp16"):
+        gt.launch_gemv_deep(torch.randn(1, 256).bfloat16(), qw, scales, None, None, torch.empty(1, 16).bfloat16(), 4,
+                            128, 256, _deep())
+    with pytest.raises(ValueError, match="power of two"):
+        gt.launch_gemv_deep(torch.randn(1, 256).half(), qw, scales.half(), None, None, torch.empty(1, 16).half(), 4,
+                            128, 256, _deep(rows=12))
+    with pytest.raises(ValueError, match="exactly one row"):
+        gt.linear(torch.randn(2, 256).half().to(DEVICE), qw.to(DEVICE), scales.half().to(DEVICE), None, 4, 128, 256,
+                  config=_deep(), regime="gemm")
+
+
+def test_deep_gemv_through_linear_dispatch():
+    """A pinned deep config runs through `linear` (a strided row), and the deep candidates are in the M == 1 space."""
+    N, K, bits, gs = 40, 256, 4, 64
+    _, qw, scales, zeros = _make(N, K, bits, gs, True, torch.float16, seed=13)
+    x = torch.randn(3, K + 8).to(torch.float16)[1:2, :K]
+    ref = gwint.linear_reference(x.float(), qw, scales, zeros, bits, gs, K)
+    out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K, config=_deep(rows=8, unroll=2))
+    assert out.shape == (1, N) and _rel(out.cpu(), ref) < TOL[torch.float16]
+
+
+def test_tuner_times_rotated_weight_copies(monkeypatch):
+    """With weight tensors the tuner launches each candidate on rotated copies of them (graph timing like the
+    benchmark table) and keeps the fastest; without, the cold-L2 timing."""
+    from bitsmith.kernels import bench, bsr
+
+    monkeypatch.setattr(gt.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gt.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gt, "_interpreting", lambda: False)
+    w = {"qweight": torch.zeros(4, 8, dtype=torch.int32), "scales": torch.ones(1, 8)}
+    copies = [w, {k: v.clone() for k, v in w.items()}, {k: v.clone() for k, v in w.items()}]
+    monkeypatch.setattr(bsr, "_rotated_copies", lambda t: copies if t is w else None)
+    seen = []
+
+    def graph_time_us(calls, min_calls, replays):
+        for c in calls:
+            seen.append(c())
+        return {"a": 2.0, "b": 1.0}[seen[-1][0]]
+
+    monkeypatch.setattr(bench, "graph_time_us", graph_time_us)
+    monkeypatch.setattr(gt, "time_cold_us", lambda fn: pytest.fail("cold timing used"))
+
+    def launch(c, t=None):
+        return (c["name"], None if t is None else id(t["qweight"]))
+
+    key = ("test-rotated",)
+    gt._TUNED.pop(key, None)
+    try:
+        assert gt._tune(key, [dict(name="a"), dict(name="b")], launch, w) == dict(name="b")
+        assert {s[1] for s in seen} == {id(c["qweight"]) for c in copies}
+        assert [e["timing"] for e in gt.TUNE_LOG if e.get("key") == key] == ["rotated", "rotated"]
+    finally:
+        gt._TUNED.pop(key, None)
