@@ -127,6 +127,7 @@ class GwintFormat:
 FORMATS = {
     "w4g128": GwintFormat("w4g128", 4, 128),
     "w4g128a": GwintFormat("w4g128a", 4, 128, sym=False),
+    "w4g64": GwintFormat("w4g64", 4, 64),  # what finequant-w4 (group_size auto, 4.25 bits) mostly chooses
     "w8pc": GwintFormat("w8pc", 8, None),
     "w8g128": GwintFormat("w8g128", 8, 128),
     "w2g64": GwintFormat("w2g64", 2, 64),

@@ -6,6 +6,8 @@ For each shape (Llama-3.2-1B or Llama-3-8B layer shapes) and variant, a model wi
 GPU (speed does not depend on the values): `fp16` keeps every Linear as it is; `w4` / `w8` replace every decoder
 Linear (not the head) by a `PackedLinear` of the gwint format (int4 with fp16 scales per 128 inputs / int8 with one
 scale per output row) holding random codes, exactly what `bitsmith compress finequant-w4 / int8` would store.
+`w4g64`: int4 with a scale per 64 inputs, the group size the `finequant-w4` recipe (group_size auto at 4.25 bits)
+chooses for most matrices.
 `w4-h8` / `w4-h4` also pack the lm_head (int8 per row / int4 g128): separate, clearly labelled variants, since the
 passes leave the head out by default (`ignore: lm_head`), so a recipe's checkpoint keeps it in fp16.
 With `--compile` the decode step's forward is compiled by `torch.compile` (inductor) first, for every variant
@@ -34,7 +36,7 @@ SHAPES = {  # (hidden, MLP, layers, heads, KV heads, vocab)
 }
 # (bits, group size (None = one group per row), head: None keeps the fp16 lm_head, else (bits, group size) for it)
 VARIANTS = {"fp16": None, "w4": (4, 128, None), "w8": (8, None, None), "w4-h8": (4, 128, (8, None)),
-            "w4-h4": (4, 128, (4, 128))}
+            "w4-h4": (4, 128, (4, 128)), "w4g64": (4, 64, None)}
 DEFAULT_VARIANTS = ["fp16", "w4", "w8"]
 
 

@@ -22,8 +22,10 @@ def _parse_shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in s.split(",") if part]
 
 
-def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = None) -> int:
-    """Every regime and every tuning candidate on the GPU against the fp32 reference, fresh random inputs."""
+def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = None,
+          kinds: set[str] | None = None) -> int:
+    """Every regime and every tuning candidate on the GPU against the fp32 reference, fresh random inputs.
+    `kinds`: only these kernels (old, wide, deep, swapped, dequant; default all)."""
     from bitsmith.kernels import gwint
     from bitsmith.kernels import gwint_triton as gt
 
@@ -68,11 +70,15 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = 
                 swapped = [("gemv", c) for _, c in swapped]
                 wide = [("gemv", c) for c in gt.gemv_wide_configs(N, K, bits, gs, sms, dtype)]
                 plans += wide if every else wide[:1]  # the wide GEMV: every candidate where the case asks
+                deep = [("gemv", c) for c in gt.gemv_deep_configs(N, K, bits, gs, sms, dtype)]
+                plans += deep if every else deep[:1]  # the deep GEMV likewise
             elif M >= gt.DEQUANT_MIN_M:
                 plans = [("dequant", None), ("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
             else:
                 plans = [("gemm", gt.gemm_configs(M, N, K, bits, gs, sms)[0])]
             plans += swapped if every else swapped[:1]
+            if kinds is not None:
+                plans = [(r, c) for r, c in plans if (c.get("kernel", "old") if c else r) in kinds]
             for regime, cfg in plans:
                 x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
                 ref = x.float() @ wf.t() + (bias.float() if use_bias else 0)
@@ -92,7 +98,7 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = 
     qw = torch.randint(0, 1 << 32, (K // 8, N), dtype=torch.int64, device="cuda").to(torch.int32)
     s = ((torch.rand(K // gs, N, device="cuda") + 0.5) / (8 * K ** 0.5)).half()
     wf = gwint.dequantize(qw, s, None, bits, gs, K, dtype=torch.float32)
-    for M in (1, 16, 128):
+    for M in [m for m in (1, 16, 128) if m in ms]:  # the sweep's rows only (each M tunes this shape once)
         x = torch.randn(M, K, device="cuda").half()
         gwint.linear(x, qw, s, None, bits, gs, K)  # warm: tune, compile, workspace
         g = torch.cuda.CUDAGraph()
@@ -243,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="run the GPU correctness sweep first")
     ap.add_argument("--check-ms", default="1,3,16,33,128,300,4096", help="rows M of the correctness sweep")
     ap.add_argument("--check-cases", default="", help="indices of the sweep's cases to run (default: all)")
+    ap.add_argument("--check-kinds", default="", help="kernels the sweep runs: old,wide,deep,swapped,dequant "
+                    "(default: all)")
     ap.add_argument("--check-last", action="store_true", help="run the sweep after the benchmark (its CUDA-graph "
                     "replay part then finds 4096x4096 w4g128 tuned if the benchmark measured it)")
     ap.add_argument("--crossover", action="store_true", help="also time large M (dequant+cuBLAS crossover)")
@@ -268,7 +276,8 @@ def main(argv=None) -> int:
     log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     only = {int(i) for i in args.check_cases.split(",")} if args.check_cases else None
     def run_check():
-        return check(log, [int(m) for m in args.check_ms.split(",")], only) if args.check else 0
+        kinds = set(args.check_kinds.split(",")) if args.check_kinds else None
+        return check(log, [int(m) for m in args.check_ms.split(",")], only, kinds) if args.check else 0
 
     failures = 0 if args.check_last else run_check()
     result = {}
