@@ -255,6 +255,14 @@ def _profile_step(run, sync, steps: int = 3) -> dict:
                     for k, v in top]}
 
 
+def _gwint_tuned() -> list:
+    """The gwint kernel configurations tuned so far in this process: [[key, config], ...] (JSON-friendly)."""
+    import sys
+
+    gt = sys.modules.get("bitsmith.kernels.gwint_triton")
+    return [] if gt is None else [[[str(v) for v in k], c] for k, c in gt._TUNED.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bitsmith bench generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
                 row = {"shape": shape, "variant": variant, "fused": args.fuse, "decoder_linear_bytes": stored, **res,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+                if stored is not None:
+                    row["gwint_tuned"] = _gwint_tuned()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del model
