@@ -1261,14 +1261,15 @@ def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, sms: int,
     dividing the word rows (so that chunks tile K exactly: unmasked loads), and K into as few splits as the cap
     allows that divide the chunks evenly (one at K = 4096 with 4-bit codes: no split-K epilogue).
     Offline SASS (Triton 3.6, sm_90): ptxas issues every word load of a program at its top only for some shapes
-    (one 512-row chunk, 8 warps x 32 columns or 4 warps x 16: 127 registers); the chunked ones interleave loads
-    with arithmetic at 42-100 registers and rely on more programs per SM instead. The H100 decides."""
+    (one 512-row chunk: 8 warps x 32 columns or 4 warps x 16 at 127 registers, 8 warps x 16 at 64); the chunked
+    ones interleave loads with arithmetic at 42-100 registers and rely on more programs per SM. The H100 decides."""
     if not deep_ok(bits, dtype, group_size, K):
         return []
     KW = -(-K // (32 // bits))
     pow2_div = KW & -KW  # the largest power of two dividing KW
     out = []
-    for bn, warps, rows, cap in ((32, 8, 512, 512), (16, 4, 512, 512), (32, 8, 128, 1024), (32, 16, 256, 1024),
+    for bn, warps, rows, cap in ((32, 8, 512, 512), (16, 8, 512, 512), (16, 4, 512, 512), (32, 8, 128, 1024),
+                                 (32, 16, 256, 1024),
                                  (64, 8, 128, 1024), (32, 8, 128, 2048), (32, 8, 256, 256)):
         rows = max(2, min(rows, _next_pow2(KW), pow2_div if pow2_div >= 64 else rows))
         chunks = -(-KW // rows)
