@@ -179,10 +179,12 @@ def check(log, only: str = "") -> int:
     # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
     if DEV == "cuda":
         n = 0
-        for fname in (("s80-b32", "s90-b64", "s80-b32-w4") if not only else ()) + ("s50-b1x16",):
+        for fname in (("s80-b32", "s90-b64", "s80-b32-w4") if not only else ()) + ("s50-b1x16", "s90-b128x64"):
             params, t, _ = make(8192, 8192, spec_of(fname), torch.float16, DEV, gen)
             wd = bsr.dequantize(t, params, torch.float32)
-            ms = (1,) if params["bits"] else (16, 128) if params["block_rows"] == 1 else (1, 16, 128)
+            # int4: the packed GEMV's splits; thin blocks: bsr_thin's; 128-row blocks: the 128 x 128 split tiles
+            R = params["block_rows"]
+            ms = (1,) if params["bits"] else (16, 128) if R == 1 else (128,) if R == 128 else (1, 16, 128)
             for M, cfg in [(M, c) for M in ms for c in bsr.configs(M, params, split=True) if c["chunk"]]:
                 for _ in range(STRESS_REPEATS):
                     x = torch.randn(M, 8192, device=DEV, generator=gen).half()
@@ -251,7 +253,7 @@ def check_configs(M: int, params: dict, dtype=torch.float16) -> list[dict]:
         tile = {k: v for k, v in c.items() if k != "chunk"}
         if tile not in tiles:
             tiles.append(tile)
-    splits = [c for c in cands if c["chunk"] and all(c[k] == v for k, v in tiles[0].items())]
+    splits = [c for c in cands if c["chunk"] and all(c.get(k) == v for k, v in tiles[0].items())]
     other = [dict(tiles[0], jmajor=True)] if M == 1 else []  # the other GEMV memory order (a kernel option)
     pf = [t for t in tiles if t.get("prefetch") and not t.get("packed")][:3]  # the hand-pipelined loops
     pk = [t for t in tiles if t.get("packed")]

@@ -98,12 +98,16 @@ def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
     C, K, N = params["block_cols"], params["in_features"], params["out_features"]
     bm = min(128, max(16, 1 << max(0, (M - 1).bit_length())))
     # (block_m, block_n, kt, warps, stages, programs per SM; 0: whole K)
+    # first pass on the H100 (s50/s80-b1x16, 8192x8192): best M = 16 tile 128 rows x 64 columns, 8 per SM (57 /
+    # 40 us; 64-row tiles 67-77 us, whole K 126-134 us); best M = 128 tile 128 x 64 rows, 4 per SM (116 us).
+    # Wider windows: more contiguous bytes per row and step (a row's stored blocks of one window are adjacent)
     if bm <= 16:
-        tiles = ((bm, 64, 64, 4, 3, 8), (bm, 64, 128, 4, 3, 8), (bm, 32, 64, 4, 3, 8), (bm, 64, 64, 4, 3, 16),
-                 (bm, 64, 128, 4, 3, 4), (bm, 128, 64, 4, 3, 8), (bm, 64, 64, 4, 3, 0), (bm, 32, 128, 4, 3, 16))
+        tiles = ((bm, 128, 64, 4, 3, 8), (bm, 128, 128, 8, 3, 8), (bm, 128, 64, 8, 3, 8), (bm, 128, 64, 4, 3, 16),
+                 (bm, 64, 256, 8, 3, 8), (bm, 32, 256, 4, 3, 8), (bm, 256, 64, 8, 3, 8), (bm, 128, 128, 4, 3, 8),
+                 (bm, 64, 128, 4, 3, 8), (bm, 64, 64, 4, 3, 8))
     else:
-        tiles = ((bm, 128, 64, 8, 3, 4), (bm, 128, 32, 8, 3, 4), (bm, 64, 64, 4, 3, 4), (min(bm, 64), 128, 64, 4, 3, 8),
-                 (bm, 128, 64, 8, 3, 2), (bm, 256, 32, 8, 3, 2), (bm, 128, 64, 8, 3, 0), (min(bm, 64), 64, 64, 4, 3, 8))
+        tiles = ((bm, 64, 64, 4, 3, 4), (bm, 64, 128, 4, 3, 4), (bm, 64, 64, 4, 3, 8), (bm, 128, 64, 8, 3, 4),
+                 (min(bm, 64), 128, 64, 4, 3, 8), (bm, 32, 128, 4, 3, 4), (bm, 64, 64, 8, 3, 4))
     out = []
     for bmt, bn, kt, warps, stages, per_sm in tiles:
         slots = kt // C
@@ -127,15 +131,21 @@ if triton is not None:
 
     @triton.jit
     def _thin_tile(aux_ptr, v_ptr, base, brow, sub, n_ok, i, NB, R: tl.constexpr, C: tl.constexpr,
-                   S: tl.constexpr, BLOCK_N: tl.constexpr):
+                   S: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
         """The dense weight tile [BLOCK_N, S * C] of window i: stored blocks in their slots, zeros elsewhere."""
         a = tl.load(aux_ptr + i * NB + brow, mask=n_ok, other=0)  # [BN]
         start = base + (a >> 16)
         offs_s = tl.arange(0, S)
         bit = (a[:, None] >> offs_s[None, :]) & 1  # [BN, S]: slot s holds a stored block
-        # rank[n, s]: stored blocks in slots below s (a prefix count over S slots)
-        below = (offs_s[None, :] < offs_s[:, None]).to(tl.int32)  # [S (s), S (j)]: j < s
-        rank = tl.sum(bit[:, None, :] * below[None, :, :], axis=2)  # [BN, S]
+        # rank[n, s]: stored blocks in slots below s, the population count of the bits under s (popc on the GPU;
+        # a sum over S slots under the interpreter, which has no inline assembly)
+        if ASM:
+            under = a[:, None] & ((1 << offs_s[None, :]) - 1)
+            rank = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [under], dtype=tl.int32, is_pure=True,
+                                             pack=1)
+        else:
+            below = (offs_s[None, :] < offs_s[:, None]).to(tl.int32)  # [S (s), S (j)]: j < s
+            rank = tl.sum(bit[:, None, :] * below[None, :, :], axis=2)  # [BN, S]
         blk = start[:, None] + rank
         offs_c = tl.arange(0, C)
         w = tl.load(v_ptr + (blk * (R * C) + (sub * C)[:, None])[:, :, None] + offs_c[None, None, :],
@@ -146,7 +156,7 @@ if triton is not None:
     def _bsr_thin_kernel(x_ptr, crow_ptr, aux_ptr, v_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NB, NW,
                          stride_xm, stride_om, chunk, n_split, R: tl.constexpr, C: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         FENCE: tl.constexpr, DOT_F32: tl.constexpr):
+                         FENCE: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr = False):
         # x [M, K], values [B, R, C], out [M, N]. Program (n, m, s) owns output rows BLOCK_N * n.., x rows
         # BLOCK_M * m.. and split s of the NW windows (`bsr._split_range` over windows, chunk per split).
         S: tl.constexpr = KT // C
@@ -163,7 +173,7 @@ if triton is not None:
         lo, hi, parts = _split_range(0, NW, tl.program_id(2), chunk, n_split)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in range(lo, hi):
-            w = _thin_tile(aux_ptr, v_ptr, base, brow, sub, n_ok, i, NB, R, C, S, BLOCK_N)  # [BN, KT]
+            w = _thin_tile(aux_ptr, v_ptr, base, brow, sub, n_ok, i, NB, R, C, S, BLOCK_N, ASM)  # [BN, KT]
             k = i * KT + offs_k
             xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
                          other=0.0)  # [BM, KT]
@@ -200,5 +210,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     _bsr_thin_kernel[(triton.cdiv(N, bn), num_m, n_split)](
         x2, tensors["crow_indices"], table, v, bias if bias is not None else v, out, ws, cnt, M, N, K, NB, NW,
         x2.stride(0), out.stride(0), chunk, n_split, R=R, C=C, BLOCK_M=bm, BLOCK_N=bn, KT=kt,
-        HAS_BIAS=bias is not None, FENCE=not interp, DOT_F32=interp and x2.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, FENCE=not interp, DOT_F32=interp and x2.dtype == torch.bfloat16, ASM=not interp,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
