@@ -576,3 +576,20 @@ def test_tuner_times_rotated_weight_copies(monkeypatch):
         assert [e["timing"] for e in gt.TUNE_LOG if e.get("key") == key] == ["rotated", "rotated"]
     finally:
         gt._TUNED.pop(key, None)
+
+
+def test_pdl_is_off_under_the_interpreter(monkeypatch):
+    """`gwint_triton.PDL` adds the PDL constexpr and launch attribute on the GPU only (checked there by
+    `bench kernels --check` with BITSMITH_PDL=1: chains of GEMVs in a CUDA graph); the interpreter runs as before."""
+    monkeypatch.setattr(gt, "PDL", True)
+    monkeypatch.setattr(gt, "_interpreting", lambda: False)
+    assert gt._pdl_kwargs() == dict(PDL=True, launch_pdl=True)
+    monkeypatch.setattr(gt, "_interpreting", lambda: True)
+    assert gt._pdl_kwargs() == {}
+    N, K, bits, gs = 40, 256, 4, 128
+    _, qw, scales, _ = _make(N, K, bits, gs, True, torch.float16, seed=14)
+    x = torch.randn(1, K).half()
+    ref = gwint.linear_reference(x.float(), qw, scales, None, bits, gs, K)
+    for cfg in (_deep(rows=8, unroll=2), _wide(unroll=2, packed=True)):
+        out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K, config=cfg)
+        assert _rel(out.cpu(), ref) < TOL[torch.float16]

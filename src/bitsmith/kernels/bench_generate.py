@@ -255,6 +255,18 @@ def _profile_step(run, sync, steps: int = 3) -> dict:
                     for k, v in top]}
 
 
+def _enable_pdl() -> None:
+    """Programmatic dependent launch for inductor's generated kernels and the gwint GEMVs (see `--pdl`)."""
+    import torch._inductor.config as inductor_config
+
+    from . import gwint_triton
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        raise SystemExit("--pdl: this torch's inductor has no triton.enable_pdl option")
+    inductor_config.triton.enable_pdl = True
+    gwint_triton.PDL = True
+
+
 def _gwint_tuned() -> list:
     """The gwint kernel configurations tuned so far in this process: [[key, config], ...] (JSON-friendly)."""
     import sys
@@ -278,10 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile the decode step's forward (every variant alike) before the CUDA graph "
                          "(backend: inductor unless named)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="programmatic dependent launch (Hopper+), every variant alike: inductor's kernels "
+                         "(torch._inductor.config.triton.enable_pdl) and the gwint M=1 GEMVs (gwint_triton.PDL)")
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.pdl:
+        _enable_pdl()
     rows = []
     for shape in args.shape or ["1b", "8b"]:
         for variant in args.variant or DEFAULT_VARIANTS:
@@ -300,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                                               profile=args.profile, compile=args.compile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
-                row = {"shape": shape, "variant": variant, "fused": args.fuse, "decoder_linear_bytes": stored, **res,
+                row = {"shape": shape, "variant": variant, "fused": args.fuse, "pdl": args.pdl,
+                       "decoder_linear_bytes": stored, **res,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
                 if stored is not None:
                     row["gwint_tuned"] = _gwint_tuned()

@@ -117,7 +117,64 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = 
             if not err < tol[torch.float16]:
                 failures += 1
                 log(f"FAIL CUDA graph replay M={M}: {err:.2e}")
+    if gt.PDL:
+        failures += pdl_check(log)
     log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+    return failures
+
+
+def pdl_check(log=print, rounds: int = 8) -> int:
+    """Programmatic dependent launch (`gwint_triton.PDL`): chains of two M = 1 GEMVs in one CUDA graph, y = B(A(x)),
+    for each pinned deep and wide candidate. B starts while A runs and must wait for A's output before it reads it;
+    each round's x is written by an ordinary kernel first. Compared with the fp32 chain on A's fp16 output."""
+    from bitsmith.kernels import gwint
+    from bitsmith.kernels import gwint_triton as gt
+
+    N = K = 4096
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    ws = []
+    for _ in range(2):
+        qw = torch.randint(0, 1 << 32, (K // 8, N), dtype=torch.int64, device="cuda", generator=gen).to(torch.int32)
+        s = ((torch.rand(K // 128, N, device="cuda", generator=gen) + 0.5) / (8 * K ** 0.5)).half()
+        ws.append((qw, s, gwint.dequantize(qw, s, None, 4, 128, K, dtype=torch.float32)))
+    sms = gt._num_sms(torch.device("cuda"))
+    cfgs = gt.gemv_deep_configs(N, K, 4, 128, sms) + [c for c in gt.gemv_wide_configs(N, K, 4, 128, sms)
+                                                      if c.get("packed")][:2]
+    failures = 0
+    for cfg in cfgs:
+        launch = gt.launch_gemv_deep if cfg["kernel"] == "deep" else gt.launch_gemv_wide
+        xs = [torch.randn(1, K, device="cuda", generator=gen).half() for _ in range(rounds)]
+        xbuf, y1, y2 = (torch.empty(1, K, device="cuda", dtype=torch.float16) for _ in range(3))
+        outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in range(rounds)]
+
+        def chain(i):
+            torch.mul(xs[i], 1.0, out=xbuf)  # an ordinary kernel writes this round's x
+            launch(xbuf, ws[0][0], ws[0][1], None, None, y1, 4, 128, K, cfg)
+            launch(y1, ws[1][0], ws[1][1], None, None, y2, 4, 128, K, cfg)
+            outs[i].copy_(y2)
+
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            chain(0)
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=st):
+            for i in range(rounds):
+                chain(i)
+        for o in outs:
+            o.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        worst = 0.0
+        for i in range(rounds):
+            ref = (xs[i].float() @ ws[0][2].t()).half().float() @ ws[1][2].t()
+            err = ((outs[i].float() - ref).norm() / ref.norm()).item() if torch.isfinite(outs[i]).all() else 1.0
+            worst = max(worst, err)
+        if not worst < 3e-3:
+            failures += 1
+            log(f"FAIL PDL chain {cfg}: {worst:.2e}")
+        log(f"PDL chain {cfg['kernel']} {cfg}: worst rel. error {worst:.1e}")
     return failures
 
 

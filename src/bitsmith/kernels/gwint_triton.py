@@ -47,6 +47,11 @@ import triton.runtime.errors
 from .launch import flat_rows, grouped_pid, median_replay_ms
 
 MAGIC_F32 = 0x4B000000  # float32 2^23; a kernel argument so that it sits in a register (see `_slot`)
+# Programmatic dependent launch of the M == 1 GEMVs (wide and deep; Hopper and later): launched with the PDL
+# attribute, a GEMV may start while the kernel before it finishes; it loads its first weights (which no kernel
+# writes), then waits (griddepcontrol.wait: the previous kernel complete, its writes visible) before it reads x or
+# writes anything, then lets the next kernel launch. Off by default; BITSMITH_PDL=1 or `bench generate --pdl`.
+PDL = os.environ.get("BITSMITH_PDL", "0") == "1"
 DEQUANT_MIN_M = 256  # from this many rows on, dequantize once and call cuBLAS (see docs/results/kernels-gwint.md)
 
 
@@ -241,6 +246,16 @@ def _gemv_wide_tile(acc, w, x_ptr, s_ptr, z_ptr, kw0, offs_n, n_mask, K, N, G, g
             v = f - (zf * (1 << pos) + MAGIC)[None, :]
         t += v * xj[:, None]
     return acc + tl.sum(t, axis=0) * s  # rows are in-thread: the sum is register adds
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch (see `PDL`): wait until the previous kernel is complete and its writes
+    visible (everything before this may only read weights), then let the next kernel launch (it waits likewise
+    before it reads what this one writes)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -450,7 +465,8 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
                       N, K, KW, G, group_size, k_iters, split_k, magic,
                       BITS: tl.constexpr, P: tl.constexpr, HI: tl.constexpr, SYM: tl.constexpr,
                       HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                      UNROLL: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False):
+                      UNROLL: tl.constexpr, PACKED: tl.constexpr = False, ASM: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]; every K tile lies inside one group.
     # UNROLL > 0: every split is exactly UNROLL tiles (k_iters == UNROLL), unrolled; 0: a run-time loop.
     # Unlike `_gemv_kernel`, BLOCK_N is wide (4 or 8 columns per thread: BLOCK_N = 128 or 256 x num_warps), so
@@ -469,6 +485,7 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
     if PACKED:  # fp16x2 path (see _gemv_packed_tile); always unrolled
         rh = tl.arange(0, BLOCK_KW // 2)
         we, wo = _gemv_wide_words2(qw_ptr, kw_begin, kw_end, rh, offs_n, n_mask, N, EVEN)
+        _pdl_wait(PDL)
         for i in tl.static_range(UNROLL):
             if i + 1 < UNROLL:
                 we_next, wo_next = _gemv_wide_words2(qw_ptr, kw_begin + (i + 1) * BLOCK_KW, kw_end, rh, offs_n,
@@ -481,6 +498,7 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
     elif UNROLL > 0:
         # k_iters == UNROLL tiles, straight-line code: the compiler is free to issue every tile's loads early
         w = _gemv_wide_words(qw_ptr, kw_begin, kw_end, rw, offs_n, n_mask, N, EVEN)
+        _pdl_wait(PDL)
         for i in tl.static_range(UNROLL):
             if i + 1 < UNROLL:
                 w_next = _gemv_wide_words(qw_ptr, kw_begin + (i + 1) * BLOCK_KW, kw_end, rw, offs_n, n_mask, N,
@@ -493,6 +511,7 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
         # a run-time count of tiles, two per iteration: b is loaded before a is consumed, the next a before b is
         # consumed (ptxas still issues the loop-carried loads of a late: see docs/results/kernels-gwint.md)
         w_a = _gemv_wide_words(qw_ptr, kw_begin, kw_end, rw, offs_n, n_mask, N, EVEN)
+        _pdl_wait(PDL)
         n_pairs = (k_iters - 1) // 2
         for p in range(n_pairs):
             kw_a = kw_begin + 2 * p * BLOCK_KW
@@ -521,7 +540,7 @@ def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
                       N, K, KW, G, group_size, split_k,
                       BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, UNROLL: tl.constexpr,
-                      ASM: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr = False):
     # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]; each pair of word rows lies inside one group.
     # Program (pid_n, pid_k): BLOCK_N (16..64) columns x UNROLL chunks of ROWS word rows, unrolled, the next chunk's
     # words loaded before the current one is consumed. Unlike the wide GEMV the threads and warps lie along K
@@ -539,6 +558,7 @@ def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
     kw_end = tl.minimum(kw_begin + UNROLL * ROWS, KW)
     acc = tl.zeros([ROWS // 2, BLOCK_N], dtype=tl.float32)  # per (row pair, column): summed over rows at the end
     we, wo = _gemv_wide_words2(qw_ptr, kw_begin, kw_end, rh, offs_n, n_mask, N, EVEN)  # [ROWS/2, BN] each
+    _pdl_wait(PDL)
     for i in tl.static_range(UNROLL):
         if i + 1 < UNROLL:
             we_next, wo_next = _gemv_wide_words2(qw_ptr, kw_begin + (i + 1) * ROWS, kw_end, rh, offs_n, n_mask, N,
@@ -917,6 +937,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _pdl_kwargs() -> dict:
+    """Launch arguments of the M == 1 GEMVs: the PDL constexpr and launch attribute where `PDL` is on (never under
+    the interpreter, which runs no inline assembly and has no launch attributes)."""
+    return dict(PDL=True, launch_pdl=True) if PDL and not _interpreting() else {}
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -1034,7 +1060,7 @@ def launch_gemv_wide(x2, qweight, scales, zeros, bias, out, bits, group_size, K,
         BITS=bits, P=P, HI=_hi_shift_wide(bits), SYM=zeros is None, HAS_BIAS=bias is not None,
         EVEN=K == KW * P and KW % bkw == 0 and k_iters * split == k_tiles and N % bn == 0,
         BLOCK_N=bn, BLOCK_KW=bkw, UNROLL=unroll, PACKED=packed, ASM=packed and not _interpreting(),
-        num_warps=cfg.get("num_warps", 4), num_stages=1)
+        num_warps=cfg.get("num_warps", 4), num_stages=1, **_pdl_kwargs())
 
 
 def deep_ok(bits: int, dtype: torch.dtype, group_size: int, K: int) -> bool:
@@ -1068,7 +1094,7 @@ def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K,
         BITS=bits, P=P, SYM=zeros is None, HAS_BIAS=bias is not None,
         EVEN=K == KW * P and KW == split * span and N % bn == 0,
         BLOCK_N=bn, ROWS=rows, UNROLL=unroll, ASM=not _interpreting(),
-        num_warps=cfg.get("num_warps", 8), num_stages=1)
+        num_warps=cfg.get("num_warps", 8), num_stages=1, **_pdl_kwargs())
 
 
 def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
