@@ -593,3 +593,18 @@ def test_pdl_is_off_under_the_interpreter(monkeypatch):
     for cfg in (_deep(rows=8, unroll=2), _wide(unroll=2, packed=True)):
         out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K, config=cfg)
         assert _rel(out.cpu(), ref) < TOL[torch.float16]
+
+
+def test_two_group_tiles_offered_where_nothing_else_fits(monkeypatch):
+    """4-bit g64: no one-group swapped tile exists (16 words = 128 codes), so `linear` offers the two-group ones."""
+    assert gt.gemm_t_configs(16, 4096, 4096, 4, 64, 132, torch.float16) == []
+    assert gt.gemm_t_configs(16, 4096, 4096, 4, 64, 132, torch.float16, two_groups=True)
+    seen = []
+    monkeypatch.setattr(gt, "_tune", lambda key, cands, go, tensors=None: seen.extend(cands) or cands[0])
+    N, K, bits, gs = 33, 320, 4, 64
+    _, qw, scales, _ = _make(N, K, bits, gs, True, torch.float16, seed=15)
+    x = torch.randn(16, K).half()
+    out = gt.linear(x.to(DEVICE), qw.to(DEVICE), scales.to(DEVICE), None, bits, gs, K)
+    assert seen[0]["kernel"] == "swapped" and any(c.get("kernel") == "swapped" for c in seen)
+    ref = gwint.linear_reference(x.float(), qw, scales, None, bits, gs, K)
+    assert _rel(out.cpu(), ref) < TOL[torch.float16]

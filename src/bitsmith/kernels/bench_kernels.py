@@ -48,6 +48,7 @@ def check(log=print, ms=(1, 3, 16, 33, 128, 300, 4096), only: set[int] | None = 
         (False, torch.float16, 515, 1024, 2, 64, True, False),
         (False, torch.float16, 515, 1000, 3, 1000, False, True),
         (False, torch.bfloat16, 515, 1024, 2, 256, True, False),
+        (True, torch.float16, 4099, 576, 4, 64, True, False),  # 12: g64, swapped tiles of two groups only
     ]
     t0 = time.time()
     for i, (every, dtype, N, K, bits, gs, sym, use_bias) in enumerate(cases):

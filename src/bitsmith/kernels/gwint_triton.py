@@ -1531,6 +1531,8 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
         cfg = config
     else:
         swapped = gemm_t_configs(M, N, K, bits, group_size, sms, x.dtype)
+        if not swapped:  # e.g. 4-bit g64 (finequant-w4's usual size): only tiles of exactly two groups fit it
+            swapped = gemm_t_configs(M, N, K, bits, group_size, sms, x.dtype, two_groups=True)
         if regime == "gemv":
             # one row: the swapped kernel came within 2-4 % of the GEMV for 8-bit codes (32-word tiles) and was
             # 1.3x slower for 4-bit ones at 8192x8192 (docs/results/kernels-gwint.md), so only the former compete
