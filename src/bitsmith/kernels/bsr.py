@@ -300,7 +300,7 @@ if triton is not None:
 
     @triton.jit
     def _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr, tile_id, s, parts,
-                        HAS_BIAS: tl.constexpr, FENCE: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, FENCE: tl.constexpr, UNROLL: tl.constexpr = 1):
         """acc fp32 [BM, BN] of split s -> out (+ bias). With parts > 1 the splits meet without atomics on data:
         split s stores its partial tile at ws[s] (ws: fp32 [n_split, M, N]; plain stores, so a layout that
         holds an element in several threads only writes it twice), every thread fences once (GPU scope; the
@@ -313,7 +313,11 @@ if triton is not None:
         with 64/128-row x tiles unless every thread fenced after its adds; that fence, applied to an [BN] offset
         tensor, became one MEMBAR per element a thread held (~20 per thread) and made every split slower than
         whole rows; atomic adds on the thin path's 16 x 4 tiles (fewer elements than threads) were wrong too,
-        likely elements held by several threads added more than once. Stores make both questions moot."""
+        likely elements held by several threads added more than once. Stores make both questions moot.
+
+        UNROLL > 1 (bsr_thin): the last split loads four partials per iteration, their loads issued together
+        (SASS: 16 LDG then the FADDs), where the plain loop issues one partial's loads and waits for its adds
+        (many splits: a tail of about one L2 latency per split)."""
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         last = parts == 1
@@ -330,9 +334,21 @@ if triton is not None:
                 if FENCE:  # & true, for this thread's loads to follow one fence
                     mask = mask & (_fenced(tile_id, FENCE) == tile_id)
                 tot = tl.zeros_like(acc)  # summed in the loads' layout, moved to acc's once
-                for j in range(0, parts):
-                    if j != s:
-                        tot += tl.load(ws_tile + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                if UNROLL == 1:
+                    for j in range(0, parts):
+                        if j != s:
+                            tot += tl.load(ws_tile + j * MN, mask=mask, other=0.0, cache_modifier=".cg")
+                else:  # four partials per iteration: four independent loads, then their sum
+                    z = tl.zeros_like(offs_m)[:, None]  # scalar conditions as [BM, 1] tensors (the interpreter)
+                    for j in range(0, parts, 4):
+                        p0 = tl.load(ws_tile + j * MN, mask=mask & (z + j != s), other=0.0, cache_modifier=".cg")
+                        p1 = tl.load(ws_tile + (j + 1) * MN, mask=mask & (z + j + 1 < parts) & (z + j + 1 != s),
+                                     other=0.0, cache_modifier=".cg")
+                        p2 = tl.load(ws_tile + (j + 2) * MN, mask=mask & (z + j + 2 < parts) & (z + j + 2 != s),
+                                     other=0.0, cache_modifier=".cg")
+                        p3 = tl.load(ws_tile + (j + 3) * MN, mask=mask & (z + j + 3 < parts) & (z + j + 3 != s),
+                                     other=0.0, cache_modifier=".cg")
+                        tot += (p0 + p1) + (p2 + p3)
                 acc += tot
                 tl.atomic_xchg(cnt_ptr + tile_id, 0)
         if last:

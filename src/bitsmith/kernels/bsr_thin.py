@@ -101,15 +101,21 @@ def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
     # first pass on the H100 (s50/s80-b1x16, 8192x8192): best M = 16 tile 128 rows x 64 columns, 8 per SM (57 /
     # 40 us; 64-row tiles 67-77 us, whole K 126-134 us); best M = 128 tile 128 x 64 rows, 4 per SM (116 us).
     # Wider windows: more contiguous bytes per row and step (a row's stored blocks of one window are adjacent)
+    # Second call: wider windows (128/256 columns) and 8 warps were slower (60-96 us at M = 16), so is splitting
+    # more finely (82.7 us at 16 per SM): the last split of a tile sums the others one dependent L2 load after the
+    # other; `unroll` 4 issues four of those loads together (`bsr._split_epilogue`), offered beside.
     if bm <= 16:
-        tiles = ((bm, 128, 64, 4, 3, 8), (bm, 128, 128, 8, 3, 8), (bm, 128, 64, 8, 3, 8), (bm, 128, 64, 4, 3, 16),
-                 (bm, 64, 256, 8, 3, 8), (bm, 32, 256, 4, 3, 8), (bm, 256, 64, 8, 3, 8), (bm, 128, 128, 4, 3, 8),
-                 (bm, 64, 128, 4, 3, 8), (bm, 64, 64, 4, 3, 8))
+        tiles = ((bm, 128, 64, 4, 3, 8, 1), (bm, 128, 128, 4, 3, 8, 1), (bm, 128, 64, 4, 3, 8, 4),
+                 (bm, 128, 64, 4, 3, 16, 4), (bm, 128, 128, 4, 3, 16, 4), (bm, 256, 64, 8, 3, 8, 1),
+                 (bm, 64, 64, 4, 3, 16, 4), (bm, 64, 128, 4, 3, 8, 1), (bm, 64, 64, 4, 3, 8, 1))
     else:
-        tiles = ((bm, 64, 64, 4, 3, 4), (bm, 64, 128, 4, 3, 4), (bm, 64, 64, 4, 3, 8), (bm, 128, 64, 8, 3, 4),
-                 (min(bm, 64), 128, 64, 4, 3, 8), (bm, 32, 128, 4, 3, 4), (bm, 64, 64, 8, 3, 4))
+        tiles = ((bm, 64, 64, 4, 3, 4, 1), (bm, 64, 128, 4, 3, 4, 1), (bm, 64, 64, 4, 3, 8, 4),
+                 (bm, 64, 128, 4, 3, 8, 4), (bm, 128, 64, 8, 3, 4, 1), (min(bm, 64), 128, 64, 4, 3, 8, 1),
+                 (bm, 64, 64, 8, 3, 4, 1))
     out = []
-    for bmt, bn, kt, warps, stages, per_sm in tiles:
+    for bmt, bn, kt, warps, stages, per_sm, unroll in tiles:
+        if C < 8:  # Triton 3.6 fails to compile 64/128-row x tiles with 4-column blocks (checked offline)
+            bmt = 16
         slots = kt // C
         if not 1 <= slots <= MAX_SLOTS:
             kt = C * min(MAX_SLOTS, max(1, 64 // C))  # the nearest window that fits the slot bits
@@ -121,6 +127,8 @@ def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
         parts = min(nw, max(1, round(per_sm * sms / tiles_n))) if per_sm else 1
         chunk = -(-nw // parts) if parts > 1 else 0
         c = dict(thin=True, block_m=bmt, block_n=bn, kt=kt, chunk=chunk, num_warps=warps, num_stages=stages)
+        if chunk and unroll > 1:
+            c["unroll"] = unroll
         if c not in out:
             out.append(c)
     return out
@@ -156,7 +164,8 @@ if triton is not None:
     def _bsr_thin_kernel(x_ptr, crow_ptr, aux_ptr, v_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, NB, NW,
                          stride_xm, stride_om, chunk, n_split, R: tl.constexpr, C: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         FENCE: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr = False):
+                         FENCE: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr = False,
+                         UNROLL: tl.constexpr = 1):
         # x [M, K], values [B, R, C], out [M, N]. Program (n, m, s) owns output rows BLOCK_N * n.., x rows
         # BLOCK_M * m.. and split s of the NW windows (`bsr._split_range` over windows, chunk per split).
         S: tl.constexpr = KT // C
@@ -183,7 +192,7 @@ if triton is not None:
                 acc += tl.dot(xk, tl.trans(w.to(xk.dtype)))
         if tl.program_id(2) < parts:
             _split_epilogue(acc, offs_m, offs_n, M, N, out_ptr, stride_om, b_ptr, ws_ptr, cnt_ptr,
-                            pid_n * tl.num_programs(1) + pid_m, tl.program_id(2), parts, HAS_BIAS, FENCE)
+                            pid_n * tl.num_programs(1) + pid_m, tl.program_id(2), parts, HAS_BIAS, FENCE, UNROLL)
 
 
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tensor, cfg: dict) -> None:
@@ -211,4 +220,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         x2, tensors["crow_indices"], table, v, bias if bias is not None else v, out, ws, cnt, M, N, K, NB, NW,
         x2.stride(0), out.stride(0), chunk, n_split, R=R, C=C, BLOCK_M=bm, BLOCK_N=bn, KT=kt,
         HAS_BIAS=bias is not None, FENCE=not interp, DOT_F32=interp and x2.dtype == torch.bfloat16, ASM=not interp,
+        UNROLL=cfg.get("unroll", 1),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2))
