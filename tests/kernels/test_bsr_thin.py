@@ -79,8 +79,8 @@ def test_thin_kernel_splits_and_forced_counts():
     ref = x.float() @ wd.t()
     cfg = dict(thin=True, block_m=16, block_n=32, kt=64, chunk=2, num_warps=4, num_stages=3)  # 8 windows, 4 splits
     # the last split takes what is left; unroll: the last split sums four partials per iteration (8 or 3 parts)
-    for extra in ({}, {"n_split": 2}, {"n_split": 64}, {"chunk": 3}, {"unroll": 4, "chunk": 1}, {"unroll": 4, "chunk": 3},
-                  {"unroll": 4, "n_split": 64}):
+    for extra in ({}, {"n_split": 2}, {"n_split": 64}, {"chunk": 3}, {"unroll": 4, "chunk": 1},
+                  {"unroll": 4, "chunk": 3}, {"unroll": 4, "n_split": 64}):
         assert rel(run(x, t, params, dict(cfg, **extra)), ref) < TOL[torch.float16], extra
     if ON_GPU:
         _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
