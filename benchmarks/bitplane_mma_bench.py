@@ -271,25 +271,35 @@ def cublas(N, K, gen, rows, dev):
 
 # ------------------------------------------------------------------------------------------------ check phase
 
-def check_tasks():
-    """[(kernel, cfg, bits)]: per width the tuner's first candidate of each mma kernel; at 2..4 bits (merged words)
-    every `mma_k` candidate, since those become tuner candidates if they pass."""
+def check_tasks(done=()):
+    """[(kernel, cfg, bits, check shape index)]: per width the tuner's first candidate of each mma kernel; at 2..4
+    bits (merged words) every `mma_k` candidate, since those become tuner candidates if they pass. One task per
+    shape (compiles dominate: finer tasks spread them over the workers); slowest first (`mma_k`, many bits).
+    `done`: rows of an earlier check (its passed (kernel, config, bits, N) are not run again)."""
     import torch
 
     from bitsmith.kernels import bitplane_mma as bm
     from bitsmith.kernels import bitplane_mma_gemm as bg
 
+    passed = {}
+    for r in done:
+        if "N" in r:
+            k = (r["kernel"], json.dumps(r["config"], sort_keys=True), r["bits"], r["N"])
+            passed[k] = passed.get(k, True) and bool(r["ok"])
     out = []
     for bits in (2, 3) if SMOKE else range(1, 9):
         mma = bm.gemv_mma_configs(8192, 8192, bits, 128, "bipolar", None, torch.float16, 132)
-        out.append(("mma", mma[0], bits))
         mk = bg.gemm_mma_configs(16, 8192, 8192, bits, 128, "bipolar", None, torch.float16)
-        out += [("mma_k", c, bits) for c in (mk if 2 <= bits <= 4 and not SMOKE else mk[:1])]
-    return out
+        for kernel, cfg in [("mma", mma[0])] + [("mma_k", c) for c in (mk if 2 <= bits <= 4 and not SMOKE
+                                                                         else mk[:1])]:
+            for ci, (N, _, _) in enumerate(_checks()):
+                if not passed.get((kernel, json.dumps(cfg, sort_keys=True), bits, N)):
+                    out.append((kernel, cfg, bits, ci))
+    return sorted(out, key=lambda t: (t[0] != "mma_k", -t[2]))
 
 
 def _check_task(task):
-    """Worker: one (kernel, cfg, bits) on every check shape (bias on some), M = 1 (mma) or 1, 3, 16 (mma_k)."""
+    """Worker: one (kernel, cfg, bits) on one check shape (bias on some), M = 1 (mma) or 1, 3, 16 (mma_k)."""
     import faulthandler
 
     import torch
@@ -297,12 +307,12 @@ def _check_task(task):
     from bitplane_kernels import call, make, reference, rel
     from bitsmith.kernels import gwint_triton
 
-    kernel, cfg, bits = task
-    faulthandler.dump_traceback_later(60, exit=False)  # a stalled task shows where it stands
+    kernel, cfg, bits, ci = task
+    faulthandler.dump_traceback_later(90, exit=False)  # a stalled task shows where it stands
     rows = []
     try:
-        gen = torch.Generator(device=_device()).manual_seed(100 + bits)
-        for ci, (N, K, gs) in enumerate(_checks()):
+        gen = torch.Generator(device=_device()).manual_seed(100 + 10 * bits + ci)
+        for N, K, gs in _checks()[ci:ci + 1]:
             w = make("bipolar", N, K, bits, torch.float16, gen, gs=gs)
             bias = torch.randn(N, device=_device(), generator=gen).half() if (bits + ci) % 2 else None
             for M in ((1,) if kernel == "mma" else (1, 3, 16)):
@@ -322,18 +332,24 @@ def _check_task(task):
 
 
 def phase_check(args):
-    tasks = check_tasks()
-    log(f"check: {len(tasks)} tasks (kernel, config, bits) in {args.workers} processes")
+    done = []
+    if args.check_done:
+        with open(args.check_done) as f:
+            done = json.load(f)
+        done = done.get("check", []) if isinstance(done, dict) else done
+    tasks = check_tasks(done)
+    log(f"check: {len(tasks)} tasks (kernel, config, bits, shape) in {args.workers} processes"
+        + (f", passed ones of {args.check_done} skipped" if args.check_done else ""))
     rows, bad = [], 0
     with _pool(args.workers) as pool:
         for i, (task, trows) in enumerate(pool.imap_unordered(_check_task, tasks)):
-            kernel, cfg, bits = task
+            kernel, cfg, bits, ci = task
             fails = [r for r in trows if not r["ok"]]
             bad += len(fails)
             rows += trows
             worst = max((r["rel_err"] for r in trows if "rel_err" in r), default=float("nan"))
             log(f"check {i + 1}/{len(tasks)}: {kernel} w{cfg['num_warps']} u{cfg['unroll']} pf{cfg.get('prefetch', 0)}"
-                f" b{bits}: {len(trows)} runs, worst rel err {worst:.1e}"
+                f" b{bits} {'x'.join(map(str, _checks()[ci]))}: {len(trows)} runs, worst rel err {worst:.1e}"
                 + "".join(f"\n    FAIL {r.get('N')}x{r.get('K')} M={r.get('M')}: {r.get('error', r.get('rel_err'))}"
                           for r in fails))
             _write(os.path.join(args.out, "check.json"), rows)
@@ -380,6 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=285, help="seconds for all phases together")
     ap.add_argument("--limits", default="compile=100,time=115,check=70", help="per-phase seconds")
     ap.add_argument("--phases", default="compile,time,check")
+    ap.add_argument("--check-done", default="", help="JSON rows of an earlier check: skip what passed there")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)  # run one phase (the supervisor's children)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
     args = ap.parse_args(argv)
