@@ -46,9 +46,10 @@ the CPU for tests):
                move the A layout conversion through inline asm, so mode 2 stages every A tile in shared memory.
     M == 1     `bitplane_mma` (bipolar fp16, no offset, N % 4 == 0, 128-k groups): mma.sync m16n8k16 with A built
                per thread (bits LOP3, or one on merged plane words) and one constant mma for the level offset.
-    M <= 16    `bitplane_mma_gemm`: the same with x rows as the mma columns; opt-in (BITSMITH_MMA_GEMM=1) until
-               its PTX passes a GPU check.
-    Unrolled f16x2 splits and both mma kernels also come with an L2 bulk prefetch of each program's working set.
+    M <= 16    `bitplane_mma_gemm`: the same with x rows as the mma columns; opt-in (BITSMITH_MMA_GEMM=1): on the
+               H100 it ran 12-26 % slower than the swapped kernel at M = 16.
+    Unrolled f16x2 splits and both mma kernels can issue an L2 bulk prefetch of each program's working set
+    (`prefetch=1` in a pinned config; no longer a tuning candidate: slower on the H100 at every M = 1 row).
 The tuner (`triton_linear`) picks among all of these per shape; the H100 results are in docs/results/bitplane.md.
 
 K-tiles never straddle a group: the kernels need group_size % 32 == 0 (or one group per row); other group sizes
@@ -1308,8 +1309,8 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
     else:
         shapes = ((1024, 1, 4, 4.0, 0), (512, 1, 4, 4.0, 0), (1024, 1, 8, 4.0, 0), (1024, 1, 4, 0, 2),
                   (512, 1, 4, 0, 2), (512, 1, 4, 0, 4))
-    # L2 prefetch of each split's working set (`_h2_prefetch`) on the unrolled shapes, N % 4 == 0
-    shapes = shapes + tuple(sh + (1,) for sh in shapes if sh[4] and N % 4 == 0)
+    # no L2-prefetch variants (`prefetch=1`, pinned configs only): on the H100 every one ran 28-42 % slower than
+    # the same split without (docs/results/bitplane.md, fourth session)
     for bn, bkw, warps, waves, unroll, *pf in shapes:
         bkw = _fit_kw(bkw, group_size, K)
         k_tiles = -(-KW // bkw)
