@@ -182,7 +182,7 @@ def check(log, only: str = "") -> int:
         for fname in (("s80-b32", "s90-b64", "s80-b32-w4") if not only else ()) + ("s50-b1x16", "s90-b128x64"):
             params, t, _ = make(8192, 8192, spec_of(fname), torch.float16, DEV, gen)
             wd = bsr.dequantize(t, params, torch.float32)
-            # int4: the packed GEMV's splits; thin blocks: bsr_thin's; 128-row blocks: the 128 x 128 split tiles
+            # int4: the packed GEMV's splits; thin blocks: bsr_thin's; 128-row blocks: every split tile at M = 128
             R = params["block_rows"]
             ms = (1,) if params["bits"] else (16, 128) if R == 1 else (128,) if R == 128 else (1, 16, 128)
             for M, cfg in [(M, c) for M in ms for c in bsr.configs(M, params, split=True) if c["chunk"]]:

@@ -740,21 +740,6 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
                 nblk = _next_pow2(max(1, kk // cw))
                 if _can_dot(params, 64, br, nblk):
                     add(dict(block_m=64, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages), k < 2)
-        if bm == 128 and R >= 128 and not bits:
-            # 128 x 128 output tiles (block rows of 128+): x segments read once per block row, w once (a 64-row
-            # tile of either reads the other twice: L2 traffic); N / 128 programs are too few for the SMs, so K is
-            # split in two or three (partials of 64 KB per program, bsr's stored-partials epilogue). Offline
-            # (Triton 3.6, sm_90): wgmma, 233 / 171 registers at 3 / 2 stages, no spills
-            mean = max(1.0, params["nnz_blocks"] / (N // R))
-            for br, kk, warps, stages in ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)):
-                nblk = _next_pow2(max(1, kk // cw))
-                if not _can_dot(params, 128, br, nblk):
-                    continue
-                for parts in (2, 3, 1):
-                    chunk = nblk * math.ceil(mean / parts / nblk) if parts > 1 else 0
-                    c = dict(block_m=128, block_r=br, nblk=nblk, num_warps=warps, num_stages=stages, chunk=chunk)
-                    if c not in out:
-                        out.append(c)
         # Triton 3.6 pipelines this loop with one buffer (a step's loads are in flight alone, see the kernel): wider
         # K-tiles put more bytes in flight per step; `prefetch` (num_stages 1) issues the next step's loads by hand
         # before the current step's multiply (two steps in flight)
