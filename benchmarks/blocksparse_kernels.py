@@ -5,14 +5,16 @@
 
 GPU: timing through the shared harness (`bitsmith.kernels.bench.graph_time_us`: CUDA graphs, input sets rotated so
 the weights come from HBM), shapes N x K (--shapes, default 8192x8192 and 28672x8192), M in --ms, and the formats
-below (--formats), each a random block mask of exactly that sparsity (uniform over blocks) and random values.
+below (--formats; or any name sNN-bR[xC][-wB][-row]), each a random block mask of exactly that sparsity (uniform
+over blocks; `-row`: the same number of blocks in every block row, as `scope: row` prunes) and random values.
 cuBLAS fp16 (`F.linear` on the dense weight) and `torch.sparse._triton_ops.bsr_dense_mm` (fp16 values, same mask)
 run in the same process; --variants also times every launch candidate of the named cases (forced configs), and the
 tuner's own cold-L2 timings of every candidate go to rows.json ("tune_log"). --check then runs a correctness sweep
 (after the timings, in the same process): the first three tiles of each M and every split-K size of the first, with
 too few and too many splits, fp16/bf16, dense, int8 and int4 values, both scale layouts, thin and square blocks,
 empty and full block rows, outputs poisoned with NaN, the split-K tile counters left zeroed, CUDA-graph replays
-(tuned and split-K launches). --formats '' runs the check alone. rows.json, table.md and bench.log go to --out.
+(tuned and split-K launches); thin blocks (1x16, 1x4, 2x16: `bsr_thin`) and 128-wide blocks among the cases.
+--formats '' runs the check alone; --check-only 1x16,128x128,... keeps the cases of those block shapes. rows.json, table.md and bench.log go to --out.
 
 CPU: dense `F.linear` (float32) vs `bitsmith.kernels.bsr_cpu.gather_linear` vs torch's CSR/BSR sparse matmul, the
 best of --reps timings each (the machine is shared: the minimum is the least disturbed run).
