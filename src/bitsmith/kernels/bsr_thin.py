@@ -18,6 +18,9 @@ and the column indexes are not read at all. Needs KB < 2^15 and S <= 16.
 
 Split-K (`chunk` = windows per program, 0: all of K): programs of one tile meet in bsr's stored-partials epilogue.
 Values in the model dtype only (quantized thin blocks keep `_bsr_mm_kernel`).
+
+Measured (H100, docs/results/blocksparse.md, fourth pass): 1x16 blocks at 8192x8192, M = 16: 0.91x of cuBLAS at
+50 % (52.9 us; the multiply-reduce path 806 us), 1.22x at 80 %; M = 128 0.43-0.45x (6240 us before, 50 %).
 """
 
 from __future__ import annotations
@@ -97,10 +100,9 @@ def configs(M: int, params: dict, sms: int = 132) -> list[dict]:
     so most candidates split K, for several programs per SM (`per_sm`), each with its own step in flight."""
     C, K, N = params["block_cols"], params["in_features"], params["out_features"]
     bm = min(128, max(16, 1 << max(0, (M - 1).bit_length())))
-    # (block_m, block_n, kt, warps, stages, programs per SM; 0: whole K)
-    # first pass on the H100 (s50/s80-b1x16, 8192x8192): best M = 16 tile 128 rows x 64 columns, 8 per SM (57 /
+    # (block_m, block_n, kt, warps, stages, programs per SM (0: whole K), unroll of the split sums)
+    # First H100 call (s50/s80-b1x16, 8192x8192): best M = 16 tile 128 rows x 64 columns, 8 per SM (57 /
     # 40 us; 64-row tiles 67-77 us, whole K 126-134 us); best M = 128 tile 128 x 64 rows, 4 per SM (116 us).
-    # Wider windows: more contiguous bytes per row and step (a row's stored blocks of one window are adjacent)
     # Second call: wider windows (128/256 columns) and 8 warps were slower (60-96 us at M = 16), so is splitting
     # more finely (82.7 us at 16 per SM): the last split of a tile sums the others one dependent L2 load after the
     # other; `unroll` 4 issues four of those loads together (`bsr._split_epilogue`): third call, s50 58.1 -> 52.9
