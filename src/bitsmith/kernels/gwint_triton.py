@@ -2,8 +2,11 @@
 
 Three regimes, one launcher (`linear`):
 
-    M == 1          `_gemv_wide_kernel` where a K tile lies inside one group (tuned first), else `_gemv_kernel`;
-                    no tensor cores. The wide one gives each thread 4 or 8 whole columns of a 4-row word tile
+    M == 1          `_gemv_wide_kernel` where a K tile lies inside one group (tuned first), `_gemv_deep_kernel`
+                    (fp16, 4/8-bit, groups of whole word-row pairs), else `_gemv_kernel`; no tensor cores. The
+                    deep one puts threads and warps along K: a program owns 16-64 columns and (at K = 4096) the
+                    whole K, so no split-K epilogue; one row reduction at the end (best at the 4096-wide decode
+                    shapes). The wide one gives each thread 4 or 8 whole columns of a 4-row word tile
                     (every warp along N), does a fixed number of tiles per program (unrolled, so later tiles'
                     loads are issued early) and for fp16 with 4/8-bit codes dequantizes and multiplies two codes
                     per fp16x2 instruction (inline PTX; a Triton fallback under the interpreter). The older one
