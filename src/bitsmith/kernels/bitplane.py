@@ -1461,8 +1461,9 @@ def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype
 def gemm_mma_candidates(M, N, K, bits, group_size, kind, offset, dtype) -> list[dict]:
     """The tensor-core kernel's candidates for 2 <= M <= 16 (`bitplane_mma_gemm`; [] where it does not apply).
 
-    Opt-in (BITSMITH_MMA_GEMM=1) until its PTX has passed a GPU check: the H100 session that built it ran out of
-    device time before that check (docs/results/bitplane.md); pinned configs (kernel="mma_k") always run it."""
+    Opt-in (BITSMITH_MMA_GEMM=1): its PTX passed the H100 check (bits 1..8, every candidate at 2..4 bits), but it
+    ran 12-26 % slower than the swapped kernel at M = 16 on both benchmark shapes (docs/results/bitplane.md, fourth
+    session), so the tuner does not spend time on it by default; pinned configs (kernel="mma_k") always run it."""
     from . import bitplane_mma_gemm
 
     if os.environ.get("BITSMITH_MMA_GEMM", "0") != "1":
