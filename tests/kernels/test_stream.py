@@ -29,3 +29,26 @@ def test_xor_reference_small():
     x = torch.tensor([1, 2, 4, -1], dtype=torch.int32)
     assert stream.xor_reference(x, 2).tolist() == [3, 4 ^ -1]
     assert stream.xor_reference(x, 3).tolist() == [7, -1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,split,N,block_n", [(4, 1, 64, 64), (2, 3, 128, 64), (8, 5, 96, 32)])
+def test_read_tiles_with_and_without_the_split_k_epilogue(rows, split, N, block_n):
+    """Small codes (0..15): every xor and every fp16 sum of them is exact. Workspaces left zeroed."""
+    from bitsmith.kernels import gwint_triton
+
+    x = torch.randint(0, 16, (rows * split, N), dtype=torch.int32)
+    blocks = x.view(split, rows, N)
+    xor = blocks[:, 0].clone()
+    for r in range(1, rows):
+        xor ^= blocks[:, r]  # [split, N]
+    got = stream.read_tiles(x.to(DEVICE), rows, block_n, epilogue=True)
+    assert torch.equal(got.cpu().float(), xor.sum(0).float())
+    words = stream.read_tiles(x.to(DEVICE), rows, block_n)
+    want = torch.stack([stream.xor_reference(xor[k, n * block_n:(n + 1) * block_n].contiguous(), block_n)[0]
+                        for k in range(split) for n in range(N // block_n)])
+    assert torch.equal(words.cpu(), want)
+    for ws, cnt in gwint_triton._WORKSPACES.values():
+        assert not ws.any() and not cnt.any()
+    with pytest.raises(ValueError):
+        stream.read_tiles(torch.zeros(rows * split, block_n + 4, dtype=torch.int32), rows, block_n)

@@ -27,6 +27,7 @@ READ_CONFIGS = ((1024, 4, 4), (1024, 8, 4), (1024, 16, 4), (2048, 8, 8), (512, 8
 
 
 if triton is not None:
+    from .gwint_triton import _epilogue
 
     @triton.jit
     def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr, EVEN: tl.constexpr):
@@ -43,6 +44,48 @@ if triton is not None:
                 v = tl.load(x_ptr + offs, mask=offs < n, other=0)
             acc = acc ^ v
         tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
+
+
+    @triton.jit
+    def _read_tiles_kernel(x_ptr, out_ptr, ws_ptr, cnt_ptr, N, split_k, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           EPI: tl.constexpr):
+        # x: [split_k * ROWS, N] int32 (N % BLOCK_N == 0). Program (pid_n, pid_k) reads rows pid_k * ROWS .. + ROWS
+        # of columns pid_n * BLOCK_N .. + BLOCK_N (the grid and bytes of the f16x2 GEMV's unrolled splits) and xors
+        # them per column. EPI 0: one word per program to out (int32 [programs]); EPI 1: the column values as fp32
+        # through the GEMVs' split-K epilogue (`gwint_triton._epilogue`: atomics into ws, the last split of a
+        # column block stores out (fp16 [N]) and zeroes ws).
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for r in tl.static_range(ROWS):
+            acc = acc ^ tl.load(x_ptr + (pid_k * ROWS + r).to(tl.int64) * N + offs_n)
+        if EPI == 0:
+            tl.store(out_ptr + pid_k * tl.num_programs(0) + pid_n, tl.xor_sum(acc, axis=0))
+        else:
+            _epilogue(acc.to(tl.float32)[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, out_ptr, ws_ptr,
+                      cnt_ptr, pid_n, split_k, False)
+
+
+def read_tiles(x: torch.Tensor, rows: int, block_n: int = 1024, epilogue: bool = False, num_warps: int = 4,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: int32 [R, N] (R % rows == 0, N % block_n == 0), read in programs of rows x block_n. Without `epilogue`:
+    int32 [R / rows * N / block_n], one xor per program (pid_k-major); with: fp16 [N], per column the sum over
+    row blocks of that block's xor (as fp32), through the split-K epilogue the GEMVs use."""
+    from .gwint_triton import _workspace
+
+    R, N = x.shape
+    if x.dtype != torch.int32 or R % rows or N % block_n:
+        raise ValueError(f"read_tiles takes int32 [R, N] with R % {rows} == 0 and N % {block_n} == 0")
+    split = R // rows
+    grid = (N // block_n, split)
+    if out is None:
+        out = (torch.empty(N, dtype=torch.float16, device=x.device) if epilogue
+               else torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device))
+    ws, cnt = _workspace(x.device, N if epilogue and split > 1 else 0, grid[0] if epilogue and split > 1 else 0)
+    _read_tiles_kernel[grid](x, out, ws, cnt, N, split, ROWS=rows, BLOCK_N=block_n, EPI=int(epilogue),
+                             num_warps=num_warps)
+    return out
 
 
 def read_words(x: torch.Tensor, block: int = 1024, steps: int = 8, num_warps: int = 4,
@@ -98,5 +141,32 @@ def stream_times_us(nbytes: int, configs=READ_CONFIGS, log=None) -> dict:
             f"{words * 4 / res['read'] / 1e3:.0f} GB/s), torch sum {res['sum']:.1f} us, copy {res['copy']:.1f} us "
             f"({2 * words * 4 / res['copy'] / 1e3:.0f} GB/s read + written)")
     del bufs, dsts
+    torch.cuda.empty_cache()
+    return res
+
+
+def tile_times_us(R: int, N: int, rows: int, block_n: int = 1024, num_warps: int = 4, log=None) -> dict:
+    """Per-call microseconds (CUDA graph, rotated buffers) of `read_tiles` over int32 [R, N] in programs of rows x
+    block_n: "store" (one word per program) and "epilogue" (the GEMVs' split-K epilogue), and `read_words` over the
+    same bytes ("stream") for reference."""
+    from .bench import graph_time_us, rotations
+
+    nbytes = R * N * 4
+    sets = rotations(nbytes)
+    bufs = [torch.randint(-2**31, 2**31 - 1, (R, N), dtype=torch.int32, device="cuda") for _ in range(sets)]
+    res: dict = {"bytes": nbytes, "R": R, "N": N, "rows": rows, "block_n": block_n, "programs": R // rows * N // block_n}
+    outs = [torch.empty(res["programs"], dtype=torch.int32, device="cuda") for _ in range(sets)]
+    res["store"] = graph_time_us([lambda b=b, o=o: read_tiles(b, rows, block_n, False, num_warps, o)
+                                  for b, o in zip(bufs, outs)])
+    outs = [torch.empty(N, dtype=torch.float16, device="cuda") for _ in range(sets)]
+    res["epilogue"] = graph_time_us([lambda b=b, o=o: read_tiles(b, rows, block_n, True, num_warps, o)
+                                     for b, o in zip(bufs, outs)])
+    flat = [b.view(-1) for b in bufs]
+    outs = [torch.empty(-(-R * N // 8192), dtype=torch.int32, device="cuda") for _ in range(sets)]
+    res["stream"] = graph_time_us([lambda b=b, o=o: read_words(b, 1024, 8, 4, o) for b, o in zip(flat, outs)])
+    if log:
+        log(f"tiles {R}x{N} ({nbytes / 1e6:.1f} MB, {rows} rows x {block_n}, {res['programs']} programs): "
+            f"store {res['store']:.1f} us, split-K epilogue {res['epilogue']:.1f} us, stream {res['stream']:.1f} us")
+    del bufs, outs, flat
     torch.cuda.empty_cache()
     return res
