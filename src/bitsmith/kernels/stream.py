@@ -154,7 +154,8 @@ def tile_times_us(R: int, N: int, rows: int, block_n: int = 1024, num_warps: int
     nbytes = R * N * 4
     sets = rotations(nbytes)
     bufs = [torch.randint(-2**31, 2**31 - 1, (R, N), dtype=torch.int32, device="cuda") for _ in range(sets)]
-    res: dict = {"bytes": nbytes, "R": R, "N": N, "rows": rows, "block_n": block_n, "programs": R // rows * N // block_n}
+    res: dict = {"bytes": nbytes, "R": R, "N": N, "rows": rows, "block_n": block_n,
+                 "programs": R // rows * N // block_n}
     outs = [torch.empty(res["programs"], dtype=torch.int32, device="cuda") for _ in range(sets)]
     res["store"] = graph_time_us([lambda b=b, o=o: read_tiles(b, rows, block_n, False, num_warps, o)
                                   for b, o in zip(bufs, outs)])
