@@ -14,7 +14,8 @@ tuner's own cold-L2 timings of every candidate go to rows.json ("tune_log"). --c
 too few and too many splits, fp16/bf16, dense, int8 and int4 values, both scale layouts, thin and square blocks,
 empty and full block rows, outputs poisoned with NaN, the split-K tile counters left zeroed, CUDA-graph replays
 (tuned and split-K launches); thin blocks (1x16, 1x4, 2x16: `bsr_thin`) and 128-wide blocks among the cases.
---formats '' runs the check alone; --check-only 1x16,128x128,... keeps the cases of those block shapes. rows.json, table.md and bench.log go to --out.
+--formats '' runs the check alone; --check-only 1x16,128x128,... keeps the cases, full-size split stress and graph
+replays of those block shapes. rows.json, table.md and bench.log go to --out.
 
 CPU: dense `F.linear` (float32) vs `bitsmith.kernels.bsr_cpu.gather_linear` vs torch's CSR/BSR sparse matmul, the
 best of --reps timings each (the machine is shared: the minimum is the least disturbed run).
@@ -179,9 +180,12 @@ def check(log, only: str = "") -> int:
             f" ({time.time() - t0:.0f}s)")
     # split-K stress at full size: every split candidate of every tile (M = 1, 16, 128: 16-, 64- and 128-row x
     # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
+    # with `only`: the full-size stress and graph replays of the formats of those block shapes
+    stress = [f for f in ("s80-b32", "s90-b64", "s80-b32-w4", "s50-b1x16", "s90-b128x64")
+              if not only or spec_of(f)[1] in keep]
     if DEV == "cuda":
         n = 0
-        for fname in (("s80-b32", "s90-b64", "s80-b32-w4") if not only else ()) + ("s50-b1x16", "s90-b128x64"):
+        for fname in stress:
             params, t, _ = make(8192, 8192, spec_of(fname), torch.float16, DEV, gen)
             wd = bsr.dequantize(t, params, torch.float32)
             # int4: the packed GEMV's splits; thin blocks: bsr_thin's; 128-row blocks: every split tile at M = 128
@@ -206,7 +210,7 @@ def check(log, only: str = "") -> int:
     # CUDA-graph replay of the public op with fresh inputs
     if DEV != "cuda":
         return failures
-    for fname in ("s80-b32-w4", "s50-b1x16")[1 if only else 0:]:
+    for fname in [f for f in ("s80-b32-w4", "s50-b1x16") if f in stress]:
         failures += _graph_check(fname, gen, tol, log)
     log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
     return failures

@@ -82,6 +82,31 @@ def test_packed_gemv_matches_reference(case):
     assert not cnt.any()
 
 
+
+@pytest.mark.parametrize("case", CASES[:3] + [(96, 1024, (32, 32), 128), (3, 256, (1, 32), 64)],
+                         ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-g{c[3]}")
+def test_lean_gemv_matches_reference(case):
+    """The `lean` packed kernel (column indexes a step ahead, `scall` scales up front, `codes_ahead`): its four
+    variants on small and the tuner's tiles, with bias, whole rows and forced splits (the split epilogue), rows of
+    many steps (a full 32-block row), odd N with 1-row blocks."""
+    N, K, block, gs = case
+    params, t, wd = int4_weight(N, K, block, gs, seed=N + K + 1)
+    lean = [c for c in bsr.configs(1, params) if c.get("lean")]
+    assert {(c["scall"], c["codes_ahead"]) for c in lean} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    g = torch.Generator().manual_seed(4)
+    small = [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, lean=True, scall=sa,
+                  codes_ahead=ah, **({"n_split": ns} if ns else {}))
+             for (br, nb, ch, ns), sa, ah in (((1, 1, 0, 0), 0, 1), ((4, 2, 0, 0), 1, 1), ((2, 1, 2, 0), 1, 0),
+                                              ((4, 2, 2, 64), 0, 0), ((4, 2, 4, 0), 1, 1))]
+    for i, cfg in enumerate(lean[:4] + small):
+        x = torch.randn(1, K, generator=g).half()
+        bias = torch.randn(N, generator=g).half() if i % 2 else None
+        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
+        out = run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg)
+        assert rel(out, ref) < 3e-3, cfg
+    _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
+    assert not cnt.any()
+
 def test_packed_gemv_falls_back_on_unaligned_x():
     """x whose storage offset is not a multiple of four halves cannot be read as int64 words: the fp32 path of
     the same tile runs instead, with the same result."""
