@@ -85,20 +85,19 @@ def test_packed_gemv_matches_reference(case):
 
 @pytest.mark.parametrize("case", CASES[:3] + [(96, 1024, (32, 32), 128), (3, 256, (1, 32), 64)],
                          ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-g{c[3]}")
-def test_lean_gemv_matches_reference(case):
-    """The `lean` packed kernel (column indexes a step ahead, `scall` scales up front, `codes_ahead`): its four
-    variants on small and the tuner's tiles, with bias, whole rows and forced splits (the split epilogue), rows of
-    many steps (a full 32-block row), odd N with 1-row blocks."""
+def test_clamped_gemv_matches_reference(case):
+    """`clamp` tiles (no masked loads: slots past a row's end re-read its last block and add nothing): the tuner's
+    clamp tiles and small ones, with bias, whole rows (a full 32-block row: many steps, a last partial step),
+    empty and one-block rows, odd N with 1-row blocks, forced splits (the split epilogue, ranges ending mid-step)."""
     N, K, block, gs = case
     params, t, wd = int4_weight(N, K, block, gs, seed=N + K + 1)
-    lean = [c for c in bsr.configs(1, params) if c.get("lean")]
-    assert {(c["scall"], c["codes_ahead"]) for c in lean} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    tiles = [c for c in bsr.configs(1, params) if c.get("clamp")]
+    assert len(tiles) >= 4
     g = torch.Generator().manual_seed(4)
-    small = [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, lean=True, scall=sa,
-                  codes_ahead=ah, **({"n_split": ns} if ns else {}))
-             for (br, nb, ch, ns), sa, ah in (((1, 1, 0, 0), 0, 1), ((4, 2, 0, 0), 1, 1), ((2, 1, 2, 0), 1, 0),
-                                              ((4, 2, 2, 64), 0, 0), ((4, 2, 4, 0), 1, 1))]
-    for i, cfg in enumerate(lean[:4] + small):
+    small = [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, prefetch=False, clamp=True,
+                  **({"n_split": ns} if ns else {}))
+             for br, nb, ch, ns in ((1, 1, 0, 0), (4, 2, 0, 0), (2, 1, 3, 0), (4, 2, 2, 64), (4, 4, 4, 2))]
+    for i, cfg in enumerate(tiles[::3] + small):
         x = torch.randn(1, K, generator=g).half()
         bias = torch.randn(N, generator=g).half() if i % 2 else None
         ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
@@ -106,6 +105,7 @@ def test_lean_gemv_matches_reference(case):
         assert rel(out, ref) < 3e-3, cfg
     _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
     assert not cnt.any()
+
 
 def test_packed_gemv_falls_back_on_unaligned_x():
     """x whose storage offset is not a multiple of four halves cannot be read as int64 words: the fp32 path of

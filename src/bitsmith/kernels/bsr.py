@@ -699,16 +699,12 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             c = dict(block_m=1, block_r=br, nblk=nblk, num_warps=warps, num_stages=1, packed=True, prefetch=bool(pf))
             c = dict(c, volatile=True) if pf == "vol" else c
             add(dict(c, order=True) if od else c, k < 2)
-        # `lean` (bsr_pk): column indexes a step ahead; `scall`: every scale group of the rows loaded up front
-        # (no column index -> scale miss per step); `codes_ahead`: the next step's codes too (registers, SASS
-        # read offline with Triton 3.6: 39-64 per thread, so that ~8 programs of 4 warps stay resident per SM)
-        for br, nblk, warps, scall, ahead, extra in (
-                (8, 32, 4, False, True, {}), (8, 32, 4, True, False, {}), (8, 32, 4, False, False, {}),
-                (8, 32, 4, True, True, {"maxnreg": 64}), (16, 16, 4, True, True, {}), (16, 16, 4, False, True, {}),
-                (8, 16, 4, True, True, {}), (8, 16, 4, False, True, {}), (16, 32, 8, True, False, {}),
-                (16, 32, 8, False, True, {}), (8, 32, 4, False, True, {"volatile": True})):
+        # `clamp` (bsr_pk): no masked loads, 32-48 registers (SASS read offline with Triton 3.6), so that
+        # one-step rows (n64) and 2-warp programs also run in one wave
+        for br, nblk, warps in ((8, 32, 4), (16, 32, 8), (4, 64, 4), (8, 64, 4), (16, 64, 8), (16, 16, 4),
+                                (8, 16, 4), (4, 32, 2)):
             add(dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
-                     lean=True, scall=scall, codes_ahead=ahead, **extra), False)
+                     prefetch=False, clamp=True), False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.

@@ -146,7 +146,7 @@ if triton is not None:
                             n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
-                            ORDER: tl.constexpr = False, VOL: tl.constexpr = False):
+                            ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -181,84 +181,34 @@ if triton is not None:
                                                GPB, VOL)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
                 w, xl, xh, sc, blk, cb1 = w1, xl1, xh1, sc1, blk1, cb2
+        elif CLAMP:
+            # no masked loads: slots past the row's end read its last block again (L1/L2 hits) and add nothing
+            # (a select on the dot): the predicated loads' zero-fill (CS2R per register) and predicates go away
+            # (SASS, Triton 3.6: the loop is instruction-heavy, ~3.3 per weight, and every SM runs ~8 programs)
+            for i in range(lo, hi, NBLK):
+                blk = i + jb
+                valid = blk < hi
+                bc = tl.minimum(blk, hi - 1)
+                cb = tl.load(col_ptr + bc)
+                P: tl.constexpr = NW // 2
+                qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]
+                w = tl.load(v_ptr + (bc * (R * NW) + rr * NW)[:, None, None] + qq)
+                xb = (cb * (C // 4))[:, None, None] + qq
+                xl = tl.load(x_ptr + xb)
+                xh = tl.load(x_ptr + xb + C // 8)
+                grp = cb // GPB if GPB > 0 else cb * 0
+                sc = tl.load(s_ptr + grp * N + srow).to(tl.float32)
+                wa, wb = tl.split(w)
+                xla, xlb = tl.split(xl)
+                xha, xhb = tl.split(xh)
+                d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
+                acc += tl.where(valid, d, 0.0)
         else:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
                 cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
                 w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
-        res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
-        if tl.program_id(1) < parts:
-            _split_epilogue(res[None, :], tl.arange(0, 1), row0 + tl.arange(0, BLOCK_R), 1, N, out_ptr, N, b_ptr,
-                            ws_ptr, cnt_ptr, pid, tl.program_id(1), parts, HAS_BIAS, FENCE)
-
-
-    @triton.jit(do_not_specialize=["chunk", "n_split"])
-    def _bsr_gemv_pk_lean_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, chunk,
-                                 n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
-                                 NBLK: tl.constexpr, GPB: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr,
-                                 FENCE: tl.constexpr, ASM: tl.constexpr, SCALL: tl.constexpr,
-                                 CODES_AHEAD: tl.constexpr, VOL: tl.constexpr = False):
-        # The same tile and slots as `_bsr_gemv_pk_kernel`, with fewer dependent loads per step. The old loop waits
-        # per step on column index -> scale (two HBM misses in a row, then x from L2); here the column indexes of
-        # step i+1 are loaded during step i, and with SCALL the scales of every group of the program's rows
-        # (fp32 [NG * BLOCK_R], group-major) are loaded at the start, independent of crow and the column indexes,
-        # and each step picks its slots' scales out of them (tl.gather): a step then waits only on x (L2).
-        # CODES_AHEAD: step i+1's codes are issued during step i as well (VOL: volatile, kept in place by ptxas).
-        NW: tl.constexpr = C // 8
-        T: tl.constexpr = NBLK * BLOCK_R
-        pid = tl.program_id(0)
-        row0 = pid * BLOCK_R
-        brow = row0 // R
-        sub = row0 - brow * R
-        slot = tl.arange(0, T)
-        jb = slot // BLOCK_R
-        tt = slot % BLOCK_R
-        rr = sub + tt
-        srow = row0 + _opaque(tt, ASM)
-        if SCALL:
-            e = tl.arange(0, NGP * BLOCK_R)  # [NGP * BLOCK_R]: group e // BLOCK_R, row e % BLOCK_R
-            sc_all = tl.load(s_ptr + (e // BLOCK_R) * N + row0 + e % BLOCK_R, mask=e < NG * BLOCK_R,
-                             other=0.0).to(tl.float32)
-        lo, hi, parts = _split_range(tl.load(crow_ptr + brow), tl.load(crow_ptr + brow + 1), tl.program_id(1),
-                                     chunk, n_split)
-        P: tl.constexpr = NW // 2
-        qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]
-        wrow = (rr * NW)[:, None, None] + qq  # [T, P, 2]: the slot's words within its block
-        blk = lo + jb
-        cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
-        if not SCALL:
-            grp = cb // GPB if GPB > 0 else cb * 0
-            sc = tl.load(s_ptr + grp * N + srow, mask=blk < hi, other=0.0).to(tl.float32)
-        if CODES_AHEAD:
-            w = tl.load(v_ptr + (blk * (R * NW))[:, None, None] + wrow, mask=(blk < hi)[:, None, None], other=0)
-        acc = tl.zeros((T,), dtype=tl.float32)
-        for i in range(lo, hi, NBLK):
-            valid = blk < hi
-            m3 = valid[:, None, None]
-            blk1 = blk + NBLK
-            cb1 = tl.load(col_ptr + blk1, mask=blk1 < hi, other=0)
-            if CODES_AHEAD:
-                w1 = tl.load(v_ptr + (blk1 * (R * NW))[:, None, None] + wrow, mask=(blk1 < hi)[:, None, None],
-                             other=0, volatile=VOL)
-            else:
-                w = tl.load(v_ptr + (blk * (R * NW))[:, None, None] + wrow, mask=m3, other=0)
-            xb = (cb * (C // 4))[:, None, None] + qq
-            xl = tl.load(x_ptr + xb, mask=m3, other=0)
-            xh = tl.load(x_ptr + xb + C // 8, mask=m3, other=0)
-            if SCALL:
-                grp = cb // GPB if GPB > 0 else cb * 0
-                sc = tl.where(valid, tl.gather(sc_all, grp * BLOCK_R + tt, 0), 0.0)
-            else:
-                grp1 = cb1 // GPB if GPB > 0 else cb1 * 0
-                sc1 = tl.load(s_ptr + grp1 * N + srow, mask=blk1 < hi, other=0.0).to(tl.float32)
-            acc = _pkb_step(acc, w, xl, xh, sc, ASM)
-            blk, cb = blk1, cb1
-            if CODES_AHEAD:
-                w = w1
-            if not SCALL:
-                sc = sc1
         res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
         if tl.program_id(1) < parts:
             _split_epilogue(res[None, :], tl.arange(0, 1), row0 + tl.arange(0, BLOCK_R), 1, N, out_ptr, N, b_ptr,
@@ -277,20 +227,11 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     N, C, g = params["out_features"], params["block_cols"], params["group_size"]
     s = tensors["scales"]
     gpb = g // C if g < params["in_features"] else 0  # blocks per scale group (0: one group per row)
-    if cfg.get("lean"):
-        _bsr_gemv_pk_lean_kernel[(N // cfg["block_r"], n_split)](
-            xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws,
-            cnt, N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], GPB=gpb,
-            NG=s.shape[0], NGP=triton.next_power_of_2(s.shape[0]), HAS_BIAS=bias is not None, FENCE=fence, ASM=fence, SCALL=bool(cfg.get("scall")),
-            CODES_AHEAD=bool(cfg.get("codes_ahead")), VOL=bool(cfg.get("volatile")) and fence,
-            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1),
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and fence else {}))
-        return True
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
         N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"],
         GPB=gpb,
         HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
-        VOL=bool(cfg.get("volatile")) and fence, num_warps=cfg.get("num_warps", 4),
+        VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp")), num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 1), **order)
     return True
