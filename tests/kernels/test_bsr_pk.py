@@ -91,8 +91,8 @@ def test_clamped_gemv_matches_reference(case):
     empty and one-block rows, odd N with 1-row blocks, forced splits (the split epilogue, ranges ending mid-step)."""
     N, K, block, gs = case
     params, t, wd = int4_weight(N, K, block, gs, seed=N + K + 1)
-    tiles = [c for c in bsr.configs(1, params) if c.get("clamp")]
-    assert len(tiles) >= 4
+    tiles = [c for c in bsr.configs(1, params, clamp=True) if c.get("clamp")]
+    assert len(tiles) >= 4 and not any(c.get("clamp") for c in bsr.configs(1, params, clamp=False))
     g = torch.Generator().manual_seed(4)
     small = [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, prefetch=False, clamp=True,
                   **({"n_split": ns} if ns else {}))

@@ -655,7 +655,7 @@ def _chunks(params: dict, row_programs: int, nblk: int, sms: int, block_m: int) 
 
 
 def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
-            dtype: torch.dtype = torch.float16) -> list[dict]:
+            dtype: torch.dtype = torch.float16, clamp: bool | None = None) -> list[dict]:
     """Launch candidates for an [M, K] input of `dtype`, the heuristic default first.
 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
@@ -674,6 +674,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
 
     if split is None:
         split = os.environ.get("BITSMITH_BSR_SPLIT", "0") == "1"
+    if clamp is None:  # the packed GEMV's `clamp` tiles: correct under TRITON_INTERPRET=1, not yet run on a GPU
+        clamp = os.environ.get("BITSMITH_BSR_CLAMP", "0") == "1"
 
     def add(cfg, split_tile):
         split_tile = split_tile and split
@@ -700,9 +702,10 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             c = dict(c, volatile=True) if pf == "vol" else c
             add(dict(c, order=True) if od else c, k < 2)
         # `clamp` (bsr_pk): no masked loads, 32-48 registers (SASS read offline with Triton 3.6), so that
-        # one-step rows (n64) and 2-warp programs also run in one wave
+        # one-step rows (n64) and 2-warp programs also run in one wave. Offered with clamp=True or
+        # BITSMITH_BSR_CLAMP=1 only until measured and checked on a GPU (docs/results/blocksparse.md, fifth pass)
         for br, nblk, warps in ((8, 32, 4), (16, 32, 8), (4, 64, 4), (8, 64, 4), (16, 64, 8), (16, 16, 4),
-                                (8, 16, 4), (4, 32, 2)):
+                                (8, 16, 4), (4, 32, 2)) if clamp else ():
             add(dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
                      prefetch=False, clamp=True), False)
     if M == 1:
