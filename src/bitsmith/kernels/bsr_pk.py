@@ -196,7 +196,8 @@ if triton is not None:
                 xb = (cb * (C // 4))[:, None, None] + qq
                 xl = tl.load(x_ptr + xb)
                 xh = tl.load(x_ptr + xb + C // 8)
-                grp = cb // GPB if GPB > 0 else cb * 0
+                # unsigned (column indexes are >= 0): a shift for power-of-two GPB, no signed-division fix-up
+                grp = (cb.to(tl.uint32) // GPB).to(tl.int32) if GPB > 0 else cb * 0
                 sc = tl.load(s_ptr + grp * N + srow).to(tl.float32)
                 wa, wb = tl.split(w)
                 xla, xlb = tl.split(xl)
