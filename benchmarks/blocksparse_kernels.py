@@ -464,13 +464,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bsr-bench"))
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "bench.log"), "a")
+    from bitsmith.kernels.bench import tee_log
 
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = tee_log(args.out)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,6 +13,7 @@ Reusable for other formats: a format is an object with `name`, `make(N, K, dtype
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -21,6 +22,20 @@ import torch.nn.functional as F
 
 from . import gwint
 from .launch import median_replay_ms
+
+
+def tee_log(out_dir: str, name: str = "bench.log") -> Callable[[str], None]:
+    """A log function that prints each message and appends it to `out_dir`/`name`, flushed per line, so that a run
+    cut by its time limit keeps everything it logged."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, name), "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        f.write(msg + "\n")
+        f.flush()
+
+    return log
 
 
 # ---------------------------------------------------------------------------------------------------- timing

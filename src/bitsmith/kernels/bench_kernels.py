@@ -323,13 +323,7 @@ def main(argv=None) -> int:
     from bitsmith.kernels import bench
     from bitsmith.kernels import gwint_triton as gt
 
-    os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "bench.log"), "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = bench.tee_log(args.out)
 
     log(f"torch {torch.__version__}, triton {__import__('triton').__version__}, {torch.cuda.get_device_name()}")
     only = {int(i) for i in args.check_cases.split(",")} if args.check_cases else None
