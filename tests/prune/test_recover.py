@@ -8,7 +8,7 @@ import torch
 import bitsmith
 from bitsmith.compress.errors import RecipeError
 from bitsmith.compress.recipe import parse_recipe
-from bitsmith.prune.recover import Recover, lr_at
+from bitsmith.prune.recover import Recover, distill, lr_at, tensor_rates
 
 
 def test_recover_keeps_masks_and_lowers_kl(tiny_lm, calib_text, tmp_path, caplog):
@@ -62,6 +62,52 @@ def test_lr_schedule():
     assert lrs[0] == pytest.approx(peak / 5) and max(lrs) == pytest.approx(peak)
     assert lrs[-1] == pytest.approx(peak * (0.1 + 0.45 * (1 + math.cos(math.pi * 94 / 95))))
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_rms_rates_scale_with_each_tensors_kept_weights():
+    big = torch.tensor([[0.0, 3.0], [-4.0, 0.0]])  # nonzeros 3, -4: RMS sqrt(12.5)
+    small = torch.full((3, 3), 0.01)
+    params = {"big": big, "small": small, "empty": torch.zeros(2, 2)}
+    assert tensor_rates(params, Recover(lr=2e-4)) == {"big": 2e-4, "small": 2e-4, "empty": 2e-4}
+    rates = tensor_rates(params, Recover(lr=1e-3, lr_scale="rms"))
+    assert rates["big"] == pytest.approx(1e-3 * math.sqrt(12.5))
+    assert rates["small"] == pytest.approx(1e-5)
+    assert rates["empty"] == 1e-3
+    with pytest.raises(ValueError, match="lr_scale"):
+        Recover(lr_scale="relative")
+
+
+def test_rms_rates_reach_the_optimizer(tiny_lm, calib_text):
+    """Each tensor trains at its own peak (Adam's first step moves a weight by about the rate); zeros stay zero."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.compress import calibration
+    from bitsmith.prune.recover import TeacherLogits
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    a, b = student.model.layers[0].mlp.up_proj.weight, student.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        a.mul_(10.0)
+        a[:, :2] = 0.0
+        b.mul_(0.1)
+    params = {"a": a, "b": b}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    cfg = Recover(steps=1, lr=1e-2, lr_scale="rms", samples=2, seq_len=16, batch_size=2, micro_batch=2)
+    peaks = tensor_rates(params, cfg)
+    from transformers import AutoTokenizer
+    batches = calibration.calibration_batches(str(calib_text), AutoTokenizer.from_pretrained(tiny_lm), 2, 16, 0)
+    report = distill(student, teacher, batches, cfg, params, teacher_cache=TeacherLogits(teacher))
+    assert report["peak_lr_max"] == pytest.approx(max(peaks.values()))
+    assert report["peak_lr_min"] == pytest.approx(min(peaks.values()))
+    for n, p in params.items():
+        moved = (p.detach() - before[n]).abs()
+        kept = before[n] != 0
+        assert torch.all(moved[~kept] == 0)
+        # one step at warm-up rate = peak (1 step): Adam's update is at most about the rate per weight
+        assert moved[kept].max() <= peaks[n] * 1.01
+        assert moved[kept].max() >= peaks[n] * 0.5
+    assert peaks["a"] > 50 * peaks["b"]
 
 
 def test_recover_config_checks(tiny_lm, tmp_path):

@@ -57,6 +57,7 @@ from ..compress.passes import PassKind, TargetedPass, TensorState, register_pass
 from ..kernels import bsr
 from . import owl
 from . import scores as S
+from .rates import RateScale, peak_rates
 
 EXTRA_KEY = "block_sparse"  # ctx.extra[EXTRA_KEY][module] = {"block": (R, C), "sparsity": s}
 REPORT_KEY = "block_sparse.report"
@@ -103,6 +104,9 @@ class BlockSparse(CalibrationFields):
                                                        " weights this many passes over the calibration set toward"
                                                        " the dense model's layer output (0: off)")
     reconstruct_lr: float = Field(1e-4, gt=0.0, description="reconstruct: Adam learning rate")
+    reconstruct_lr_scale: RateScale = Field("absolute", description="reconstruct: absolute (every tensor at"
+                                            " reconstruct_lr) or rms (reconstruct_lr times the RMS of the tensor's"
+                                            " kept weights; see prune/rates.py)")
     allocation: Literal["uniform", "owl"] = Field("uniform", description="per-layer sparsity: uniform (every matrix"
                                                   " at `sparsity`) or owl (decoder layers with more activation"
                                                   " outliers pruned less, same average; scope layer or row)")
@@ -430,7 +434,8 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
             # rounded to the model's dtype at once, so the next layers see the weights that will be stored
             done = _prune_masks(cfg, mods, stats, measure, step.dtype, counts, sparsity)
             if cfg.reconstruct_epochs:
-                rec = reconstruct_layer(step, mods, dense_hidden, cfg.reconstruct_epochs, cfg.reconstruct_lr)
+                rec = reconstruct_layer(step, mods, dense_hidden, cfg.reconstruct_epochs, cfg.reconstruct_lr,
+                                        cfg.reconstruct_lr_scale)
                 for n in mods:
                     done[n]["reconstruct"] = rec
             entries.update(done)
@@ -468,11 +473,13 @@ def _prune_sequential(model, cfg: BlockSparse, modules: dict, tokenizer, *, prog
     return report
 
 
-def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -> dict:
+def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float,
+                      lr_scale: RateScale = "absolute") -> dict:
     """Train the pruned weights of `mods` (in `step.layer`, float32) so that the layer maps its inputs (the pruned
     model's hidden states, `step.hidden`) to `targets` (the dense model's outputs of this layer), zeros kept.
 
-    Loss per batch: squared error relative to the targets' energy. Adam, constant `lr`, `epochs` passes over the
+    Loss per batch: squared error relative to the targets' energy. Adam, constant `lr` (times each tensor's kept
+    RMS with `lr_scale` rms), `epochs` passes over the
     batches (one step per batch). The weights are rounded to the layer's own dtype at the end (what will be stored);
     when that leaves the layer's error above where it started, the starting weights come back (`kept` False).
     Returns the relative error over the calibration set before and after."""
@@ -491,7 +498,8 @@ def reconstruct_layer(step, mods: dict, targets: list, epochs: int, lr: float) -
 
     before = error()
     start = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
+    rates = peak_rates({str(i): p for i, p in enumerate(params)}, lr, lr_scale)
+    opt = torch.optim.Adam([{"params": [p], "lr": rates[str(i)]} for i, p in enumerate(params)], lr=lr)
     with torch.enable_grad():
         for p in params:
             p.requires_grad_(True)

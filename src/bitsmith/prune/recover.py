@@ -8,6 +8,9 @@ sequences that go through the model `micro_batch` at a time (gradient accumulati
 a micro-batch's logits, which matters with large vocabularies). AdamW, `lr` with a linear warm-up over the first 5%
 of the steps and a cosine decay to 10%, gradients clipped to norm 1.
 
+`lr_scale: rms` makes `lr` relative: each tensor's peak rate is `lr` times the RMS of its nonzero weights at the
+start (`rates.py` says why: Adam's step does not scale with the weights, and models' weight scales differ ~10x).
+
 Only the weights of the targeted modules (default: every Linear but the output head) train; everything else is
 frozen. Every exact zero of a trained weight at the start stays zero: the masks are re-applied after each optimizer
 step, so block-sparse masks survive (and a dense weight, which has no zeros, trains freely). Training runs in float32
@@ -52,6 +55,7 @@ from ..compress import calibration
 from ..compress.errors import RecipeError
 from ..compress.passes import PassKind, register_pass
 from .block_sparse import CalibrationFields, resolve_tokenizer, targeted_linears
+from .rates import RateScale, peak_rates
 
 REPORT_KEY = "recover.report"
 
@@ -61,7 +65,12 @@ class Recover(CalibrationFields):
 
     type: Literal["recover"] = "recover"
     steps: int = Field(100, ge=1, description="optimizer steps")
-    lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW)")
+    lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW); with lr_scale: rms, a fraction of each"
+                                                " tensor's RMS")
+    lr_scale: RateScale = Field(
+        "absolute", description="absolute: every tensor's peak rate is lr; rms: lr times the RMS of the tensor's"
+                                " nonzero weights at the start (Adam moves a weight by about the rate per step"
+                                " whatever its size, so a model with small weights needs a smaller rate)")
     samples: int = Field(256, ge=1, description="calibration sequences drawn (cycled when steps need more)")
     micro_batch: int = Field(1, ge=1, description="sequences per forward/backward (gradient accumulation)")
     temperature: float = Field(1.0, gt=0.0)
@@ -203,6 +212,11 @@ def topk_student_logits(base: torch.nn.Module, weight: torch.Tensor, cap: float 
     return logits
 
 
+def tensor_rates(params: dict[str, torch.Tensor], cfg: Recover) -> dict[str, float]:
+    """Each trained tensor's peak learning rate: `cfg.lr`, or with lr_scale rms `cfg.lr` x RMS of its nonzeros."""
+    return peak_rates(params, cfg.lr, cfg.lr_scale)
+
+
 def lr_at(step: int, steps: int, peak: float) -> float:
     warm = max(1, round(0.05 * steps))
     if step < warm:
@@ -236,7 +250,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
         p.requires_grad_(True)
     prior = (gg_prior_terms(params, cfg) or None) if cfg.gg_prior > 0 else None
     penalties = []
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    peaks = tensor_rates(params, cfg)
+    # one parameter group per tensor: each keeps its own peak rate under the shared schedule
+    opt = torch.optim.AdamW([{"params": [p], "lr": peaks[n], "peak": peaks[n]} for n, p in params.items()],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
     student, opt = accelerator.prepare(student, opt)
     teacher.to(accelerator.device).eval()
     topk = None
@@ -257,7 +274,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     try:
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+                group["lr"] = lr_at(step, cfg.steps, group["peak"])
             idx = torch.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size) % batches.shape[0]
             keys = order[idx]
             batch = batches[keys]
@@ -295,6 +312,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     report = {"steps": cfg.steps, "kl_first": sum(losses[:k]) / k, "kl_last": sum(losses[-k:]) / k,
               "seconds": round(time.time() - t0, 1), "s_per_step": round((time.time() - t0) / cfg.steps, 2),
               "tokens": cfg.steps * cfg.batch_size * batches.shape[1],
+              "peak_lr_min": min(peaks.values(), default=cfg.lr), "peak_lr_max": max(peaks.values(), default=cfg.lr),
               "teacher_forwards": teacher_cache.forwards - forwards0,
               "teacher_s": round(teacher_cache.seconds - teacher_s0, 1)}
     if topk is not None:
@@ -306,6 +324,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches: torch.T
     if log is not None:
         log(f"recover: {cfg.steps} steps, KL {report['kl_first']:.4f} -> {report['kl_last']:.4f}"
             + (f" (over the teacher's top {topk.k} words, mean mass {report['topk_mass']:.3f})" if topk else "")
+            + (f", peak rates {report['peak_lr_min']:.2e}..{report['peak_lr_max']:.2e}" if cfg.lr_scale == "rms"
+               else "")
             + f" ({report['s_per_step']} s/step)")
     return report
 
