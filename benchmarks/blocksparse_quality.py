@@ -38,7 +38,8 @@ def _done_key(r: dict) -> tuple:
     """A result row's identity for --skip-done: the configuration, and for a recovered one its recover settings."""
     if not r.get("recover_steps"):
         return (r["config"],)
-    return (r["config"], r["recover_steps"], r.get("recover_batch"), r.get("recover_seq_len"), r.get("recover_lr"))
+    return (r["config"], r["recover_steps"], r.get("recover_batch"), r.get("recover_seq_len"), r.get("recover_lr"),
+            r.get("recover_lr_scale", "absolute"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-batch", type=int, default=4)
     ap.add_argument("--recover-seq-len", type=int, default=256)
     ap.add_argument("--recover-lr", type=float, default=5e-5)
+    ap.add_argument("--recover-lr-scale", choices=("absolute", "rms"), default="absolute",
+                    help="rms: --recover-lr is a fraction of each tensor's kept-weight RMS (recover's lr_scale)")
     ap.add_argument("--recover-micro-batch", type=int, default=1)
     ap.add_argument("--recover-cache-gb", type=float, default=4.0, help="teacher logits kept for reuse (0: off)")
     ap.add_argument("--recover-only", action="store_true", help="skip configurations not listed in --recover")
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                    for b, s, v in recover_set)
 
     rec_settings = {"recover_steps": args.recover_steps, "recover_batch": args.recover_batch,
-                    "recover_seq_len": args.recover_seq_len, "recover_lr": args.recover_lr}
+                    "recover_seq_len": args.recover_seq_len, "recover_lr": args.recover_lr,
+                    "recover_lr_scale": args.recover_lr_scale}
     teacher = cache = None
     for block in _blocks(args.blocks):
         for sp in [float(v) for v in args.sparsities.split(",")]:
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                         cache = TeacherLogits(teacher, args.recover_cache_gb * 1e9)
                     rc = Recover(steps=args.recover_steps, batch_size=args.recover_batch,
                                  micro_batch=args.recover_micro_batch, seq_len=args.recover_seq_len,
-                                 lr=args.recover_lr, text=str(args.calib),
+                                 lr=args.recover_lr, lr_scale=args.recover_lr_scale, text=str(args.calib),
                                  samples=max(64, args.recover_steps * args.recover_batch // 2), seed=1)
                     rr = recover_model(model, rc, teacher, tok, teacher_cache=cache)
                     p, s = ppl()
