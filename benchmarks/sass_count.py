@@ -221,10 +221,22 @@ def gwint_cases():
                       ASM=True)
             cases.append((f"deep_b{bits}_n{bn}_r{rows}_w{warps}_u{unroll}", gt._gemv_deep_kernel, _GWINT_DEEP_SIG,
                           cx, _GWINT_DIV, warps, 1, unroll * rows * bn * P / (32 * warps)))
+        # the fused decoder-layer variants (RMSNorm prologue; + SiLU-multiply epilogue) at the configurations the
+        # H100 tuner picked for qkv / gate-up (session 7), K = 4096 in one split
+        for bn, rows, warps, unroll in ((32, 256, 16, 2), (32, 512, 8, 1), (64, 128, 8, 4)):
+            if P == 4:
+                unroll *= 2
+            for tag, extra in (("plain", {}), ("norm", dict(NORM=True)), ("normglu", dict(NORM=True, GLU=True))):
+                cx = dict(BITS=bits, P=P, SYM=True, HAS_BIAS=False, EVEN=True, BLOCK_N=bn, ROWS=rows,
+                          UNROLL=unroll, ASM=True, RMS_BLOCK=4096) | extra
+                cases.append((f"deep{tag}_b{bits}_n{bn}_r{rows}_w{warps}_u{unroll}", gt._gemv_deep_kernel,
+                              _GWINT_DEEP_SIG, cx, _GWINT_DIV, warps, 1, unroll * rows * bn * P / (32 * warps)))
     return cases
 
 
-_GWINT_DEEP_SIG = {k: v for k, v in _GWINT_SIG.items() if k not in ("k_iters", "magic")}
+_GWINT_DEEP_SIG = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16",
+                       ws_ptr="*fp32", cnt_ptr="*i32", nw_ptr="*i32", N="i32", K="i32", KW="i32", G="i32",
+                       group_size="i32", split_k="i32", eps="fp32")
 
 
 def _gwint_main(argv: list[str]) -> int:

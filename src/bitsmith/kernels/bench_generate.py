@@ -91,10 +91,20 @@ class FusedProjections(torch.nn.Module):
         self.linear = linear  # [sum(sizes), K]
         self.sizes = sizes
         self._memo = None  # (input, split outputs), between the first part's call and the last one's
+        self.norm = None  # (weight, eps): RMSNorm of the input inside the Linear (`fused_layer`)
+        self.interleaved = False  # rows reordered for a fused SiLU-multiply (`fused_layer`): no parts then
 
     def project(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.interleaved:
+            raise RuntimeError("this fused projection's rows are interleaved: its parts cannot be split off")
         if i == 0:
-            self._memo = (x, self.linear(x).split(self.sizes, dim=-1))  # [..., sum] -> views [..., size_i]
+            if self.norm is None:
+                y = self.linear(x)
+            else:
+                from .fused_ops import fused_linear
+
+                y = fused_linear(x, self.linear, norm=self.norm)
+            self._memo = (x, y.split(self.sizes, dim=-1))  # [..., sum] -> views [..., size_i]
         elif self._memo is None or self._memo[0] is not x:
             raise RuntimeError("fused projection parts must be called in order on one input")
         out = self._memo[1][i]
@@ -287,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per kernel category")
     ap.add_argument("--fuse", action="store_true",
                     help="one Linear for q/k/v and one for gate/up in every layer (every variant alike)")
+    ap.add_argument("--fuse-layer", action="store_true",
+                    help="with --fuse: RMSNorms, SiLU-multiply and residual adds inside the decoder Linears "
+                         "(bitsmith.kernels.fused_layer; every variant alike, fused kernels for packed ones)")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile the decode step's forward (every variant alike) before the CUDA graph "
                          "(backend: inductor unless named)")
@@ -296,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda when available")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.fuse_layer and not args.fuse:
+        ap.error("--fuse-layer needs --fuse")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.pdl:
         _enable_pdl()
@@ -307,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(shape, device)
             if args.fuse:
                 fuse_projections(model)
+            if args.fuse_layer:
+                from .fused_layer import fuse_decoder_layers
+
+                fuse_decoder_layers(model)
             stored = None
             if VARIANTS[variant] is not None:
                 bits, gs, head = VARIANTS[variant]
@@ -317,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                                               profile=args.profile, compile=args.compile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
-                row = {"shape": shape, "variant": variant, "fused": args.fuse, "pdl": args.pdl,
+                row = {"shape": shape, "variant": variant, "fused": args.fuse, "fuse_layer": args.fuse_layer,
+                       "pdl": args.pdl,
                        "decoder_linear_bytes": stored, **res,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
                 if stored is not None:

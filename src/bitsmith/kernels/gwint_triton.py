@@ -361,15 +361,36 @@ def _pk_x(x_ptr, kb, K, j: tl.constexpr, sc: tl.constexpr, EVEN: tl.constexpr):
     return v
 
 
+_PK_MUL = tl.constexpr("mul.rn.f16x2 $0, $1, $2;")
+
+
 @triton.jit
 def _pk_xpair(x_ptr, kb, K, j0: tl.constexpr, j1: tl.constexpr, sc: tl.constexpr, EVEN: tl.constexpr,
-              ASM: tl.constexpr):
-    """[rows] x pair (x[kb + j0], x[kb + j1]) * sc: one fp16x2 int32 (ASM) or a tuple of two fp16 vectors."""
+              ASM: tl.constexpr, nw_ptr, rstd16, NORM: tl.constexpr):
+    """[rows] x pair (x[kb + j0], x[kb + j1]) * sc: one fp16x2 int32 (ASM) or a tuple of two fp16 vectors.
+
+    NORM: the pair of RMSNorm(x) instead, fp16(x * rstd16) * weight (rstd16: 1 / rms(x) rounded to fp16, Llama's
+    rounding but for that one extra rounding of rstd, < 2^-11 relative), the weight pair read as one word from
+    `nw_ptr`, the norm weight stored pairwise in this pairing's order (`norm_pairs`: word kb / 2 + j0 holds
+    (w[kb + j0], w[kb + j1])); one fp16 multiply per x and one fp16x2 multiply per pair."""
     a = _pk_x(x_ptr, kb, K, j0, sc, EVEN)
     b = _pk_x(x_ptr, kb, K, j1, sc, EVEN)
+    if NORM:
+        a = a * rstd16
+        b = b * rstd16
     if ASM:
         r = tl.inline_asm_elementwise(_PK_X, "=r,h,h", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+        if NORM:
+            if EVEN:
+                nw = tl.load(nw_ptr + kb // 2 + j0)
+            else:
+                nw = tl.load(nw_ptr + kb // 2 + j0, mask=(kb + j0) < K, other=0)
+            r = tl.inline_asm_elementwise(_PK_MUL, "=r,r,r", [r, nw], dtype=tl.int32, is_pure=True, pack=1)
     else:
+        if NORM:  # the same products in fp16 Triton ops, the weight halves read from the same pairwise buffer
+            pa = nw_ptr + 2 * (kb // 2 + j0)
+            a = a * tl.load(pa, mask=(kb + j0) < K, other=0.0)
+            b = b * tl.load(pa + 1, mask=(kb + j0) < K, other=0.0)
         r = (a, b)
     return r
 
@@ -377,12 +398,14 @@ def _pk_xpair(x_ptr, kb, K, j0: tl.constexpr, j1: tl.constexpr, sc: tl.constexpr
 @triton.jit
 def _gemv_packed_tile(acc, we, wo, x_ptr, s_ptr, z_ptr, kw0, offs_n, n_mask, K, N, G, group_size,
                       BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, EVEN: tl.constexpr,
-                      BLOCK_KW: tl.constexpr, ASM: tl.constexpr, ROW_SCALES: tl.constexpr = False):
+                      BLOCK_KW: tl.constexpr, ASM: tl.constexpr, ROW_SCALES: tl.constexpr, nw_ptr, rstd16,
+                      NORM: tl.constexpr):
     """One word tile of the wide GEMV, packed fp16x2 path: we / wo [BKW/2, BN] are its even / odd word rows.
 
     ROW_SCALES False (wide GEMV): the tile lies in one group, acc is [BN] and the rows are summed here.
     ROW_SCALES True (deep GEMV): each pair of word rows lies in one group (scales/zeros gathered per pair), acc is
-    [BKW/2, BN] and the caller sums the rows once at the end (they are spread over threads and warps)."""
+    [BKW/2, BN] and the caller sums the rows once at the end (they are spread over threads and warps).
+    NORM: x is RMS-normalised on the fly (see `_pk_xpair`; the deep GEMV's fused RMSNorm)."""
     ZC: tl.constexpr = 1 << (BITS - 1)
     kbe = (kw0 + 2 * tl.arange(0, BLOCK_KW // 2)) * P  # [BKW/2]: the even rows' first k
     kbo = kbe + P
@@ -405,14 +428,14 @@ def _gemv_packed_tile(acc, we, wo, x_ptr, s_ptr, z_ptr, kw0, offs_n, n_mask, K, 
         z16 = (0x6400 | (zi * 16)) * 0x10001
     if BITS == 4:
         # pairs (0, 4), (1, 5) / 16, (2, 6), (3, 7) / 16 of each row
-        xe0 = _pk_xpair(x_ptr, kbe, K, 0, 4, 1.0, EVEN, ASM)
-        xe1 = _pk_xpair(x_ptr, kbe, K, 1, 5, 0.0625, EVEN, ASM)
-        xe2 = _pk_xpair(x_ptr, kbe, K, 2, 6, 1.0, EVEN, ASM)
-        xe3 = _pk_xpair(x_ptr, kbe, K, 3, 7, 0.0625, EVEN, ASM)
-        xo0 = _pk_xpair(x_ptr, kbo, K, 0, 4, 1.0, EVEN, ASM)
-        xo1 = _pk_xpair(x_ptr, kbo, K, 1, 5, 0.0625, EVEN, ASM)
-        xo2 = _pk_xpair(x_ptr, kbo, K, 2, 6, 1.0, EVEN, ASM)
-        xo3 = _pk_xpair(x_ptr, kbo, K, 3, 7, 0.0625, EVEN, ASM)
+        xe0 = _pk_xpair(x_ptr, kbe, K, 0, 4, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xe1 = _pk_xpair(x_ptr, kbe, K, 1, 5, 0.0625, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xe2 = _pk_xpair(x_ptr, kbe, K, 2, 6, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xe3 = _pk_xpair(x_ptr, kbe, K, 3, 7, 0.0625, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo0 = _pk_xpair(x_ptr, kbo, K, 0, 4, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo1 = _pk_xpair(x_ptr, kbo, K, 1, 5, 0.0625, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo2 = _pk_xpair(x_ptr, kbo, K, 2, 6, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo3 = _pk_xpair(x_ptr, kbo, K, 3, 7, 0.0625, EVEN, ASM, nw_ptr, rstd16, NORM)
         if ASM:
             r = tl.inline_asm_elementwise(
                 _PK_ASM4, "=r,r,r,r,r,r,r,r,r,r,r,r,r",
@@ -427,10 +450,10 @@ def _gemv_packed_tile(acc, we, wo, x_ptr, s_ptr, z_ptr, kw0, offs_n, n_mask, K, 
                               (xo0[1][:, None], xo1[1][:, None], xo2[1][:, None], xo3[1][:, None]), zh1, zh16, 1, 4)
     else:
         # pairs (0, 2), (1, 3) of each row
-        xe0 = _pk_xpair(x_ptr, kbe, K, 0, 2, 1.0, EVEN, ASM)
-        xe1 = _pk_xpair(x_ptr, kbe, K, 1, 3, 1.0, EVEN, ASM)
-        xo0 = _pk_xpair(x_ptr, kbo, K, 0, 2, 1.0, EVEN, ASM)
-        xo1 = _pk_xpair(x_ptr, kbo, K, 1, 3, 1.0, EVEN, ASM)
+        xe0 = _pk_xpair(x_ptr, kbe, K, 0, 2, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xe1 = _pk_xpair(x_ptr, kbe, K, 1, 3, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo0 = _pk_xpair(x_ptr, kbo, K, 0, 2, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
+        xo1 = _pk_xpair(x_ptr, kbo, K, 1, 3, 1.0, EVEN, ASM, nw_ptr, rstd16, NORM)
         if ASM:
             r = tl.inline_asm_elementwise(
                 _PK_ASM8, "=r,r,r,r,r,r,r,r,r",
@@ -494,7 +517,7 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
                 we_next, wo_next = _gemv_wide_words2(qw_ptr, kw_begin + (i + 1) * BLOCK_KW, kw_end, rh, offs_n,
                                                      n_mask, N, EVEN)
             acc = _gemv_packed_tile(acc, we, wo, x_ptr, s_ptr, z_ptr, kw_begin + i * BLOCK_KW, offs_n, n_mask, K, N,
-                                    G, group_size, BITS, P, SYM, EVEN, BLOCK_KW, ASM)
+                                    G, group_size, BITS, P, SYM, EVEN, BLOCK_KW, ASM, False, x_ptr, 1.0, False)
             if i + 1 < UNROLL:
                 we = we_next
                 wo = wo_next
@@ -539,11 +562,12 @@ def _gemv_wide_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
 
 
 @triton.jit
-def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      N, K, KW, G, group_size, split_k,
+def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, nw_ptr,
+                      N, K, KW, G, group_size, split_k, eps,
                       BITS: tl.constexpr, P: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, UNROLL: tl.constexpr,
-                      ASM: tl.constexpr, PDL: tl.constexpr = False):
+                      ASM: tl.constexpr, PDL: tl.constexpr = False, NORM: tl.constexpr = False,
+                      GLU: tl.constexpr = False, RMS_BLOCK: tl.constexpr = 1024):
     # x: [K], qweight: [KW, N] int32, scales/zeros: [G, N], out: [N]; each pair of word rows lies inside one group.
     # Program (pid_n, pid_k): BLOCK_N (16..64) columns x UNROLL chunks of ROWS word rows, unrolled, the next chunk's
     # words loaded before the current one is consumed. Unlike the wide GEMV the threads and warps lie along K
@@ -552,6 +576,11 @@ def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
     # and its whole K: at K = 4096 there are N / 32 programs, no split-K, no workspace atomics, and the only
     # cross-thread step is one reduction over rows at the end. The packed fp16x2 arithmetic is the wide path's
     # (`_gemv_packed_tile`), with the scales (and zeros) gathered per pair of word rows.
+    # Fused decoder-layer options (`fused_gemv`; one split only): NORM, x is the residual stream and the GEMV
+    # multiplies RMSNorm(x) * nw (every program computes 1 / rms(x) itself: x is 8 KB at K = 4096, read from L2
+    # while its first weights are in flight); GLU, the columns are interleaved (gate, up) pairs and the program
+    # stores SiLU(gate) * up, [N / 2] (the biases slot may hold a residual added before the store, as for any M = 1
+    # GEMV: out = residual + x W^T).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -562,18 +591,48 @@ def _gemv_deep_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_p
     acc = tl.zeros([ROWS // 2, BLOCK_N], dtype=tl.float32)  # per (row pair, column): summed over rows at the end
     we, wo = _gemv_wide_words2(qw_ptr, kw_begin, kw_end, rh, offs_n, n_mask, N, EVEN)  # [ROWS/2, BN] each
     _pdl_wait(PDL)
+    rstd16 = 1.0
+    if NORM:
+        rstd16 = _rms_rstd(x_ptr, K, eps, RMS_BLOCK).to(tl.float16)
     for i in tl.static_range(UNROLL):
         if i + 1 < UNROLL:
             we_next, wo_next = _gemv_wide_words2(qw_ptr, kw_begin + (i + 1) * ROWS, kw_end, rh, offs_n, n_mask, N,
                                                  EVEN)
         acc = _gemv_packed_tile(acc, we, wo, x_ptr, s_ptr, z_ptr, kw_begin + i * ROWS, offs_n, n_mask, K, N, G,
-                                group_size, BITS, P, SYM, EVEN, ROWS, ASM, True)
+                                group_size, BITS, P, SYM, EVEN, ROWS, ASM, True, nw_ptr, rstd16, NORM)
         if i + 1 < UNROLL:
             we = we_next
             wo = wo_next
     res = tl.sum(acc, axis=0)  # [BN]: in-thread, across the warp's rows (shuffles), across warps (shared memory)
-    _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
-              HAS_BIAS)
+    if GLU:
+        _glu_store(res, pid_n, N, out_ptr, BLOCK_N)
+    else:
+        _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
+                  HAS_BIAS)
+
+
+@triton.jit
+def _rms_rstd(x_ptr, K, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over x [K] in fp32, as Llama's RMSNorm computes it (BLOCK >= K: one pass of
+    wide loads, no loop)."""
+    ss = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        ss += v * v
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
+def _glu_store(res, pid_n, N, out_ptr, BLOCK_N: tl.constexpr):
+    """res [BN] fp32 of interleaved (gate, up) columns -> out[pid_n * BN/2 ...] = SiLU(gate) * up, each step
+    rounded to the output dtype as the unfused ops round (gate and up stored, SiLU's result, the product)."""
+    g, u = tl.split(tl.reshape(res, [BLOCK_N // 2, 2]))  # [BN/2] each
+    dt = out_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt) * u.to(dt)
+    offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(out_ptr + offs, a, mask=offs < N // 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1074,10 +1133,11 @@ def deep_ok(bits: int, dtype: torch.dtype, group_size: int, K: int) -> bool:
             and (group_size >= K or group_size % (2 * P) == 0))
 
 
-def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
+def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg, norm=None, glu=False):
     """x2 [1, K] -> out [1, N] through `_gemv_deep_kernel`. cfg: block_n, rows (word rows per chunk, a power of two
     >= 2), unroll (chunks per program), num_warps; ceil(word rows / (rows x unroll)) splits along K (split-K
-    epilogue only where that is more than one)."""
+    epilogue only where that is more than one). norm = (weight [K] fp16, eps): multiply RMSNorm(x) instead of x;
+    glu: out [1, N / 2] = SiLU(gate) * up of the interleaved (gate, up) columns (one split, no bias)."""
     KW, N = qweight.shape
     G = scales.shape[0]
     P = 32 // bits
@@ -1090,14 +1150,48 @@ def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K,
     span = rows * unroll
     split = -(-KW // span)
     n_blocks = -(-N // bn)
+    if (norm is not None or glu) and split > 1:
+        raise ValueError(f"the deep GEMV fuses RMSNorm / SiLU-multiply only in one split along K; rows x unroll = "
+                         f"{span} < {KW} word rows")
+    if glu and (bias is not None or N % 2 or bn < 2):
+        raise ValueError("the deep GEMV's SiLU-multiply epilogue takes an even N, no bias and block_n >= 2")
+    if norm is not None and (norm[0].dtype != x2.dtype or norm[0].numel() != K):
+        raise ValueError(f"RMSNorm weight must be [{K}] {x2.dtype}, got {tuple(norm[0].shape)} {norm[0].dtype}")
+    asm = not _interpreting()
+    nw = x2
+    if norm is not None:
+        nw = norm_pairs(norm[0], bits)
+        nw = nw.view(torch.int32) if asm else nw
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
     return _gemv_deep_kernel[(n_blocks, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
-        N, K, KW, G, group_size, split,
+        nw, N, K, KW, G, group_size, split, float(norm[1]) if norm else 0.0,
         BITS=bits, P=P, SYM=zeros is None, HAS_BIAS=bias is not None,
         EVEN=K == KW * P and KW == split * span and N % bn == 0,
-        BLOCK_N=bn, ROWS=rows, UNROLL=unroll, ASM=not _interpreting(),
+        BLOCK_N=bn, ROWS=rows, UNROLL=unroll, ASM=asm, NORM=norm is not None, GLU=glu,
+        RMS_BLOCK=min(_next_pow2(K), 8192) if norm is not None else 16,
         num_warps=cfg.get("num_warps", 8), num_stages=1, **_pdl_kwargs())
+
+
+_NORM_PAIRS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def norm_pairs(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """An RMSNorm weight [K] stored pairwise for `_pk_xpair`: [ceil(K / P) * P] in x's dtype, word r * P / 2 + i
+    holding (w[r P + i], w[r P + i + P / 2]) (P = 32 / bits codes a word; zero padding past K). Built once per
+    weight tensor (and rebuilt when it is written in place): a first call outside CUDA-graph capture makes it."""
+    P = 32 // bits
+    key = (weight.data_ptr(), weight.device, weight.dtype, weight.numel(), P)
+    hit = _NORM_PAIRS.get(key)
+    if hit is not None and hit[0] is weight and hit[2] == weight._version:
+        return hit[1]
+    K = weight.numel()
+    KW = -(-K // P)
+    w = torch.zeros(KW * P, dtype=weight.dtype, device=weight.device)
+    w[:K] = weight.reshape(K)
+    pairs = w.view(KW, 2, P // 2).transpose(1, 2).contiguous().view(-1)  # [KW, P/2, 2] flattened
+    _NORM_PAIRS[key] = (weight, pairs, weight._version)  # holds the weight: its address is not reused meanwhile
+    return pairs
 
 
 def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
@@ -1553,3 +1647,53 @@ def linear(x, qweight, scales, zeros, bits, group_size, in_features, bias=None, 
         cfg = _tune(key, cands, go, weights)
     go(cfg)
     return rows.result()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# decoder-layer fusions of the M == 1 GEMV (see `bitsmith.kernels.fused_ops`)
+
+
+def fused_deep_configs(N: int, K: int, bits: int, group_size: int, sms: int, dtype: torch.dtype,
+                       glu: bool = False) -> list[dict]:
+    """The deep GEMV's candidates that keep K in one split (what the RMSNorm prologue and the SiLU-multiply
+    epilogue need), [] where none does or the format does not fit the deep kernel."""
+    KW = -(-K // (32 // bits))
+    return [c for c in gemv_deep_configs(N, K, bits, group_size, sms, dtype)
+            if c["rows"] * c["unroll"] >= KW and (not glu or c["block_n"] >= 2)]
+
+
+def fused_gemv(x, qweight, scales, zeros, bits, group_size, in_features, norm_weight=None, eps: float = 0.0,
+               residual=None, glu: bool = False, config: dict | None = None):
+    """One row: [residual +] (RMSNorm(x) * norm_weight | x) @ W^T [-> SiLU(gate) * up of interleaved columns] in
+    one launch of the deep GEMV, or None where it does not apply (M != 1, bf16, 3-bit, a group size the deep
+    kernel does not take, K too long for one split, a residual together with glu): the caller then composes the
+    unfused ops. x [..., K] -> [..., N] ([..., N / 2] with glu)."""
+    K = in_features
+    N = qweight.shape[1]
+    if x.numel() != K or x.shape[-1] != K or (glu and (residual is not None or N % 2)):
+        return None
+    if norm_weight is not None and (norm_weight.dtype != x.dtype or norm_weight.numel() != K):
+        return None
+    sms = _num_sms(x.device)
+    cands = [config] if config is not None else fused_deep_configs(N, K, bits, group_size, sms, x.dtype, glu)
+    if not cands or not deep_ok(bits, x.dtype, group_size, K):
+        return None
+    x2 = x.reshape(1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((1, N // 2 if glu else N), dtype=x.dtype, device=x.device)
+    res = None if residual is None else residual.reshape(N)
+    if res is not None and res.stride(0) != 1:
+        res = res.contiguous()
+    norm = None if norm_weight is None else (norm_weight.reshape(K), eps)
+
+    def go(c, t=None):
+        a = (qweight, scales, zeros) if t is None else (t["qweight"], t["scales"], t.get("zeros"))
+        return launch_gemv_deep(x2, *a, res, out, bits, group_size, K, c, norm=norm, glu=glu)
+
+    if config is None:
+        key = ("fused", norm is not None, glu, bits, group_size, zeros is None, res is not None, x.dtype, N, K)
+        weights = {k: v for k, v in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros)) if v is not None}
+        config = _tune(key, cands, go, weights)
+    go(config)
+    return out.reshape(*x.shape[:-1], out.shape[1])
