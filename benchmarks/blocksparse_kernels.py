@@ -181,8 +181,10 @@ def check(log, only: str = "") -> int:
     # split-K stress at full size: every split candidate of every tile (M = 1, 16, 128: 16-, 64- and 128-row x
     # tiles), s80-b32 and s90-b64 at 8192x8192, fresh inputs and a NaN-poisoned output for every launch
     # with `only`: the full-size stress and graph replays of the formats of those block shapes
-    stress = [f for f in ("s80-b32", "s90-b64", "s80-b32-w4", "s50-b1x16", "s90-b128x64")
+    stress = [f for f in ("s80-b32", "s90-b64", "s80-b32-w4", "s80-b32-w4-row", "s50-b1x16", "s90-b128x64")
               if not only or spec_of(f)[1] in keep]
+    if "s80-b32-w4-row" in stress:
+        failures += _uniform_check(gen, tol, log)
     if DEV == "cuda":
         n = 0
         for fname in stress:
@@ -210,9 +212,35 @@ def check(log, only: str = "") -> int:
     # CUDA-graph replay of the public op with fresh inputs
     if DEV != "cuda":
         return failures
-    for fname in [f for f in ("s80-b32-w4", "s50-b1x16") if f in stress]:
+    for fname in [f for f in ("s80-b32-w4", "s80-b32-w4-row", "s50-b1x16") if f in stress]:
         failures += _graph_check(fname, gen, tol, log)
     log(f"GPU check: {failures} failures ({time.time() - t0:.0f}s)")
+    return failures
+
+
+def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
+    """Every `ell` tile of the packed int4 GEMV (equal block rows: the crow-free loop and the unrolled kernel) on
+    row-balanced s80-b32-w4-row weights, 1024x1024 and 8192x8192, fresh inputs, NaN-poisoned outputs, every
+    other launch with bias."""
+    from bitsmith.kernels import bsr
+
+    failures, n = 0, 0
+    for N, K in sizes:
+        params, t, _ = make(N, K, spec_of("s80-b32-w4-row"), torch.float16, DEV, gen)
+        assert bsr.uniform_row_blocks(t["crow_indices"]) is not None
+        wd = bsr.dequantize(t, params, torch.float32)
+        for i, cfg in enumerate(c for c in bsr.configs(1, params) if c.get("ell")):
+            x = torch.randn(1, K, device=DEV, generator=gen).half()
+            bias = torch.randn(N, device=DEV, generator=gen).half() if i % 2 else None
+            out = torch.full((1, N), float("nan"), device=DEV, dtype=torch.float16)
+            bsr.launch(x, t, params, bias, out, cfg)
+            err = rel_err(out, x.float() @ wd.t() + (bias.float() if bias is not None else 0))
+            n += 1
+            if not err < tol[torch.float16]:
+                failures += 1
+                log(f"FAIL ell {N}x{K} {cfg}: {err:.2e}")
+        del wd, t
+    log(f"ell tiles on equal rows: {n} launches, {failures} failures")
     return failures
 
 

@@ -64,7 +64,7 @@ def test_packed_gemv_matches_reference(case):
     params, t, wd = int4_weight(N, K, block, gs, seed=N + K)
     assert bsr_pk.ok(params, torch.float16)
     g = torch.Generator().manual_seed(3)
-    cands = [c for c in bsr.configs(1, params, split=True) if c.get("packed")]
+    cands = [c for c in bsr.configs(1, params, split=True, clamp=False, ell=False) if c.get("packed")]  # (own tests)
     assert cands and cands[0] == bsr.configs(1, params)[0]  # the packed tiles come first
     extra = [dict(block_m=1, block_r=min(4, block[0]), nblk=2, chunk=0, packed=True, prefetch=pf) for pf in (0, 1)]
     extra += [dict(block_m=1, block_r=min(8, block[0]), nblk=1, chunk=1, packed=True, prefetch=True),  # 1-block splits
@@ -105,6 +105,90 @@ def test_clamped_gemv_matches_reference(case):
         assert rel(out, ref) < 3e-3, cfg
     _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
     assert not cnt.any()
+
+
+def uniform_weight(N, K, block, group_size, count, seed, dtype=torch.float16):
+    """int4 bsr weight whose every block row holds `count` blocks (row-balanced, as `scope: row` prunes), through
+    the gwint -> bsr packing (`bsr.from_gwint` with the mask); count 0: all rows empty, K / C: all full."""
+    g = torch.Generator().manual_seed(seed)
+    R, C = block
+    NB, KB = N // R, K // C
+    idx = torch.rand(NB, KB, generator=g).argsort(dim=1)[:, :count]
+    mask = torch.zeros(NB, KB, dtype=torch.bool).scatter_(1, idx, True)
+    w = torch.randn(N, K, generator=g) * mask.repeat_interleave(R, 0).repeat_interleave(C, 1)
+    codes, scales, _ = quantize_groupwise(w, 4, group_size, True, "pow2_minus_1", dtype, None)
+    qw = gwint.pack_codes(codes, 4)
+    wd = gwint.dequantize(qw, scales, None, 4, group_size, K, dtype=torch.float32)
+    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block, mask=mask)
+    assert torch.equal(bsr.dequantize(t, params, torch.float32), wd)  # the packing round-trips exactly
+    return params, {k: v.to(DEVICE) for k, v in t.items()}, wd
+
+
+UNIFORM_CASES = [  # N, K, block, group_size, blocks per block row
+    (64, 1024, (32, 32), 128, 13),  # 13 of 32: steps of 16 / 32 / 64 end inside the row
+    (96, 512, (16, 32), 512, 16),  # full rows, one group per row
+    (64, 256, (32, 32), 128, 0),  # all rows empty: bias or zeros
+    (3, 256, (1, 32), 64, 3),  # odd N, 1-row blocks
+    (48, 512, (16, 16), 64, 5),  # 16-wide blocks (one word pair per block row)
+]
+
+
+@pytest.mark.parametrize("case", UNIFORM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-c{c[4]}")
+def test_ell_gemv_matches_reference(case):
+    """`ell` tiles on equal block rows: the crow-free loop ("loop": plain, prefetch, clamp) and the unrolled kernel
+    ("unrolled"), every tuner tile and small ones, with and without bias, forced splits of the loop tiles."""
+    N, K, block, gs, count = case
+    params, t, wd = uniform_weight(N, K, block, gs, count, seed=N + K + count)
+    assert bsr.uniform_row_blocks(t["crow_indices"]) == count
+    tiles = [c for c in bsr.configs(1, params) if c.get("ell")]
+    assert {c["ell"] for c in tiles} == {"loop", "unrolled"} and not any(
+        c.get("ell") for c in bsr.configs(1, params, ell=False))
+    small = [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, prefetch=pf, ell=e,
+                  clamp=e == "unrolled", **({"n_split": ns} if ns else {}))
+             for br, nb, ch, ns, pf, e in ((1, 1, 0, 0, False, "unrolled"), (4, 2, 0, 0, False, "unrolled"),
+                                           (2, 4, 0, 0, True, "loop"), (4, 2, 2, 0, False, "loop"),
+                                           (4, 2, 2, 64, True, "loop"))]
+    g = torch.Generator().manual_seed(5)
+    for i, cfg in enumerate(tiles + small):
+        x = torch.randn(1, K, generator=g).half()
+        bias = torch.randn(N, generator=g).half() if i % 2 else None
+        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
+        out = run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg)
+        if count == 0:  # nothing stored: exactly the bias, or zeros
+            assert torch.equal(out[0].cpu(), bias if bias is not None else torch.zeros(N, dtype=torch.float16))
+        else:
+            assert rel(out, ref) < 3e-3, cfg
+    _, cnt = bsr._split_workspace(torch.device(DEVICE), 0, 0)
+    assert not cnt.any()
+
+
+def test_ell_tiles_fall_back_on_unequal_rows():
+    """An `ell` config on a weight whose block rows differ (empty, full, one-block rows) runs the crow kernel of
+    the same tile (its clamp form for "unrolled"): the same results as the plain tiles."""
+    params, t, wd = int4_weight(96, 1024, (32, 32), 128, seed=21)
+    assert bsr.uniform_row_blocks(t["crow_indices"]) is None
+    g = torch.Generator().manual_seed(6)
+    for cfg in [c for c in bsr.configs(1, params) if c.get("ell")][::2]:
+        x = torch.randn(1, 1024, generator=g).half()
+        assert rel(run(x.to(DEVICE), t, params, None, cfg), x.float() @ wd.t()) < 3e-3, cfg
+
+
+def test_ell_bf16_and_row_extent_cache():
+    """bf16 activations never take a packed (`ell`) tile: on equal rows the tuner's first tile (the fp32 GEMV)
+    matches the reference with bias. The row extent is read once per crow tensor and follows in-place edits."""
+    params, t, wd = uniform_weight(64, 512, (32, 32), 128, 5, seed=9, dtype=torch.bfloat16)
+    assert not any(c.get("ell") or c.get("packed") for c in bsr.configs(1, params, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 512, generator=g).bfloat16()
+    bias = torch.randn(64, generator=g).bfloat16()
+    ref = x.float() @ wd.t() + bias.float()
+    out = bsr.triton_linear(x.to(DEVICE), t, params, bias.to(DEVICE))
+    assert rel(out, ref) < 1e-2
+    crow = t["crow_indices"].clone()
+    assert bsr.uniform_row_blocks(crow) == 5 and bsr.max_row_blocks(crow, params) == 5
+    crow[-1] += 1  # block rows of 5 and 6 (an in-place edit: a new version of the same tensor)
+    assert bsr.uniform_row_blocks(crow) is None and bsr.max_row_blocks(crow, params) == 6
+    assert bsr.uniform_row_blocks(crow[:1]) == 0  # no block rows
 
 
 def test_packed_gemv_falls_back_on_unaligned_x():

@@ -655,7 +655,7 @@ def _chunks(params: dict, row_programs: int, nblk: int, sms: int, block_m: int) 
 
 
 def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
-            dtype: torch.dtype = torch.float16, clamp: bool | None = None) -> list[dict]:
+            dtype: torch.dtype = torch.float16, clamp: bool | None = None, ell: bool | None = None) -> list[dict]:
     """Launch candidates for an [M, K] input of `dtype`, the heuristic default first.
 
     nblk stored blocks are read per step, so that a step moves enough bytes (GEMV) or makes a K-tile big enough
@@ -674,8 +674,10 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
 
     if split is None:
         split = os.environ.get("BITSMITH_BSR_SPLIT", "0") == "1"
-    if clamp is None:  # the packed GEMV's `clamp` tiles: correct under TRITON_INTERPRET=1, not yet run on a GPU
-        clamp = os.environ.get("BITSMITH_BSR_CLAMP", "0") == "1"
+    if clamp is None:  # the packed GEMV's `clamp` tiles (BITSMITH_BSR_CLAMP=0: without them)
+        clamp = os.environ.get("BITSMITH_BSR_CLAMP", "1") == "1"
+    if ell is None:  # the packed GEMV's tiles for equal block rows (BITSMITH_BSR_ELL=0: without them)
+        ell = os.environ.get("BITSMITH_BSR_ELL", "1") == "1"
 
     def add(cfg, split_tile):
         split_tile = split_tile and split
@@ -702,12 +704,24 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             c = dict(c, volatile=True) if pf == "vol" else c
             add(dict(c, order=True) if od else c, k < 2)
         # `clamp` (bsr_pk): no masked loads, 32-48 registers (SASS read offline with Triton 3.6), so that
-        # one-step rows (n64) and 2-warp programs also run in one wave. Offered with clamp=True or
-        # BITSMITH_BSR_CLAMP=1 only until measured and checked on a GPU (docs/results/blocksparse.md, fifth pass)
+        # one-step rows (n64) and 2-warp programs also run in one wave. H100 (sixth pass): slower than the
+        # masked tiles at 8192x8192, r16 n16 the fastest tile at 28672x8192 (13.8 us against 15.0)
         for br, nblk, warps in ((8, 32, 4), (16, 32, 8), (4, 64, 4), (8, 64, 4), (16, 64, 8), (16, 16, 4),
                                 (8, 16, 4), (4, 32, 2)) if clamp else ():
             add(dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
                      prefetch=False, clamp=True), False)
+        # `ell` (bsr_pk.launch): where every block row holds the same number of blocks (row-balanced masks),
+        # "loop" runs the tile without its crow load, "unrolled" the crow-free kernel with every step unrolled
+        # (`_bsr_gemv_pk_ell_kernel`); on other weights both run the tile as before (unrolled: its clamp form)
+        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True), (8, 16, 4, True),
+                                       (16, 16, 4, "clamp"), (8, 32, 4, "clamp"), (8, 32, 4, "unrolled"),
+                                       (16, 16, 4, "unrolled"), (4, 64, 4, "unrolled"), (8, 64, 8, "unrolled"),
+                                       (16, 32, 8, "unrolled")) if ell else ()):
+            if kind in ("clamp", "unrolled") and not clamp:
+                continue
+            c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
+                     prefetch=kind is True, ell="unrolled" if kind == "unrolled" else "loop")
+            add(dict(c, clamp=True) if kind in ("clamp", "unrolled") else c, False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.
@@ -792,11 +806,9 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
 _ROW_MAX: dict[int, tuple] = {}
 
 
-def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
-    """Most stored blocks in one block row: read once per crow tensor (a host sync, like the first call's tuning)
-    and cached. Under CUDA-graph capture without a cached value: an estimate from nnz_blocks (twice the mean);
-    every value gives correct results, since the last split of a block row takes whatever is left."""
-    KB = params["in_features"] // params["block_cols"]
+def _row_extent(crow: torch.Tensor) -> tuple[int, int] | None:
+    """(fewest, most) stored blocks in one block row: read once per crow tensor (a host sync, like the first
+    call's tuning) and cached per tensor and version; None under CUDA-graph capture without a cached value."""
     try:
         version = crow._version
     except RuntimeError:  # inference tensors have no version counter
@@ -804,12 +816,12 @@ def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
     hit = _ROW_MAX.get(id(crow))
     if hit is not None and hit[0]() is crow and hit[1] == version and version is not None:
         return hit[2]
-    NB = crow.numel() - 1
-    if NB <= 0:
-        return 0
+    if crow.numel() <= 1:
+        return (0, 0)
     if crow.is_cuda and torch.cuda.is_current_stream_capturing():
-        return min(KB, 2 * -(-params["nnz_blocks"] // NB) + 1)
-    most = int((crow[1:] - crow[:-1]).max())
+        return None
+    lengths = crow[1:] - crow[:-1]
+    extent = (int(lengths.min()), int(lengths.max()))
     if version is not None:
         key = id(crow)
 
@@ -817,8 +829,27 @@ def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
             if _ROW_MAX.get(key, (None,))[0] is ref:
                 del _ROW_MAX[key]
 
-        _ROW_MAX[key] = (weakref.ref(crow, drop), version, most)
-    return most
+        _ROW_MAX[key] = (weakref.ref(crow, drop), version, extent)
+    return extent
+
+
+def max_row_blocks(crow: torch.Tensor, params: dict) -> int:
+    """Most stored blocks in one block row (`_row_extent`). Under CUDA-graph capture without a cached value: an
+    estimate from nnz_blocks (twice the mean); every value gives correct results, since the last split of a block
+    row takes whatever is left."""
+    extent = _row_extent(crow)
+    if extent is None:
+        NB = crow.numel() - 1
+        return min(params["in_features"] // params["block_cols"], 2 * -(-params["nnz_blocks"] // NB) + 1)
+    return extent[1]
+
+
+def uniform_row_blocks(crow: torch.Tensor) -> int | None:
+    """The stored blocks per block row where every block row holds the same number (row-balanced masks, `scope:
+    row`), so that crow[r] = r * count; None where they differ or are not known (CUDA-graph capture without a
+    cached value)."""
+    extent = _row_extent(crow)
+    return extent[0] if extent is not None and extent[0] == extent[1] else None
 
 
 _ROW_ORDER: dict[tuple, tuple] = {}

@@ -146,7 +146,8 @@ if triton is not None:
                             n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
-                            ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False):
+                            ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False,
+                            cnt=0, UNIFORM: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -156,8 +157,13 @@ if triton is not None:
         row0 = pid * BLOCK_R
         brow = row0 // R
         sub = row0 - brow * R
-        lo, hi, parts = _split_range(tl.load(crow_ptr + brow), tl.load(crow_ptr + brow + 1), tl.program_id(1),
-                                     chunk, n_split)
+        if UNIFORM:  # every block row holds cnt blocks (crow[r] = r * cnt): no crow load ahead of everything
+            start = brow * cnt
+            end = start + cnt
+        else:
+            start = tl.load(crow_ptr + brow)
+            end = tl.load(crow_ptr + brow + 1)
+        lo, hi, parts = _split_range(start, end, tl.program_id(1), chunk, n_split)
         slot = tl.arange(0, T)
         jb = slot // BLOCK_R
         tt = slot % BLOCK_R
@@ -216,10 +222,61 @@ if triton is not None:
                             ws_ptr, cnt_ptr, pid, tl.program_id(1), parts, HAS_BIAS, FENCE)
 
 
+    @triton.jit
+    def _bsr_gemv_pk_ell_kernel(x_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, R: tl.constexpr, C: tl.constexpr,
+                                BLOCK_R: tl.constexpr, NBLK: tl.constexpr, CNT: tl.constexpr, GPB: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
+        # Every block row holds CNT stored blocks (row-balanced masks: crow[r] = r * CNT, never read), so a
+        # program's blocks follow from its id: no crow load, and every step's column indexes and codes can be
+        # issued at once (the steps are unrolled: STEPS is a constant), leaving only column index -> x / scale
+        # as a dependent load. Program pid owns rows pid * BLOCK_R .. + BLOCK_R of one block row and all its
+        # blocks; slot t = j * BLOCK_R + i as in `_bsr_gemv_pk_kernel`; the last step's slots past CNT re-read
+        # block CNT - 1 (no masked loads, as `CLAMP`) and add nothing. No split-K: the rows are equal.
+        NW: tl.constexpr = C // 8
+        P: tl.constexpr = NW // 2
+        T: tl.constexpr = NBLK * BLOCK_R
+        STEPS: tl.constexpr = (CNT + NBLK - 1) // NBLK
+        row0 = tl.program_id(0) * BLOCK_R
+        brow = row0 // R
+        slot = tl.arange(0, T)
+        jb = slot // BLOCK_R
+        tt = slot % BLOCK_R
+        rr = row0 - brow * R + tt  # row inside the block
+        srow = row0 + _opaque(tt, ASM)  # the scales' column in [G, N]
+        qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
+        base = brow * CNT
+        acc = tl.zeros((T,), dtype=tl.float32)
+        for st in tl.static_range(STEPS):
+            j = st * NBLK + jb  # [T] block of the block row
+            # the last step's slots past CNT re-read block CNT - 1 and are dropped below
+            blk = base + tl.minimum(j, CNT - 1) if (st + 1) * NBLK > CNT else base + j
+            cb = tl.load(col_ptr + blk)
+            w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
+            xb = (cb * (C // 4))[:, None, None] + qq
+            grp = (cb.to(tl.uint32) // GPB).to(tl.int32) if GPB > 0 else cb * 0
+            sc = tl.load(s_ptr + grp * N + srow).to(tl.float32)
+            xl = tl.load(x_ptr + xb)
+            xh = tl.load(x_ptr + xb + C // 8)
+            wa, wb = tl.split(w)
+            xla, xlb = tl.split(xl)
+            xha, xhb = tl.split(xh)
+            d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
+            if (st + 1) * NBLK > CNT:
+                d = tl.where(j < CNT, d, 0.0)
+            acc += d
+        res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
+        offs = row0 + tl.arange(0, BLOCK_R)
+        if HAS_BIAS:
+            res += tl.load(b_ptr + offs).to(tl.float32)
+        tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty))
+
+
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tensor, cfg: dict, ws, cnt, chunk: int,
            n_split: int, fence: bool, order: dict) -> bool:
     """Launch the packed kernel for x2 [1, K]; False (nothing launched) where x or the codes cannot be read as
-    int64 / int32 words (a storage offset that is not a multiple of the word), so that the caller falls back."""
+    int64 / int32 words (a storage offset that is not a multiple of the word), so that the caller falls back.
+    `ell` tiles run `_bsr_gemv_pk_ell_kernel` where every block row holds the same number of blocks (whole rows,
+    one split), else the same tile's `clamp` kernel (so an `ell` config is correct for any weight)."""
     try:
         xw = x2.view(torch.int64)
         vw = tensors["qvalues"].view(torch.int32)
@@ -228,11 +285,22 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     N, C, g = params["out_features"], params["block_cols"], params["group_size"]
     s = tensors["scales"]
     gpb = g // C if g < params["in_features"] else 0  # blocks per scale group (0: one group per row)
+    from .bsr import uniform_row_blocks
+
+    ell = cfg.get("ell")
+    cnt_ell = uniform_row_blocks(tensors["crow_indices"]) if ell else None
+    if cnt_ell is not None and ell == "unrolled" and n_split == 1:  # equal rows: the crow-free unrolled kernel
+        _bsr_gemv_pk_ell_kernel[(N // cfg["block_r"],)](
+            xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb,
+            HAS_BIAS=bias is not None, ASM=fence, num_warps=cfg.get("num_warps", 4),
+            num_stages=1)
+        return True
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
         N, chunk, n_split, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"],
         GPB=gpb,
         HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
-        VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp")), num_warps=cfg.get("num_warps", 4),
-        num_stages=cfg.get("num_stages", 1), **order)
+        VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp") or ell == "unrolled"),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), cnt=cnt_ell or 0,
+        UNIFORM=cnt_ell is not None, **order)
     return True
