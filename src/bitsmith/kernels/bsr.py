@@ -713,7 +713,8 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # `ell` (bsr_pk.launch): where every block row holds the same number of blocks (row-balanced masks),
         # "loop" runs the tile without its crow load, "unrolled" the crow-free kernel with every step unrolled
         # (`_bsr_gemv_pk_ell_kernel`); on other weights both run the tile as before (unrolled: its clamp form)
-        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True), (8, 16, 4, True),
+        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (8, 16, 4, None), (16, 16, 4, None),
+                                       (4, 64, 4, None), (8, 64, 8, None), (16, 16, 4, True), (8, 16, 4, True),
                                        (16, 16, 4, "clamp"), (8, 32, 4, "clamp"), (8, 32, 4, "unrolled"),
                                        (16, 16, 4, "unrolled"), (4, 64, 4, "unrolled"), (8, 64, 8, "unrolled"),
                                        (16, 32, 8, "unrolled")) if ell else ()):
