@@ -99,3 +99,21 @@ def test_fused_layers_compile_to_one_op_per_linear(monkeypatch):
         out = torch.compile(model, backend=counting_backend)(input_ids=ids).logits.float()
     assert len(calls) == 4 * len(model.model.layers)
     assert rel_error(out.cpu(), eager.cpu()) < 1e-3
+
+
+def test_fuse_layer_option_as_main_module(tmp_path, monkeypatch):
+    """`python -m bitsmith.kernels.bench_generate --fuse --fuse-layer` (its classes then live in __main__)."""
+    import runpy
+    import sys
+    import warnings
+
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate", "--shape", "tiny", "--batch", "1", "--steps", "2", "--device",
+                                      "cpu", "--fuse", "--fuse-layer", "--variant", "w4", "--out", str(out)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("bitsmith.kernels.bench_generate", run_name="__main__")
+    assert e.value.code == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and "error" not in rows[0] and rows[0]["fuse_layer"]

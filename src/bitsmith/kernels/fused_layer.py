@@ -38,12 +38,13 @@ _CLASSES: dict[type, type] = {}
 
 def fuse_decoder_layers(model) -> None:
     """Rewire every decoder layer of a Llama-like model (after `fuse_projections`) as the module docstring says."""
-    from .bench_generate import FusedProjections
+    def fused(m) -> bool:  # by name: under `python -m bench_generate` its classes live in __main__, not the package
+        return type(m).__name__ == "FusedProjections" and hasattr(m, "linear") and hasattr(m, "sizes")
 
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)
-        if not isinstance(qkv, FusedProjections) or not isinstance(gate_up, FusedProjections):
+        if not fused(qkv) or not fused(gate_up):
             raise ValueError("fuse_decoder_layers needs fused q/k/v and gate/up projections (fuse_projections)")
         if not isinstance(gate_up.linear, torch.nn.Linear):
             raise ValueError("fuse_decoder_layers must run before packing (it reorders the gate/up weight rows)")
