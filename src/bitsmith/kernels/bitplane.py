@@ -612,29 +612,7 @@ if triton is not None:
                     dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
         elif MODE == 1:
             if BCQ:
-                lo = tl.where(((w0 >> jj) & 1) != 0, a0, -a0)
-                hi = tl.where(((w0 >> (jj + 16)) & 1) != 0, a0, -a0)
-                if BITS > 1:
-                    lo += tl.where(((w1 >> jj) & 1) != 0, a1, -a1)
-                    hi += tl.where(((w1 >> (jj + 16)) & 1) != 0, a1, -a1)
-                if BITS > 2:
-                    lo += tl.where(((w2 >> jj) & 1) != 0, a2, -a2)
-                    hi += tl.where(((w2 >> (jj + 16)) & 1) != 0, a2, -a2)
-                if BITS > 3:
-                    lo += tl.where(((w3 >> jj) & 1) != 0, a3, -a3)
-                    hi += tl.where(((w3 >> (jj + 16)) & 1) != 0, a3, -a3)
-                if BITS > 4:
-                    lo += tl.where(((w4 >> jj) & 1) != 0, a4, -a4)
-                    hi += tl.where(((w4 >> (jj + 16)) & 1) != 0, a4, -a4)
-                if BITS > 5:
-                    lo += tl.where(((w5 >> jj) & 1) != 0, a5, -a5)
-                    hi += tl.where(((w5 >> (jj + 16)) & 1) != 0, a5, -a5)
-                if BITS > 6:
-                    lo += tl.where(((w6 >> jj) & 1) != 0, a6, -a6)
-                    hi += tl.where(((w6 >> (jj + 16)) & 1) != 0, a6, -a6)
-                if BITS > 7:
-                    lo += tl.where(((w7 >> jj) & 1) != 0, a7, -a7)
-                    hi += tl.where(((w7 >> (jj + 16)) & 1) != 0, a7, -a7)
+                lo, hi = _bcq_pair(w0, w1, w2, w3, w4, w5, w6, w7, a0, a1, a2, a3, a4, a5, a6, a7, jj, BITS)
             else:
                 M0: tl.constexpr = (1 << q) | (1 << (q + 16))
                 t = (c0 & M0) | (((25 - q) << 10) * 0x10001)
@@ -661,29 +639,7 @@ if triton is not None:
                 hi += o2
         else:
             if BCQ:
-                lo = tl.where(((w0 >> jj) & 1) != 0, a0, -a0)
-                hi = tl.where(((w0 >> (jj + 16)) & 1) != 0, a0, -a0)
-                if BITS > 1:
-                    lo += tl.where(((w1 >> jj) & 1) != 0, a1, -a1)
-                    hi += tl.where(((w1 >> (jj + 16)) & 1) != 0, a1, -a1)
-                if BITS > 2:
-                    lo += tl.where(((w2 >> jj) & 1) != 0, a2, -a2)
-                    hi += tl.where(((w2 >> (jj + 16)) & 1) != 0, a2, -a2)
-                if BITS > 3:
-                    lo += tl.where(((w3 >> jj) & 1) != 0, a3, -a3)
-                    hi += tl.where(((w3 >> (jj + 16)) & 1) != 0, a3, -a3)
-                if BITS > 4:
-                    lo += tl.where(((w4 >> jj) & 1) != 0, a4, -a4)
-                    hi += tl.where(((w4 >> (jj + 16)) & 1) != 0, a4, -a4)
-                if BITS > 5:
-                    lo += tl.where(((w5 >> jj) & 1) != 0, a5, -a5)
-                    hi += tl.where(((w5 >> (jj + 16)) & 1) != 0, a5, -a5)
-                if BITS > 6:
-                    lo += tl.where(((w6 >> jj) & 1) != 0, a6, -a6)
-                    hi += tl.where(((w6 >> (jj + 16)) & 1) != 0, a6, -a6)
-                if BITS > 7:
-                    lo += tl.where(((w7 >> jj) & 1) != 0, a7, -a7)
-                    hi += tl.where(((w7 >> (jj + 16)) & 1) != 0, a7, -a7)
+                lo, hi = _bcq_pair(w0, w1, w2, w3, w4, w5, w6, w7, a0, a1, a2, a3, a4, a5, a6, a7, jj, BITS)
             else:  # u from the float32 exponent trick (one slot at a time: 23 mantissa bits hold any u)
                 l0, h0, l1, h1, l2, h2, l3, h3, l4, h4, l5, h5, l6, h6, l7, h7 = _pair_words(
                     w0, w1, w2, w3, w4, w5, w6, w7, BITS)
@@ -694,6 +650,35 @@ if triton is not None:
             if HAS_OFFSET:
                 lo += o
                 hi += o
+        return lo, hi
+
+    @triton.jit
+    def _bcq_pair(w0, w1, w2, w3, w4, w5, w6, w7, a0, a1, a2, a3, a4, a5, a6, a7, jj: tl.constexpr,
+                  BITS: tl.constexpr):
+        """BCQ levels of slots jj (lo) and jj + 16 (hi): sum over planes b < BITS of +-alpha_b by the plane's bit."""
+        lo = tl.where(((w0 >> jj) & 1) != 0, a0, -a0)
+        hi = tl.where(((w0 >> (jj + 16)) & 1) != 0, a0, -a0)
+        if BITS > 1:
+            lo += tl.where(((w1 >> jj) & 1) != 0, a1, -a1)
+            hi += tl.where(((w1 >> (jj + 16)) & 1) != 0, a1, -a1)
+        if BITS > 2:
+            lo += tl.where(((w2 >> jj) & 1) != 0, a2, -a2)
+            hi += tl.where(((w2 >> (jj + 16)) & 1) != 0, a2, -a2)
+        if BITS > 3:
+            lo += tl.where(((w3 >> jj) & 1) != 0, a3, -a3)
+            hi += tl.where(((w3 >> (jj + 16)) & 1) != 0, a3, -a3)
+        if BITS > 4:
+            lo += tl.where(((w4 >> jj) & 1) != 0, a4, -a4)
+            hi += tl.where(((w4 >> (jj + 16)) & 1) != 0, a4, -a4)
+        if BITS > 5:
+            lo += tl.where(((w5 >> jj) & 1) != 0, a5, -a5)
+            hi += tl.where(((w5 >> (jj + 16)) & 1) != 0, a5, -a5)
+        if BITS > 6:
+            lo += tl.where(((w6 >> jj) & 1) != 0, a6, -a6)
+            hi += tl.where(((w6 >> (jj + 16)) & 1) != 0, a6, -a6)
+        if BITS > 7:
+            lo += tl.where(((w7 >> jj) & 1) != 0, a7, -a7)
+            hi += tl.where(((w7 >> (jj + 16)) & 1) != 0, a7, -a7)
         return lo, hi
 
     @triton.jit
