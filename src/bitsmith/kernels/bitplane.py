@@ -614,26 +614,9 @@ if triton is not None:
             if BCQ:
                 lo, hi = _bcq_pair(w0, w1, w2, w3, w4, w5, w6, w7, a0, a1, a2, a3, a4, a5, a6, a7, jj, BITS)
             else:
-                M0: tl.constexpr = (1 << q) | (1 << (q + 16))
-                t = (c0 & M0) | (((25 - q) << 10) * 0x10001)
-                if BITS > 1:
-                    t = t | (c1 & (M0 << 1))
-                if BITS > 2:
-                    t = t | (c2 & (M0 << 2))
-                if BITS > 3:
-                    t = t | (c3 & (M0 << 3))
-                if BITS > 4:
-                    t = t | (c4 & (M0 << 4))
-                if BITS > 5:
-                    t = t | (c5 & (M0 << 5))
-                if BITS > 6:
-                    t = t | (c6 & (M0 << 6))
-                if BITS > 7:
-                    t = t | (c7 & (M0 << 7))
-                lo, hi = _halves(t)  # 2^(10 - q) + u, exact
-                cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
-                lo = (lo - cst) * s2
-                hi = (hi - cst) * s2
+                lo, hi = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, q, BITS)  # u - L/2, exact in fp16
+                lo = lo * s2
+                hi = hi * s2
             if HAS_OFFSET:
                 lo += o2
                 hi += o2
