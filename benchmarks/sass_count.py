@@ -235,7 +235,7 @@ def gwint_cases():
 
 
 _GWINT_DEEP_SIG = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", b_ptr="*fp16", out_ptr="*fp16",
-                       ws_ptr="*fp32", cnt_ptr="*i32", nw_ptr="*i32", N="i32", K="i32", KW="i32", G="i32",
+                       ws_ptr="*fp32", cnt_ptr="*i32", nw_ptr="*fp16", N="i32", K="i32", KW="i32", G="i32",
                        group_size="i32", split_k="i32", eps="fp32")
 
 

@@ -127,16 +127,3 @@ def test_fused_gemv_declines_and_rejects():
         assert cands and all(c["rows"] * c["unroll"] >= K2 // 8 for c in cands)
     assert gt.fused_deep_configs(4096, 4096, 4, 128, 132, torch.bfloat16) == []
 
-
-def test_norm_pairs_layout():
-    """Word r * P / 2 + i of the pairwise norm weight holds (w[r P + i], w[r P + i + P / 2]); zero past K."""
-    w = torch.arange(1, 21, dtype=torch.float16)  # K = 20: 3 words of 8 codes (4-bit), the last one partial
-    p4 = gt.norm_pairs(w, 4).view(-1, 2)
-    assert p4.shape == (12, 2)
-    assert p4[0].tolist() == [1, 5] and p4[3].tolist() == [4, 8] and p4[4].tolist() == [9, 13]
-    assert p4[8].tolist() == [17, 0] and p4[11].tolist() == [20, 0]
-    p8 = gt.norm_pairs(w, 8).view(-1, 2)  # 4 codes a word: pairs (0, 2), (1, 3)
-    assert p8[0].tolist() == [1, 3] and p8[1].tolist() == [2, 4] and p8[9].tolist() == [18, 20]
-    assert gt.norm_pairs(w, 4) is gt.norm_pairs(w, 4)  # built once
-    w.mul_(2)  # written in place: rebuilt
-    assert gt.norm_pairs(w, 4).view(-1, 2)[0].tolist() == [2, 10]

@@ -370,27 +370,25 @@ def _pk_xpair(x_ptr, kb, K, j0: tl.constexpr, j1: tl.constexpr, sc: tl.constexpr
     """[rows] x pair (x[kb + j0], x[kb + j1]) * sc: one fp16x2 int32 (ASM) or a tuple of two fp16 vectors.
 
     NORM: the pair of RMSNorm(x) instead, fp16(x * rstd16) * weight (rstd16: 1 / rms(x) rounded to fp16, Llama's
-    rounding but for that one extra rounding of rstd, < 2^-11 relative), the weight pair read as one word from
-    `nw_ptr`, the norm weight stored pairwise in this pairing's order (`norm_pairs`: word kb / 2 + j0 holds
-    (w[kb + j0], w[kb + j1])); one fp16 multiply per x and one fp16x2 multiply per pair."""
+    rounding but for that one extra rounding of rstd, < 2^-11 relative); one fp16 multiply per x and one fp16x2
+    multiply per pair (the weight halves loaded like x's: a pairwise copy of the weight would need a cache keyed
+    by tensor, and under torch.compile the op is not always handed the same tensor object)."""
     a = _pk_x(x_ptr, kb, K, j0, sc, EVEN)
     b = _pk_x(x_ptr, kb, K, j1, sc, EVEN)
     if NORM:
         a = a * rstd16
         b = b * rstd16
+        wa = _pk_x(nw_ptr, kb, K, j0, 1.0, EVEN)
+        wb = _pk_x(nw_ptr, kb, K, j1, 1.0, EVEN)
     if ASM:
         r = tl.inline_asm_elementwise(_PK_X, "=r,h,h", [a, b], dtype=tl.int32, is_pure=True, pack=1)
         if NORM:
-            if EVEN:
-                nw = tl.load(nw_ptr + kb // 2 + j0)
-            else:
-                nw = tl.load(nw_ptr + kb // 2 + j0, mask=(kb + j0) < K, other=0)
-            r = tl.inline_asm_elementwise(_PK_MUL, "=r,r,r", [r, nw], dtype=tl.int32, is_pure=True, pack=1)
+            w2 = tl.inline_asm_elementwise(_PK_X, "=r,h,h", [wa, wb], dtype=tl.int32, is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise(_PK_MUL, "=r,r,r", [r, w2], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        if NORM:  # the same products in fp16 Triton ops, the weight halves read from the same pairwise buffer
-            pa = nw_ptr + 2 * (kb // 2 + j0)
-            a = a * tl.load(pa, mask=(kb + j0) < K, other=0.0)
-            b = b * tl.load(pa + 1, mask=(kb + j0) < K, other=0.0)
+        if NORM:  # the same products in fp16 Triton ops
+            a = a * wa
+            b = b * wb
         r = (a, b)
     return r
 
@@ -1158,10 +1156,9 @@ def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K,
     if norm is not None and (norm[0].dtype != x2.dtype or norm[0].numel() != K):
         raise ValueError(f"RMSNorm weight must be [{K}] {x2.dtype}, got {tuple(norm[0].shape)} {norm[0].dtype}")
     asm = not _interpreting()
-    nw = x2
-    if norm is not None:
-        nw = norm_pairs(norm[0], bits)
-        nw = nw.view(torch.int32) if asm else nw
+    nw = x2 if norm is None else norm[0].reshape(K)
+    if norm is not None and nw.stride(0) != 1:
+        raise ValueError("the RMSNorm weight must be contiguous")
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
     return _gemv_deep_kernel[(n_blocks, split)](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, ws, cnt,
@@ -1171,27 +1168,6 @@ def launch_gemv_deep(x2, qweight, scales, zeros, bias, out, bits, group_size, K,
         BLOCK_N=bn, ROWS=rows, UNROLL=unroll, ASM=asm, NORM=norm is not None, GLU=glu,
         RMS_BLOCK=min(_next_pow2(K), 8192) if norm is not None else 16,
         num_warps=cfg.get("num_warps", 8), num_stages=1, **_pdl_kwargs())
-
-
-_NORM_PAIRS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def norm_pairs(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """An RMSNorm weight [K] stored pairwise for `_pk_xpair`: [ceil(K / P) * P] in x's dtype, word r * P / 2 + i
-    holding (w[r P + i], w[r P + i + P / 2]) (P = 32 / bits codes a word; zero padding past K). Built once per
-    weight tensor (and rebuilt when it is written in place): a first call outside CUDA-graph capture makes it."""
-    P = 32 // bits
-    key = (weight.data_ptr(), weight.device, weight.dtype, weight.numel(), P)
-    hit = _NORM_PAIRS.get(key)
-    if hit is not None and hit[0] is weight and hit[2] == weight._version:
-        return hit[1]
-    K = weight.numel()
-    KW = -(-K // P)
-    w = torch.zeros(KW * P, dtype=weight.dtype, device=weight.device)
-    w[:K] = weight.reshape(K)
-    pairs = w.view(KW, 2, P // 2).transpose(1, 2).contiguous().view(-1)  # [KW, P/2, 2] flattened
-    _NORM_PAIRS[key] = (weight, pairs, weight._version)  # holds the weight: its address is not reused meanwhile
-    return pairs
 
 
 def launch_gemm(x2, qweight, scales, zeros, bias, out, bits, group_size, K, cfg):
