@@ -240,7 +240,20 @@ def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
                 failures += 1
                 log(f"FAIL ell {N}x{K} {cfg}: {err:.2e}")
         del wd, t
-    log(f"ell tiles on equal rows: {n} launches, {failures} failures")
+    # the same tiles on unequal rows (uniform masks): the crow kernel of each tile
+    params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4"), torch.float16, DEV, gen)
+    wd = bsr.dequantize(t, params, torch.float32)
+    unequal = bsr.uniform_row_blocks(t["crow_indices"]) is None  # (a small random mask can be equal by chance)
+    for cfg in [c for c in bsr.configs(1, params) if c.get("ell") and unequal]:
+        x = torch.randn(1, sizes[0][1], device=DEV, generator=gen).half()
+        out = torch.full((1, sizes[0][0]), float("nan"), device=DEV, dtype=torch.float16)
+        bsr.launch(x, t, params, None, out, cfg)
+        err = rel_err(out, x.float() @ wd.t())
+        n += 1
+        if not err < tol[torch.float16]:
+            failures += 1
+            log(f"FAIL ell tile on unequal rows {cfg}: {err:.2e}")
+    log(f"ell tiles on equal rows (and unequal): {n} launches, {failures} failures")
     return failures
 
 
@@ -371,7 +384,8 @@ def bench_gpu(shapes, ms, formats, log, variants=()) -> list[dict]:
                 xc = torch.randn(M, K, device=DEV, generator=gen, dtype=dtype)
                 err = rel_err(bsr.triton_linear(xc, t0, p0), xc.float() @ wd.t())
                 us = bench.graph_time_us([lambda x=x, s=s: bsr.triton_linear(x, s[1], s[0]) for x, s in zip(xs, sets)])
-                cfg = bsr._TUNED.get(bsr.tune_key(M, p0, dtype, False, xc.device))
+                cfg = bsr._TUNED.get(bsr.tune_key(M, p0, dtype, False, xc.device,
+                                                  bsr.uniform_row_blocks(t0["crow_indices"]) is not None))
                 nb = set_bytes + 2 * M * (K + N)
                 rows.append(dict(kernel="bitsmith", format=fname, N=N, K=K, M=M, us=us, speedup=base[M] / us,
                                  GBs=nb / us / 1e3, rel_err=err, config=cfg, weight_bytes=set_bytes))
