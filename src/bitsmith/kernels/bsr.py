@@ -714,14 +714,16 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # "loop" runs the tile without its crow load, "unrolled" the crow-free kernel with every step unrolled
         # (`_bsr_gemv_pk_ell_kernel`); on other weights both run the tile as before (unrolled: its clamp form)
         # (H100, sixth pass, 8192x8192 s80-b32-w4-row: r16 n32 w8 loop / unrolled and r8 n64 w8 unrolled 5.7 us,
-        # r8 n32 loop 5.9, against 6.0 for the crow tile; then 32-row tiles: every thread of a warp on one block)
+        # r8 n32 loop 5.9, against 6.0 for the crow tile; then 32-row tiles: every thread of a warp on one block;
+        # 8-block steps: 51-block rows in 56 slots instead of 64)
         for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (8, 16, 4, None), (16, 16, 4, None),
                                        (4, 64, 4, None), (8, 64, 8, None), (16, 16, 4, True), (8, 16, 4, True),
                                        (16, 16, 4, "clamp"), (8, 32, 4, "clamp"), (8, 32, 4, "unrolled"),
                                        (16, 16, 4, "unrolled"), (4, 64, 4, "unrolled"), (8, 64, 8, "unrolled"),
                                        (16, 32, 8, "unrolled"), (32, 16, 8, None), (32, 32, 16, None),
                                        (16, 32, 16, None), (32, 16, 8, "unrolled"), (32, 32, 16, "unrolled"),
-                                       (16, 64, 16, "unrolled"), (16, 32, 16, "unrolled")) if ell else ()):
+                                       (16, 64, 16, "unrolled"), (16, 32, 16, "unrolled"), (16, 8, 4, None),
+                                       (16, 8, 4, "unrolled"), (32, 8, 8, "unrolled")) if ell else ()):
             if kind in ("clamp", "unrolled") and not clamp:
                 continue
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
