@@ -72,6 +72,14 @@ def test_fuse_layer_option_decodes(tmp_path):
     assert all("error" not in r and r["fuse_layer"] and r["tokens_per_s"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         bench_generate.main(["--shape", "tiny", "--device", "cpu", "--fuse-layer"])
+    # 'both': each variant with the stock layers, then fused; ratios against the fp16 row of the same kind
+    assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu", "--fuse",
+                                "--fuse-layer", "both", "--variant", "fp16", "--variant", "w4", "--out",
+                                str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["fuse_layer"]) for r in rows] == [("fp16", False), ("fp16", True), ("w4", False),
+                                                              ("w4", True)]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["speedup_vs_fp16"] > 0 for r in rows)
 
 
 @needs_kernels

@@ -297,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per kernel category")
     ap.add_argument("--fuse", action="store_true",
                     help="one Linear for q/k/v and one for gate/up in every layer (every variant alike)")
-    ap.add_argument("--fuse-layer", action="store_true",
+    ap.add_argument("--fuse-layer", nargs="?", const="on", default=None, choices=["on", "both"],
                     help="with --fuse: RMSNorms, SiLU-multiply and residual adds inside the decoder Linears "
-                         "(bitsmith.kernels.fused_layer; every variant alike, fused kernels for packed ones)")
+                         "(bitsmith.kernels.fused_layer; every variant alike, fused kernels for packed ones); "
+                         "'both': every variant with the stock layers, then fused, in this process (one tuner)")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile the decode step's forward (every variant alike) before the CUDA graph "
                          "(backend: inductor unless named)")
@@ -316,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         _enable_pdl()
     rows = []
     for shape in args.shape or ["1b", "8b"]:
-        for variant in args.variant or DEFAULT_VARIANTS:
+        for variant, fuse_layer in [(v, m) for v in args.variant or DEFAULT_VARIANTS
+                                    for m in ([False, True] if args.fuse_layer == "both" else [bool(args.fuse_layer)])]:
             if args.compile:
                 torch._dynamo.reset()  # a fresh compile per model: guards on the last model's modules would pile up
             model = build_model(shape, device)
             if args.fuse:
                 fuse_projections(model)
-            if args.fuse_layer:
+            if fuse_layer:
                 from .fused_layer import fuse_decoder_layers
 
                 fuse_decoder_layers(model)
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                               profile=args.profile, compile=args.compile)
                 except Exception as e:  # one failing row must not hide the others
                     res = {"batch": batch, "error": f"{type(e).__name__}: {e}"[:500]}
-                row = {"shape": shape, "variant": variant, "fused": args.fuse, "fuse_layer": args.fuse_layer,
+                row = {"shape": shape, "variant": variant, "fused": args.fuse, "fuse_layer": fuse_layer,
                        "pdl": args.pdl,
                        "decoder_linear_bytes": stored, **res,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -348,15 +350,17 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    base = {(r["shape"], r["batch"]): r.get("tokens_per_s") for r in rows if r["variant"] == "fp16"}
+    key = lambda r: (r["shape"], r["batch"], r["fuse_layer"])  # noqa: E731
+    base = {key(r): r.get("tokens_per_s") for r in rows if r["variant"] == "fp16"}
     for r in rows:
-        b = base.get((r["shape"], r["batch"]))
+        b = base.get(key(r))
         if b and r.get("tokens_per_s"):
             r["speedup_vs_fp16"] = round(r["tokens_per_s"] / b, 2)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
-    print(json.dumps([{k: r.get(k) for k in ("shape", "variant", "batch", "tokens_per_s", "speedup_vs_fp16")}
+    print(json.dumps([{k: r.get(k) for k in ("shape", "variant", "fuse_layer", "batch", "tokens_per_s",
+                                             "speedup_vs_fp16")}
                       for r in rows]))
     return 0
 
