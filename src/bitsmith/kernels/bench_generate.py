@@ -13,7 +13,9 @@ passes leave the head out by default (`ignore: lm_head`), so a recipe's checkpoi
 With `--compile` the decode step's forward is compiled by `torch.compile` (inductor) first, for every variant
 alike; packed Linears enter the compiled graph as opaque custom ops (`bitsmith::gwint_linear`). With `--fuse`
 every variant computes q/k/v with one Linear and gate/up with another (`fuse_projections`; packed variants pack
-the concatenated matrices), fewer and larger GEMVs.
+the concatenated matrices), fewer and larger GEMVs. `--fuse-layer` (with `--fuse`) also moves each layer's RMSNorms,
+SiLU-multiply and residual adds into its Linears (`fused_layer`: fused deep-GEMV launches for packed variants at one
+token, the same ops unfused elsewhere); `--fuse-layer both` runs every variant both ways in one process.
 Decoding uses a static KV cache: after a prefill of `--prompt` tokens, one decode step (forward of one token per
 sequence, greedy next token written back into the input buffer) is captured into a CUDA graph and replayed
 `--steps` times; tokens/s = batch x steps / time. The same code path runs every variant, so the ratio is the

@@ -12,6 +12,8 @@ Three regimes, one launcher (`linear`):
                     per fp16x2 instruction (inline PTX; a Triton fallback under the interpreter). The older one
                     owns BLOCK_N output columns and a slice of K (split-K); the P code slots of a
                     [BLOCK_KW, BLOCK_N] word tile are unrolled, each a 2D tile in the load's layout.
+                    `fused_gemv`: the deep one with a decoder layer's RMSNorm in its prologue and/or the
+                    SiLU-multiply of interleaved gate/up columns in its epilogue (`fused_ops`).
     2 <= M < 256    `_gemm_kernel`: dequantize a K tile of weights to fp16/bf16 in registers and `tl.dot` it
                     (mma on Hopper for small BLOCK_M, wgmma from 64 rows); split-K for small M. Either one dot per
                     code slot (`sliced`: [BM, BLOCK_KW] x [BLOCK_KW, BN], no reshape of the weights) or one dot
