@@ -244,7 +244,7 @@ def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
     params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4"), torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     unequal = bsr.uniform_row_blocks(t["crow_indices"]) is None  # (a small random mask can be equal by chance)
-    for cfg in [c for c in bsr.configs(1, params) if c.get("ell") and unequal]:
+    for cfg in [c for c in bsr.configs(1, params) if (c.get("ell") or c.get("pfcol")) and unequal]:
         x = torch.randn(1, sizes[0][1], device=DEV, generator=gen).half()
         out = torch.full((1, sizes[0][0]), float("nan"), device=DEV, dtype=torch.float16)
         bsr.launch(x, t, params, None, out, cfg)

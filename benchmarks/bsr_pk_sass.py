@@ -34,11 +34,14 @@ def cases():
                                             (16, 16, 4, True, False), (8, 32, 4, False, True),
                                             (16, 32, 8, False, True), (16, 16, 4, True, True),
                                             (32, 16, 8, False, True), (32, 32, 16, False, True),
-                                            (16, 32, 16, False, True)):
+                                            (16, 32, 16, False, True), (8, 32, 4, "pfcol", True),
+                                            (16, 32, 8, "pfcol", True)):
+        pfcol = clamp == "pfcol"
         cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, GPB=4, HAS_BIAS=False, FENCE=True, PREFETCH=False, ASM=True,
-                  CLAMP=clamp, UNIFORM=uniform)
+                  CLAMP=clamp is True, UNIFORM=uniform, PFCOL=pfcol)
         wpt = br * nblk * 32 / (32 * warps)  # weights per thread per loop iteration
-        out.append((f"{'uniform' if uniform else 'crow'}_r{br}_n{nblk}_w{warps}{'_clamp' if clamp else ''}",
+        tag = "_clamp" if clamp is True else "_pfcol" if pfcol else ""
+        out.append((f"{'uniform' if uniform else 'crow'}_r{br}_n{nblk}_w{warps}{tag}",
                     bsr_pk._bsr_gemv_pk_kernel, crow_sig, cx, warps, wpt))
     ell_sig = dict(_PTRS, N="i32")
     for br, nblk, warps in ((8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 64, 8), (16, 32, 8), (8, 16, 4), (4, 32, 2),

@@ -729,6 +729,13 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
                      prefetch=kind is True, ell="unrolled" if kind == "unrolled" else "loop")
             add(dict(c, clamp=True) if kind in ("clamp", "unrolled") else c, False)
+        # `pfcol` (bsr_pk): only the column indexes a step ahead, so that a step's x and scale loads leave with
+        # its codes; on equal rows (ell) and not
+        for br, nblk, warps, e in (((8, 32, 4, True), (16, 32, 8, True), (16, 16, 4, True), (32, 16, 8, True),
+                                    (16, 8, 4, True), (8, 32, 4, False), (16, 32, 8, False)) if ell else ()):
+            c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
+                     prefetch=False, pfcol=True)
+            add(dict(c, ell="loop") if e else c, False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.

@@ -147,7 +147,7 @@ if triton is not None:
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
                             ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False,
-                            cnt=0, UNIFORM: tl.constexpr = False):
+                            cnt=0, UNIFORM: tl.constexpr = False, PFCOL: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -210,6 +210,16 @@ if triton is not None:
                 xha, xhb = tl.split(xh)
                 d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
                 acc += tl.where(valid, d, 0.0)
+        elif PFCOL:
+            # only the column indexes a step ahead (one register per slot): a step's x and scale loads leave with
+            # its codes instead of one load latency after them
+            cbn = tl.load(col_ptr + lo + jb, mask=lo + jb < hi, other=0)
+            for i in range(lo, hi, NBLK):
+                blk = i + jb
+                cb = cbn
+                cbn = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
+                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
+                acc = _pkb_step(acc, w, xl, xh, sc, ASM)
         else:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
@@ -302,5 +312,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
         VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp") or ell == "unrolled"),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), cnt=cnt_ell or 0,
-        UNIFORM=cnt_ell is not None, **order)
+        UNIFORM=cnt_ell is not None, PFCOL=bool(cfg.get("pfcol")), **order)
     return True
