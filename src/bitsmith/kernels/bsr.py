@@ -45,8 +45,9 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
 `prefetch` in the launch config (values in the model dtype only; num_stages 1): both loops issue the next step's
 loads before this step's products, by hand: Triton 3.6 pipelines the mm loop with one buffer and the GEMV loop not
 at all, so otherwise a program has one step's loads in flight. `packed` (M = 1, fp16 x, int4 codes): the fp16x2
-kernel of `bsr_pk`. `order`: programs take the row tiles longest block row first (`row_order`). The tuner times
-candidates like the benchmark table (rotated weight copies, `_tune`).
+kernel of `bsr_pk` (its `clamp`, `ell` (equal block rows) and `pfcol` tiles: docs/formats/bsr.md). `order`:
+programs take the row tiles longest block row first (`row_order`). The tuner times candidates like the benchmark
+table (rotated weight copies, `_tune`).
 
 Split-K (`chunk` > 0 in the launch config; offered to the tuner with BITSMITH_BSR_SPLIT=1): a block row's
 stored blocks are spread over several programs; each stores its fp32 partial tile in a [splits, M, N] workspace

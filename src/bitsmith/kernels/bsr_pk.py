@@ -18,6 +18,9 @@ arithmetic runs as fp16 Triton ops (`_pkb_ref`).
 
 A program owns BLOCK_R rows of one block row and NBLK of its stored blocks per step, as T = NBLK * BLOCK_R
 (block, row) pairs, one per thread slot, each a whole row of NW words (16-byte loads for 32-column blocks).
+Loop options: `prefetch` (the next step's loads by hand), `clamp` (no masked loads), `pfcol` (only the column
+indexes a step ahead), `UNIFORM` (every block row holds cnt blocks: no crow load). `_bsr_gemv_pk_ell_kernel`: the
+same for equal block rows with the steps unrolled (cnt a constant). Which one runs: `launch` (config keys).
 """
 
 from __future__ import annotations
@@ -301,9 +304,9 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     cnt_ell = uniform_row_blocks(tensors["crow_indices"]) if ell else None
     if cnt_ell is not None and ell == "unrolled" and n_split == 1:  # equal rows: the crow-free unrolled kernel
         _bsr_gemv_pk_ell_kernel[(N // cfg["block_r"],)](
-            xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C, BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb,
-            HAS_BIAS=bias is not None, ASM=fence, num_warps=cfg.get("num_warps", 4),
-            num_stages=1)
+            xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C,
+            BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb, HAS_BIAS=bias is not None, ASM=fence,
+            num_warps=cfg.get("num_warps", 4), num_stages=1)
         return True
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
