@@ -46,9 +46,11 @@ def cases():
     ell_sig = dict(_PTRS, N="i32")
     for br, nblk, warps in ((8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 64, 8), (16, 32, 8), (8, 16, 4), (4, 32, 2),
                              (32, 16, 8), (32, 32, 16), (16, 64, 16), (16, 32, 16), (16, 8, 4), (32, 8, 8)):
-        cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, CNT=CNT, GPB=4, HAS_BIAS=False, ASM=True)
-        wpt = br * CNT * 32 / (32 * warps)  # weights per thread per launch (the kernel has no loop)
-        out.append((f"ell_r{br}_n{nblk}_w{warps}", bsr_pk._bsr_gemv_pk_ell_kernel, ell_sig, cx, warps, wpt))
+        for pfs in (False, True):
+            cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, CNT=CNT, GPB=4, HAS_BIAS=False, ASM=True, PFS=pfs)
+            wpt = br * CNT * 32 / (32 * warps)  # weights per thread per launch (the kernel has no loop)
+            out.append((f"ell_r{br}_n{nblk}_w{warps}{'_pfs' if pfs else ''}", bsr_pk._bsr_gemv_pk_ell_kernel,
+                        ell_sig, cx, warps, wpt))
     return out
 
 

@@ -730,6 +730,12 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
                      prefetch=kind is True, ell="unrolled" if kind == "unrolled" else "loop")
             add(dict(c, clamp=True) if kind in ("clamp", "unrolled") else c, False)
+        # `pfscale` (unrolled ell kernel): an L2 prefetch of the scales as soon as the column index is in (ptxas
+        # otherwise issues the scale loads after most of the arithmetic; SASS, Triton 3.6)
+        pfs_tiles = ((16, 32, 8), (8, 64, 8), (16, 64, 16), (8, 32, 4), (16, 16, 4))
+        for br, nblk, warps in pfs_tiles if ell and clamp else ():
+            add(dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
+                     prefetch=False, ell="unrolled", clamp=True, pfscale=True), False)
         # `pfcol` (bsr_pk): only the column indexes a step ahead, so that a step's x and scale loads leave with
         # its codes; on equal rows (ell) and not
         for br, nblk, warps, e in (((8, 32, 4, True), (16, 32, 8, True), (16, 16, 4, True), (32, 16, 8, True),

@@ -118,6 +118,13 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _prefetch_l2(ptrs, ASM: tl.constexpr):
+        """prefetch.global.L2 of every address (on the GPU; nothing under the interpreter)."""
+        if ASM:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+    @triton.jit
     def _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, valid, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
                    NW: tl.constexpr, GPB: tl.constexpr, VOL: tl.constexpr = False):
         """One step's operands for the T slots, each row as P = NW / 2 word pairs, all of a row in one thread:
@@ -238,7 +245,7 @@ if triton is not None:
     @triton.jit
     def _bsr_gemv_pk_ell_kernel(x_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, R: tl.constexpr, C: tl.constexpr,
                                 BLOCK_R: tl.constexpr, NBLK: tl.constexpr, CNT: tl.constexpr, GPB: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
+                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr, PFS: tl.constexpr = False):
         # Every block row holds CNT stored blocks (row-balanced masks: crow[r] = r * CNT, never read), so a
         # program's blocks follow from its id: no crow load, and every step's column indexes and codes can be
         # issued at once (the steps are unrolled: STEPS is a constant), leaving only column index -> x / scale
@@ -267,6 +274,9 @@ if triton is not None:
             w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
             xb = (cb * (C // 4))[:, None, None] + qq
             grp = (cb.to(tl.uint32) // GPB).to(tl.int32) if GPB > 0 else cb * 0
+            if PFS:  # ptxas issues the scale loads after most of the arithmetic: an L2 prefetch (no register,
+                # so nothing to sink) leaves as soon as the column index is in, and the late load hits L2
+                _prefetch_l2(s_ptr + grp * N + srow, ASM)
             sc = tl.load(s_ptr + grp * N + srow).to(tl.float32)
             xl = tl.load(x_ptr + xb)
             xh = tl.load(x_ptr + xb + C // 8)
@@ -306,7 +316,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         _bsr_gemv_pk_ell_kernel[(N // cfg["block_r"],)](
             xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C,
             BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb, HAS_BIAS=bias is not None, ASM=fence,
-            num_warps=cfg.get("num_warps", 4), num_stages=1)
+            PFS=bool(cfg.get("pfscale")), num_warps=cfg.get("num_warps", 4), num_stages=1)
         return True
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
