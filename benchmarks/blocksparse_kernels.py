@@ -218,10 +218,10 @@ def check(log, only: str = "") -> int:
     return failures
 
 
-def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
+def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192)), keys=()) -> int:
     """Every `ell` tile of the packed int4 GEMV (equal block rows: the crow-free loop and the unrolled kernel) on
     row-balanced s80-b32-w4-row weights, 1024x1024 and 8192x8192, fresh inputs, NaN-poisoned outputs, every
-    other launch with bias."""
+    other launch with bias; then the `ell` and `pfcol` tiles on unequal rows (`keys`: only tiles with those)."""
     from bitsmith.kernels import bsr
 
     failures, n = 0, 0
@@ -229,7 +229,7 @@ def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
         params, t, _ = make(N, K, spec_of("s80-b32-w4-row"), torch.float16, DEV, gen)
         assert bsr.uniform_row_blocks(t["crow_indices"]) is not None
         wd = bsr.dequantize(t, params, torch.float32)
-        for i, cfg in enumerate(c for c in bsr.configs(1, params) if c.get("ell")):
+        for i, cfg in enumerate(c for c in bsr.configs(1, params) if c.get("ell") and _has_key(c, keys)):
             x = torch.randn(1, K, device=DEV, generator=gen).half()
             bias = torch.randn(N, device=DEV, generator=gen).half() if i % 2 else None
             out = torch.full((1, N), float("nan"), device=DEV, dtype=torch.float16)
@@ -244,7 +244,8 @@ def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192))) -> int:
     params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4"), torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     unequal = bsr.uniform_row_blocks(t["crow_indices"]) is None  # (a small random mask can be equal by chance)
-    for cfg in [c for c in bsr.configs(1, params) if (c.get("ell") or c.get("pfcol")) and unequal]:
+    for cfg in [c for c in bsr.configs(1, params) if (c.get("ell") or c.get("pfcol")) and unequal
+                and _has_key(c, keys)]:
         x = torch.randn(1, sizes[0][1], device=DEV, generator=gen).half()
         out = torch.full((1, sizes[0][0]), float("nan"), device=DEV, dtype=torch.float16)
         bsr.launch(x, t, params, None, out, cfg)
@@ -336,7 +337,12 @@ def _with_mask(params, t, mask, dtype, gen):
     return p, nt, mask
 
 
-def bench_gpu(shapes, ms, formats, log, variants=()) -> list[dict]:
+def _has_key(cfg: dict, keys) -> bool:
+    """Whether cfg sets one of keys ("k": any true value, "k=v": that value); no keys: True."""
+    return not keys or any(str(cfg.get(k.split("=")[0])) == k.split("=")[1] if "=" in k else cfg.get(k) for k in keys)
+
+
+def bench_gpu(shapes, ms, formats, log, variants=(), variant_keys=()) -> list[dict]:
     from bitsmith.kernels import bench, bsr
 
     try:
@@ -392,7 +398,7 @@ def bench_gpu(shapes, ms, formats, log, variants=()) -> list[dict]:
                 log(f"{N}x{K} M={M} {fname} bitsmith {us:.1f} us ({base[M] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f}"
                     f" GB/s, err {err:.1e}) cfg {cfg}")
                 if (fname, N, K, M) in variants:  # every launch candidate, forced, timed the same way
-                    for c in bsr.configs(M, p0):
+                    for c in [c for c in bsr.configs(M, p0) if _has_key(c, variant_keys)]:
                         try:
                             vus = bench.graph_time_us([lambda x=x, s=s, c=c: bsr.triton_linear(x, s[1], s[0], config=c)
                                                        for x, s in zip(xs, sets)])
@@ -502,6 +508,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-only", default="", help="RxC,...: check only the cases of these block shapes")
     ap.add_argument("--variants", default="",
                     help="FORMAT:NxK:M,... cases whose every launch candidate is also timed (forced config)")
+    ap.add_argument("--variant-keys", default="",
+                    help="k1,k2=v,...: time only the --variants candidates that set one of these config keys")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bsr-bench"))
@@ -524,7 +532,8 @@ def main(argv=None) -> int:
             n, k = (int(a) for a in nk.split("x"))
             variants.add((f, n, k, int(m)))
         if args.formats:
-            rows = bench_gpu(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), log, variants)
+            rows = bench_gpu(shapes, [int(m) for m in args.ms.split(",")], args.formats.split(","), log, variants,
+                             tuple(filter(None, args.variant_keys.split(","))))
             result["gpu"] = rows
             result["tune_log"] = bsr_tune_log()
             log("\n" + table(rows))
