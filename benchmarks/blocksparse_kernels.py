@@ -221,7 +221,7 @@ def check(log, only: str = "") -> int:
 def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192)), keys=()) -> int:
     """Every `ell` tile of the packed int4 GEMV (equal block rows: the crow-free loop and the unrolled kernel) on
     row-balanced s80-b32-w4-row weights, 1024x1024 and 8192x8192, fresh inputs, NaN-poisoned outputs, every
-    other launch with bias; then the `ell` and `pfcol` tiles on unequal rows (`keys`: only tiles with those)."""
+    other launch with bias; then the same tiles on unequal rows (`keys`: only tiles with those, `_has_key`)."""
     from bitsmith.kernels import bsr
 
     failures, n = 0, 0
@@ -244,8 +244,7 @@ def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192)), keys=()) -
     params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4"), torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     unequal = bsr.uniform_row_blocks(t["crow_indices"]) is None  # (a small random mask can be equal by chance)
-    for cfg in [c for c in bsr.configs(1, params) if (c.get("ell") or c.get("pfcol")) and unequal
-                and _has_key(c, keys)]:
+    for cfg in [c for c in bsr.configs(1, params) if c.get("ell") and unequal and _has_key(c, keys)]:
         x = torch.randn(1, sizes[0][1], device=DEV, generator=gen).half()
         out = torch.full((1, sizes[0][0]), float("nan"), device=DEV, dtype=torch.float16)
         bsr.launch(x, t, params, None, out, cfg)

@@ -34,23 +34,19 @@ def cases():
                                             (16, 16, 4, True, False), (8, 32, 4, False, True),
                                             (16, 32, 8, False, True), (16, 16, 4, True, True),
                                             (32, 16, 8, False, True), (32, 32, 16, False, True),
-                                            (16, 32, 16, False, True), (8, 32, 4, "pfcol", True),
-                                            (16, 32, 8, "pfcol", True)):
-        pfcol = clamp == "pfcol"
+                                            (16, 32, 16, False, True)):
         cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, GPB=4, HAS_BIAS=False, FENCE=True, PREFETCH=False, ASM=True,
-                  CLAMP=clamp is True, UNIFORM=uniform, PFCOL=pfcol)
+                  CLAMP=clamp, UNIFORM=uniform)
         wpt = br * nblk * 32 / (32 * warps)  # weights per thread per loop iteration
-        tag = "_clamp" if clamp is True else "_pfcol" if pfcol else ""
+        tag = "_clamp" if clamp else ""
         out.append((f"{'uniform' if uniform else 'crow'}_r{br}_n{nblk}_w{warps}{tag}",
                     bsr_pk._bsr_gemv_pk_kernel, crow_sig, cx, warps, wpt))
     ell_sig = dict(_PTRS, N="i32")
     for br, nblk, warps in ((8, 32, 4), (16, 16, 4), (4, 64, 4), (8, 64, 8), (16, 32, 8), (8, 16, 4), (4, 32, 2),
                              (32, 16, 8), (32, 32, 16), (16, 64, 16), (16, 32, 16), (16, 8, 4), (32, 8, 8)):
-        for pfs in (False, True):
-            cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, CNT=CNT, GPB=4, HAS_BIAS=False, ASM=True, PFS=pfs)
-            wpt = br * CNT * 32 / (32 * warps)  # weights per thread per launch (the kernel has no loop)
-            out.append((f"ell_r{br}_n{nblk}_w{warps}{'_pfs' if pfs else ''}", bsr_pk._bsr_gemv_pk_ell_kernel,
-                        ell_sig, cx, warps, wpt))
+        cx = dict(R=32, C=32, BLOCK_R=br, NBLK=nblk, CNT=CNT, GPB=4, HAS_BIAS=False, ASM=True)
+        wpt = br * CNT * 32 / (32 * warps)  # weights per thread per launch (the kernel has no loop)
+        out.append((f"ell_r{br}_n{nblk}_w{warps}", bsr_pk._bsr_gemv_pk_ell_kernel, ell_sig, cx, warps, wpt))
     return out
 
 

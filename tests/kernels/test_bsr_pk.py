@@ -148,8 +148,6 @@ def test_ell_gemv_matches_reference(case):
              for br, nb, ch, ns, pf, e in ((1, 1, 0, 0, False, "unrolled"), (4, 2, 0, 0, False, "unrolled"),
                                            (2, 4, 0, 0, True, "loop"), (4, 2, 2, 0, False, "loop"),
                                            (4, 2, 2, 64, True, "loop"))]
-    small += [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=ch, packed=True, prefetch=False, pfcol=True,
-                   ell="loop", **({"n_split": ns} if ns else {})) for br, nb, ch, ns in ((2, 1, 0, 0), (4, 2, 2, 64))]
     g = torch.Generator().manual_seed(5)
     for i, cfg in enumerate(tiles + small):
         x = torch.randn(1, K, generator=g).half()
@@ -170,8 +168,7 @@ def test_ell_tiles_fall_back_on_unequal_rows():
     params, t, wd = int4_weight(96, 1024, (32, 32), 128, seed=21)
     assert bsr.uniform_row_blocks(t["crow_indices"]) is None
     g = torch.Generator().manual_seed(6)
-    for cfg in [c for c in bsr.configs(1, params) if c.get("ell")][::2] + [
-            c for c in bsr.configs(1, params) if c.get("pfcol")]:
+    for cfg in [c for c in bsr.configs(1, params) if c.get("ell")][::2]:
         x = torch.randn(1, 1024, generator=g).half()
         assert rel(run(x.to(DEVICE), t, params, None, cfg), x.float() @ wd.t()) < 3e-3, cfg
 

@@ -45,7 +45,7 @@ row's stored blocks, NBLK blocks per step, accumulating in fp32:
 `prefetch` in the launch config (values in the model dtype only; num_stages 1): both loops issue the next step's
 loads before this step's products, by hand: Triton 3.6 pipelines the mm loop with one buffer and the GEMV loop not
 at all, so otherwise a program has one step's loads in flight. `packed` (M = 1, fp16 x, int4 codes): the fp16x2
-kernel of `bsr_pk` (its `clamp`, `ell` (equal block rows) and `pfcol` tiles: docs/formats/bsr.md). `order`:
+kernel of `bsr_pk` (its `clamp` and `ell` (equal block rows) tiles: docs/formats/bsr.md). `order`:
 programs take the row tiles longest block row first (`row_order`). The tuner times candidates like the benchmark
 table (rotated weight copies, `_tune`).
 
@@ -714,35 +714,20 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # `ell` (bsr_pk.launch): where every block row holds the same number of blocks (row-balanced masks),
         # "loop" runs the tile without its crow load, "unrolled" the crow-free kernel with every step unrolled
         # (`_bsr_gemv_pk_ell_kernel`); on other weights both run the tile as before (unrolled: its clamp form)
-        # (H100, sixth pass, 8192x8192 s80-b32-w4-row: r16 n32 w8 loop / unrolled and r8 n64 w8 unrolled 5.7 us,
-        # r8 n32 loop 5.9, against 6.0 for the crow tile; then 32-row tiles: every thread of a warp on one block;
-        # 8-block steps: 51-block rows in 56 slots instead of 64)
-        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (8, 16, 4, None), (16, 16, 4, None),
-                                       (4, 64, 4, None), (8, 64, 8, None), (16, 16, 4, True), (8, 16, 4, True),
-                                       (16, 16, 4, "clamp"), (8, 32, 4, "clamp"), (8, 32, 4, "unrolled"),
-                                       (16, 16, 4, "unrolled"), (4, 64, 4, "unrolled"), (8, 64, 8, "unrolled"),
-                                       (16, 32, 8, "unrolled"), (32, 16, 8, None), (32, 32, 16, None),
-                                       (16, 32, 16, None), (32, 16, 8, "unrolled"), (32, 32, 16, "unrolled"),
-                                       (16, 64, 16, "unrolled"), (16, 32, 16, "unrolled"), (16, 8, 4, None),
-                                       (16, 8, 4, "unrolled"), (32, 8, 8, "unrolled")) if ell else ()):
-            if kind in ("clamp", "unrolled") and not clamp:
+        # (H100, sixth pass, s80-b32-w4-row: r16 n32 w8 unrolled the pick at 8192x8192, 5.6-5.7 us with r16 n64
+        # w16 / r8 n64 w8 unrolled and r16 n32 w8 loop, against 6.0-6.1 for the crow tiles; r16 n16 w4 unrolled
+        # at 28672x8192. Measured and dropped: the other 32-row and 8-block-step tiles, n64 / 16-warp / clamp loop
+        # tiles, `pfcol` (column indexes only a step ahead) and `pfscale` (an L2 prefetch of the scales in the
+        # unrolled kernel): docs/results/blocksparse.md, sixth pass)
+        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True),
+                                       (16, 32, 8, "unrolled"), (16, 64, 16, "unrolled"), (8, 64, 8, "unrolled"),
+                                       (16, 32, 16, "unrolled"), (8, 32, 4, "unrolled"), (16, 16, 4, "unrolled"),
+                                       (32, 16, 8, "unrolled")) if ell else ()):
+            if kind == "unrolled" and not clamp:
                 continue
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
                      prefetch=kind is True, ell="unrolled" if kind == "unrolled" else "loop")
-            add(dict(c, clamp=True) if kind in ("clamp", "unrolled") else c, False)
-        # `pfscale` (unrolled ell kernel): an L2 prefetch of the scales as soon as the column index is in (ptxas
-        # otherwise issues the scale loads after most of the arithmetic; SASS, Triton 3.6)
-        pfs_tiles = ((16, 32, 8), (8, 64, 8), (16, 64, 16), (8, 32, 4), (16, 16, 4))
-        for br, nblk, warps in pfs_tiles if ell and clamp else ():
-            add(dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
-                     prefetch=False, ell="unrolled", clamp=True, pfscale=True), False)
-        # `pfcol` (bsr_pk): only the column indexes a step ahead, so that a step's x and scale loads leave with
-        # its codes; on equal rows (ell) and not
-        for br, nblk, warps, e in (((8, 32, 4, True), (16, 32, 8, True), (16, 16, 4, True), (32, 16, 8, True),
-                                    (16, 8, 4, True), (8, 32, 4, False), (16, 32, 8, False)) if ell else ()):
-            c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
-                     prefetch=False, pfcol=True)
-            add(dict(c, ell="loop") if e else c, False)
+            add(dict(c, clamp=True) if kind == "unrolled" else c, False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.

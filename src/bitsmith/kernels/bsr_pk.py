@@ -18,8 +18,8 @@ arithmetic runs as fp16 Triton ops (`_pkb_ref`).
 
 A program owns BLOCK_R rows of one block row and NBLK of its stored blocks per step, as T = NBLK * BLOCK_R
 (block, row) pairs, one per thread slot, each a whole row of NW words (16-byte loads for 32-column blocks).
-Loop options: `prefetch` (the next step's loads by hand), `clamp` (no masked loads), `pfcol` (only the column
-indexes a step ahead), `UNIFORM` (every block row holds cnt blocks: no crow load). `_bsr_gemv_pk_ell_kernel`: the
+Loop options: `prefetch` (the next step's loads by hand), `clamp` (no masked loads), `UNIFORM` (every block row
+holds cnt blocks: no crow load). `_bsr_gemv_pk_ell_kernel`: the
 same for equal block rows with the steps unrolled (cnt a constant). Which one runs: `launch` (config keys).
 """
 
@@ -118,13 +118,6 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _prefetch_l2(ptrs, ASM: tl.constexpr):
-        """prefetch.global.L2 of every address (on the GPU; nothing under the interpreter)."""
-        if ASM:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-
-    @triton.jit
     def _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, valid, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
                    NW: tl.constexpr, GPB: tl.constexpr, VOL: tl.constexpr = False):
         """One step's operands for the T slots, each row as P = NW / 2 word pairs, all of a row in one thread:
@@ -157,7 +150,7 @@ if triton is not None:
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
                             ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False,
-                            cnt=0, UNIFORM: tl.constexpr = False, PFCOL: tl.constexpr = False):
+                            cnt=0, UNIFORM: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -220,16 +213,6 @@ if triton is not None:
                 xha, xhb = tl.split(xh)
                 d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
                 acc += tl.where(valid, d, 0.0)
-        elif PFCOL:
-            # only the column indexes a step ahead (one register per slot): a step's x and scale loads leave with
-            # its codes instead of one load latency after them
-            cbn = tl.load(col_ptr + lo + jb, mask=lo + jb < hi, other=0)
-            for i in range(lo, hi, NBLK):
-                blk = i + jb
-                cb = cbn
-                cbn = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
-                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
-                acc = _pkb_step(acc, w, xl, xh, sc, ASM)
         else:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
@@ -245,7 +228,7 @@ if triton is not None:
     @triton.jit
     def _bsr_gemv_pk_ell_kernel(x_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, R: tl.constexpr, C: tl.constexpr,
                                 BLOCK_R: tl.constexpr, NBLK: tl.constexpr, CNT: tl.constexpr, GPB: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr, PFS: tl.constexpr = False):
+                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
         # Every block row holds CNT stored blocks (row-balanced masks: crow[r] = r * CNT, never read), so a
         # program's blocks follow from its id: no crow load, and every step's column indexes and codes can be
         # issued at once (the steps are unrolled: STEPS is a constant), leaving only column index -> x / scale
@@ -274,9 +257,6 @@ if triton is not None:
             w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
             xb = (cb * (C // 4))[:, None, None] + qq
             grp = (cb.to(tl.uint32) // GPB).to(tl.int32) if GPB > 0 else cb * 0
-            if PFS:  # ptxas issues the scale loads after most of the arithmetic: an L2 prefetch (no register,
-                # so nothing to sink) leaves as soon as the column index is in, and the late load hits L2
-                _prefetch_l2(s_ptr + grp * N + srow, ASM)
             sc = tl.load(s_ptr + grp * N + srow).to(tl.float32)
             xl = tl.load(x_ptr + xb)
             xh = tl.load(x_ptr + xb + C // 8)
@@ -316,7 +296,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         _bsr_gemv_pk_ell_kernel[(N // cfg["block_r"],)](
             xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C,
             BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb, HAS_BIAS=bias is not None, ASM=fence,
-            PFS=bool(cfg.get("pfscale")), num_warps=cfg.get("num_warps", 4), num_stages=1)
+            num_warps=cfg.get("num_warps", 4), num_stages=1)
         return True
     _bsr_gemv_pk_kernel[(N // cfg["block_r"], n_split)](
         xw, tensors["crow_indices"], tensors["col_indices"], vw, s, bias if bias is not None else s, out, ws, cnt,
@@ -325,5 +305,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
         VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp") or ell == "unrolled"),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), cnt=cnt_ell or 0,
-        UNIFORM=cnt_ell is not None, PFCOL=bool(cfg.get("pfcol")), **order)
+        UNIFORM=cnt_ell is not None, **order)
     return True
