@@ -278,8 +278,10 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
            n_split: int, fence: bool, order: dict) -> bool:
     """Launch the packed kernel for x2 [1, K]; False (nothing launched) where x or the codes cannot be read as
     int64 / int32 words (a storage offset that is not a multiple of the word), so that the caller falls back.
-    `ell` tiles run `_bsr_gemv_pk_ell_kernel` where every block row holds the same number of blocks (whole rows,
-    one split), else the same tile's `clamp` kernel (so an `ell` config is correct for any weight)."""
+    Where every block row holds the same number of blocks (`bsr.uniform_row_blocks`), `ell: "unrolled"` tiles run
+    `_bsr_gemv_pk_ell_kernel` (whole rows, one split) and `ell: "loop"` tiles the crow kernel without its crow
+    load (`UNIFORM`); elsewhere both run the crow kernel of the same tile ("unrolled": its `clamp` form), so an
+    `ell` config is correct for any weight."""
     try:
         xw = x2.view(torch.int64)
         vw = tensors["qvalues"].view(torch.int32)
