@@ -746,19 +746,21 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # unrolled kernel): docs/results/blocksparse.md, sixth pass)
         # Seventh pass, unrolled only: `bar` (a CTA barrier after each step's column index, code and scale loads,
         # so that ptxas issues all of them before the step's arithmetic: on one-step (n64) tiles every load but
-        # x's up front) and `pair` (one thread holds two rows of a block: its x loaded once for both)
+        # x's up front), `pair` (one thread holds two rows of a block: its x loaded once for both) and `maxnreg`
+        # 32 on the tiles that fit one wave at 8192 rows only with at most 32 registers (512 programs of 16 warps,
+        # 1024 of 8): ptxas gave them 36-37 after a neutral edit (H100, seventh pass call 1: 6.8-7.0 us against
+        # 5.6-5.7 at 32)
         U = "unrolled"
         for br, nblk, warps, kind, *opt in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True),
-                                             (16, 32, 8, U), (16, 64, 16, U), (8, 64, 8, U), (16, 32, 16, U),
-                                             (8, 32, 4, U), (16, 16, 4, U), (32, 16, 8, U),
-                                             (16, 64, 16, U, "bar"), (8, 64, 8, U, "bar"), (16, 64, 8, U, "bar"),
-                                             (8, 64, 4, U, "bar"), (16, 32, 8, U, "pair"), (16, 64, 16, U, "pair"),
-                                             (16, 64, 8, U, "pair"), (16, 64, 16, U, "pair", "bar"),
-                                             (16, 64, 8, U, "pair", "bar")) if ell else ()):
+                                             (16, 32, 8, U), (16, 64, 16, U, "r32"), (8, 64, 8, U, "r32"),
+                                             (16, 32, 16, U, "r32"), (8, 32, 4, U), (16, 16, 4, U), (32, 16, 8, U),
+                                             (16, 64, 16, U, "bar", "r32"), (16, 32, 8, U, "pair"),
+                                             (16, 64, 8, U, "pair")) if ell else ()):
             if kind == U and not clamp:
                 continue
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
-                     prefetch=kind is True, ell=U if kind == U else "loop", **{k: True for k in opt})
+                     prefetch=kind is True, ell=U if kind == U else "loop",
+                     **{("maxnreg" if k == "r32" else k): 32 if k == "r32" else True for k in opt})
             add(dict(c, clamp=True) if kind == U else c, False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the

@@ -285,13 +285,17 @@ if triton is not None:
             cb = tl.load(col_ptr + blk)
             vrow = (blk * (R * NW) + rr * NW)[:, None, None] + qq
             w = tl.load(v_ptr + vrow)  # int32 [T, P, 2]
-            sc = tl.load(s_ptr + _scale_offset(cb, blk, srow, N, R, GPB, BS), ).to(tl.float32)
+            xb = (cb * (C // 4))[:, None, None] + qq
+            if BS:
+                soff = blk * R + srow
+            else:
+                soff = (cb.to(tl.uint32) // GPB).to(tl.int32) * N + srow if GPB > 0 else srow
+            sc = tl.load(s_ptr + soff).to(tl.float32)
             if PAIR:
                 w2 = tl.load(v_ptr + vrow + H * NW)  # row i + H of the same block
-                sc2 = tl.load(s_ptr + _scale_offset(cb, blk, srow + H, N, R, GPB, BS), ).to(tl.float32)
+                sc2 = tl.load(s_ptr + soff + H).to(tl.float32)
             if BAR:
                 tl.debug_barrier()
-            xb = (cb * (C // 4))[:, None, None] + qq
             xl = tl.load(x_ptr + xb)
             xh = tl.load(x_ptr + xb + C // 8)
             wa, wb = tl.split(w)
@@ -346,7 +350,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
             xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C,
             BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb, HAS_BIAS=bias is not None, ASM=fence,
             BS=bs, PAIR=bool(cfg.get("pair")) and cfg["block_r"] >= 2,
-            BAR=bool(cfg.get("bar")),
+            BAR=bool(cfg.get("bar")), **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and fence else {}),
             num_warps=cfg.get("num_warps", 4),
             num_stages=1)
         return True
