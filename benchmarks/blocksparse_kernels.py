@@ -59,14 +59,13 @@ def spec_of(name: str) -> tuple:
     """(sparsity, (R, C), bits, group_size[, row]) of a format name."""
     if name in FORMATS:
         return FORMATS[name]
-    m = re.fullmatch(r"s(\d+)-b(\d+)(?:x(\d+))?(?:-w(4|8))?(-row)?(-bs)?", name)
-    if not m or (m.group(6) and not m.group(4)):
-        raise ValueError(f"unknown format {name!r} (sNN-bR[xC][-wB][-row][-bs], -bs: quantized only)")
+    m = re.fullmatch(r"s(\d+)-b(\d+)(?:x(\d+))?(?:-w(4|8))?(-row)?", name)
+    if not m:
+        raise ValueError(f"unknown format {name!r} (sNN-bR[xC][-wB][-row])")
     R = int(m.group(2))
     C = int(m.group(3) or R)
     bits = int(m.group(4)) if m.group(4) else None
-    # -bs: the scales per stored block ([B, R, 1], `scale_layout` "block") instead of per group ([K / g, N])
-    return (int(m.group(1)) / 100, (R, C), bits, 128 if bits else None, bool(m.group(5)), bool(m.group(6)))
+    return (int(m.group(1)) / 100, (R, C), bits, 128 if bits else None, bool(m.group(5)))
 
 
 def random_mask(NB: int, KB: int, sparsity: float, gen: torch.Generator, device, rows: bool = False) -> torch.Tensor:
@@ -91,8 +90,6 @@ def make(N: int, K: int, spec: tuple, dtype, device, gen: torch.Generator) -> tu
     B = int(mask.sum())
     params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C, "nnz_blocks": B,
               "bits": bits, "group_size": g}
-    if len(spec) > 5 and spec[5]:
-        params["scale_layout"] = "block"
     t = {"crow_indices": crow, "col_indices": col}
     if bits is None:
         t["values"] = (torch.randn(B, R, C, generator=gen, device=device) / math.sqrt(K * (1 - sparsity))).to(dtype)
@@ -101,7 +98,7 @@ def make(N: int, K: int, spec: tuple, dtype, device, gen: torch.Generator) -> tu
         t["qvalues"] = torch.randint(0, 256, (B, R, cw), generator=gen, device=device, dtype=torch.int32
                                      ).to(torch.uint8)
         s0 = 1.0 / ((1 << (bits - 1)) * math.sqrt(K * (1 - sparsity)))
-        shape = bsr.tensor_specs(params, dtype)["scales"][0]
+        shape = (math.ceil(K / g), N) if not bsr.block_scales(params) else (B, R, C // g)
         t["scales"] = ((torch.rand(*shape, generator=gen, device=device) + 0.5) * s0).to(dtype)
     return params, t, mask
 
@@ -221,23 +218,15 @@ def check(log, only: str = "") -> int:
     return failures
 
 
-def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192)), keys=(), bs=(False,)) -> int:
+def _uniform_check(gen, tol, log, sizes=((1024, 1024), (8192, 8192)), keys=()) -> int:
     """Every `ell` tile of the packed int4 GEMV (equal block rows: the crow-free loop and the unrolled kernel) on
     row-balanced s80-b32-w4-row weights, 1024x1024 and 8192x8192, fresh inputs, NaN-poisoned outputs, every
-    other launch with bias; then the same tiles on unequal rows (`keys`: only tiles with those, `_has_key`).
-    bs: True for the per-block scale layout (s80-b32-w4-row-bs, s80-b32-w4-bs), False for the group one."""
-    failures = 0
-    for b in bs:
-        failures += _uniform_check1(gen, tol, log, sizes, keys, "-bs" if b else "")
-    return failures
-
-
-def _uniform_check1(gen, tol, log, sizes, keys, sfx) -> int:
+    other launch with bias; then the same tiles on unequal rows (`keys`: only tiles with those, `_has_key`)."""
     from bitsmith.kernels import bsr
 
     failures, n = 0, 0
     for N, K in sizes:
-        params, t, _ = make(N, K, spec_of("s80-b32-w4-row" + sfx), torch.float16, DEV, gen)
+        params, t, _ = make(N, K, spec_of("s80-b32-w4-row"), torch.float16, DEV, gen)
         assert bsr.uniform_row_blocks(t["crow_indices"]) is not None
         wd = bsr.dequantize(t, params, torch.float32)
         for i, cfg in enumerate(c for c in bsr.configs(1, params) if c.get("ell") and _has_key(c, keys)):
@@ -252,12 +241,10 @@ def _uniform_check1(gen, tol, log, sizes, keys, sfx) -> int:
                 log(f"FAIL ell {N}x{K} {cfg}: {err:.2e}")
         del wd, t
     # the same tiles on unequal rows (uniform masks): the crow kernel of each tile
-    params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4" + sfx), torch.float16, DEV, gen)
+    params, t, _ = make(sizes[0][0], sizes[0][1], spec_of("s80-b32-w4"), torch.float16, DEV, gen)
     wd = bsr.dequantize(t, params, torch.float32)
     unequal = bsr.uniform_row_blocks(t["crow_indices"]) is None  # (a small random mask can be equal by chance)
-    # (-bs: every packed tile, the crow kernel's paths all read the per-block scales)
-    for cfg in [c for c in bsr.configs(1, params) if (c.get("ell") or (sfx and c.get("packed"))) and unequal
-                and _has_key(c, keys)]:
+    for cfg in [c for c in bsr.configs(1, params) if c.get("ell") and unequal and _has_key(c, keys)]:
         x = torch.randn(1, sizes[0][1], device=DEV, generator=gen).half()
         out = torch.full((1, sizes[0][0]), float("nan"), device=DEV, dtype=torch.float16)
         bsr.launch(x, t, params, None, out, cfg)
@@ -266,7 +253,7 @@ def _uniform_check1(gen, tol, log, sizes, keys, sfx) -> int:
         if not err < tol[torch.float16]:
             failures += 1
             log(f"FAIL ell tile on unequal rows {cfg}: {err:.2e}")
-    log(f"ell tiles on equal rows (and unequal){sfx}: {n} launches, {failures} failures")
+    log(f"ell tiles on equal rows (and unequal): {n} launches, {failures} failures")
     return failures
 
 
@@ -343,7 +330,7 @@ def _with_mask(params, t, mask, dtype, gen):
         nt["qvalues"] = torch.randint(0, 256, (B, R, cw), device=DEV, generator=gen, dtype=torch.int32
                                       ).to(torch.uint8)
         if bsr.block_scales(p):
-            nt["scales"] = (torch.rand(B, R, bsr.scale_segments(p), device=DEV, generator=gen) * 0.01).to(dtype)
+            nt["scales"] = (torch.rand(B, R, C // p["group_size"], device=DEV, generator=gen) * 0.01).to(dtype)
         else:
             nt["scales"] = t["scales"]
     return p, nt, mask

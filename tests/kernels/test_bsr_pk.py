@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(bsr.triton is None or not (ON_GPU or os.environ.
                                 reason="needs Triton with a GPU or TRITON_INTERPRET=1")
 
 
-def int4_weight(N, K, block, group_size, seed, dtype=torch.float16, scale_layout=None):
+def int4_weight(N, K, block, group_size, seed, dtype=torch.float16):
     """int4 bsr weight with block row 0 empty, row 1 full, row 2 a single block, the rest at density 0.4."""
     g = torch.Generator().manual_seed(seed)
     R, C = block
@@ -35,8 +35,7 @@ def int4_weight(N, K, block, group_size, seed, dtype=torch.float16, scale_layout
     codes, scales, _ = quantize_groupwise(w, 4, group_size, True, "pow2_minus_1", dtype, None)
     qw = gwint.pack_codes(codes, 4)
     wd = gwint.dequantize(qw, scales, None, 4, group_size, K, dtype=torch.float32)
-    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block, scale_layout=scale_layout)
-    assert torch.equal(bsr.dequantize(t, params, torch.float32), wd)  # the packing round-trips exactly
+    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block)
     return params, {k: v.to(DEVICE) for k, v in t.items()}, wd
 
 
@@ -108,7 +107,7 @@ def test_clamped_gemv_matches_reference(case):
     assert not cnt.any()
 
 
-def uniform_weight(N, K, block, group_size, count, seed, dtype=torch.float16, scale_layout=None):
+def uniform_weight(N, K, block, group_size, count, seed, dtype=torch.float16):
     """int4 bsr weight whose every block row holds `count` blocks (row-balanced, as `scope: row` prunes), through
     the gwint -> bsr packing (`bsr.from_gwint` with the mask); count 0: all rows empty, K / C: all full."""
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +119,7 @@ def uniform_weight(N, K, block, group_size, count, seed, dtype=torch.float16, sc
     codes, scales, _ = quantize_groupwise(w, 4, group_size, True, "pow2_minus_1", dtype, None)
     qw = gwint.pack_codes(codes, 4)
     wd = gwint.dequantize(qw, scales, None, 4, group_size, K, dtype=torch.float32)
-    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block, mask=mask, scale_layout=scale_layout)
+    params, t = bsr.from_gwint(qw, scales, None, 4, group_size, K, block, mask=mask)
     assert torch.equal(bsr.dequantize(t, params, torch.float32), wd)  # the packing round-trips exactly
     return params, {k: v.to(DEVICE) for k, v in t.items()}, wd
 
@@ -172,92 +171,6 @@ def test_ell_tiles_fall_back_on_unequal_rows():
     for cfg in [c for c in bsr.configs(1, params) if c.get("ell")][::2]:
         x = torch.randn(1, 1024, generator=g).half()
         assert rel(run(x.to(DEVICE), t, params, None, cfg), x.float() @ wd.t()) < 3e-3, cfg
-
-
-# the seventh pass's options of the unrolled kernel, small enough for the interpreter: (block_r, nblk, pair, bar)
-_SEVENTH = ((4, 2, True, False), (2, 4, True, True), (1, 1, False, True), (4, 8, False, True), (2, 2, True, False))
-
-
-@pytest.mark.parametrize("case", UNIFORM_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}-c{c[4]}")
-def test_block_scale_layout_ell_matches_reference(case):
-    """Per-block scales (`scale_layout` "block", from `from_gwint`: exact round trip) on equal rows: the
-    unrolled kernel's tuner tiles (with `bar` / `pair`) and small ones, a loop and a crow tile, with and without
-    bias; equal rows made by the packing, empty rows (the bias exactly), full rows, odd N."""
-    N, K, block, gs, count = case
-    params, t, wd = uniform_weight(N, K, block, gs, count, seed=N + K + count + 1, scale_layout="block")
-    assert params["scale_layout"] == "block" and bsr.check_params(params) is None
-    assert t["scales"].shape == (params["nnz_blocks"], block[0], max(1, block[1] // gs)) and bsr_pk.ok(
-        params, torch.float16)
-    tiles = [c for c in bsr.configs(1, params) if c.get("ell") == "unrolled"]
-    assert any(c.get("bar") for c in tiles) and any(c.get("pair") for c in tiles)
-    tiles += [c for c in bsr.configs(1, params) if c.get("ell") == "loop"][:2]
-    tiles += [dict(block_m=1, block_r=min(br, block[0]), nblk=nb, chunk=0, packed=True, prefetch=False,
-                   ell="unrolled", clamp=True, pair=pr, bar=ba) for br, nb, pr, ba in _SEVENTH]
-    g = torch.Generator().manual_seed(8)
-    for i, cfg in enumerate(tiles):
-        x = torch.randn(1, K, generator=g).half()
-        bias = torch.randn(N, generator=g).half() if i % 2 else None
-        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
-        out = run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg)
-        if count == 0:
-            assert torch.equal(out[0].cpu(), bias if bias is not None else torch.zeros(N, dtype=torch.float16))
-        else:
-            assert rel(out, ref) < 3e-3, cfg
-
-
-def test_seventh_pass_options_on_group_scales():
-    """`pair` / `bar` with the group scale layout (the default): small tiles on equal rows, 13-of-32-block rows."""
-    params, t, wd = uniform_weight(64, 1024, (32, 32), 128, 13, seed=31)
-    g = torch.Generator().manual_seed(9)
-    for i, (br, nb, pr, ba) in enumerate(_SEVENTH):
-        cfg = dict(block_m=1, block_r=br, nblk=nb, chunk=0, packed=True, prefetch=False, ell="unrolled",
-                   clamp=True, pair=pr, bar=ba)
-        x = torch.randn(1, 1024, generator=g).half()
-        bias = torch.randn(64, generator=g).half() if i % 2 else None
-        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
-        assert rel(run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg), ref) < 3e-3
-
-
-def test_block_scale_layout_unequal_rows_every_path():
-    """Per-block scales on unequal rows (empty, full, one-block rows): the crow kernel's plain, prefetch, clamp
-    and split paths and the ell tiles' fallbacks, the fp32 GEMV and the mm kernel (M = 3), bf16 (no packed
-    tile), against the dense reference; the same dequantized weight as the group layout."""
-    params, t, wd = int4_weight(96, 1024, (32, 32), 128, seed=41, scale_layout="block")
-    pg, tg, wdg = int4_weight(96, 1024, (32, 32), 128, seed=41)
-    assert torch.equal(wd, wdg) and bsr.uniform_row_blocks(t["crow_indices"]) is None
-    assert t["scales"].shape == (params["nnz_blocks"], 32, 1) and tg["scales"].shape == (8, 96)
-    assert bsr.tune_key(1, params, torch.float16, False, "cpu") != bsr.tune_key(1, pg, torch.float16, False, "cpu")
-    g = torch.Generator().manual_seed(10)
-    cands = bsr.configs(1, params, split=True)
-    cfgs = [c for c in cands if c.get("packed")][::4] + [c for c in cands if not c.get("packed")][:2]
-    cfgs += [dict(block_m=1, block_r=8, nblk=4, chunk=4, n_split=64, packed=True, prefetch=True),
-             dict(block_m=1, block_r=4, nblk=2, chunk=3, packed=True, prefetch=False, clamp=True)]
-    for i, cfg in enumerate(cfgs):
-        x = torch.randn(1, 1024, generator=g).half()
-        bias = torch.randn(96, generator=g).half() if i % 2 else None
-        ref = x.float() @ wd.t() + (bias.float() if bias is not None else 0)
-        assert rel(run(x.to(DEVICE), t, params, bias.to(DEVICE) if bias is not None else None, cfg), ref) < 3e-3, cfg
-    for M, dt in ((3, torch.float16), (1, torch.bfloat16), (3, torch.bfloat16)):
-        x = torch.randn(M, 1024, generator=g).to(dt)
-        out = bsr.triton_linear(x.to(DEVICE), t, params)
-        assert rel(out.float(), x.float() @ wd.t()) < 1e-2, (M, dt)
-
-
-def test_block_scale_layout_params():
-    """scale_layout: "block" for any group size (g >= C: [B, R, 1]; g < C: [B, R, C / g] as before), "group" only
-    where g >= C, nothing else; tensor_specs follow."""
-    base = dict(in_features=256, out_features=64, block_rows=32, block_cols=32, nnz_blocks=5, bits=4,
-                group_size=128)
-    assert bsr.check_params(dict(base, scale_layout="block")) is None
-    assert bsr.tensor_specs(dict(base, scale_layout="block"), torch.float16)["scales"] == ((5, 32, 1), torch.float16)
-    assert bsr.tensor_specs(base, torch.float16)["scales"] == ((2, 64), torch.float16)
-    assert bsr.tensor_specs(dict(base, group_size=16), torch.float16)["scales"][0] == (5, 32, 2)
-    assert bsr.check_params(dict(base, scale_layout="group", group_size=16)) is not None
-    assert bsr.check_params(dict(base, scale_layout="rows")) is not None
-    assert bsr.check_params(dict(base, bits=None, group_size=None, scale_layout="block")) is not None
-    with pytest.raises(ValueError):
-        bsr.from_gwint(torch.zeros(32, 64, dtype=torch.int32), torch.ones(2, 64), None, 4, 128, 256, (32, 32),
-                       scale_layout="rows")
 
 
 def test_ell_bf16_and_row_extent_cache():

@@ -16,9 +16,8 @@ KB = K / C block columns, `nnz_blocks` = B stored blocks:
     scales        fp16|bf16 [ceil(K / g), N]    (bits 4|8, g = `group_size` >= C) FineQuant/gwint group scales:
                                                 W[n, k] = q * scales[k // g, n]; g is a multiple of C (or >= K),
                                                 so a block never straddles two groups
-                  fp16|bf16 [B, R, S]           (bits 4|8, g < C, g divides C; or `scale_layout: "block"`) one
-                                                scale per block row segment of C / S columns (S = C / g, or 1
-                                                where g >= C): values[b, i, j] = q * scales[b, i, j // (C / S)]
+                  fp16|bf16 [B, R, C / g]       (bits 4|8, g < C, g divides C) one scale per block row segment
+                                                of g columns: values[b, i, j] = q * scales[b, i, j // g]
 
 Blocks that are not stored are exactly zero. Dequantization is exact (scales times small integers). The quantized
 values follow FineQuant's rules (symmetric, scale-only, offset-binary codes as in `gwint`): `from_gwint` converts a
@@ -27,9 +26,7 @@ group either spans whole blocks (g % C == 0, or one group per row) or tiles a bl
 whose blocks were all pruned are still stored in the first layout (they cost 16 / g bits per weight of the matrix).
 
 Params in config.json: in_features, out_features, block_rows, block_cols, nnz_blocks, bits (null, 4 or 8),
-group_size (null unless quantized), scale_layout (optional, quantized only: "group" (default, the first layout
-where g >= C) or "block": the scales taken per stored block even where g >= C, so that a kernel finds a block
-row's scale from the block's position, without its column index).
+group_size (null unless quantized).
 
 Kernels (Triton, fp16/bf16 activations, CUDA; TRITON_INTERPRET=1 runs them on the CPU for tests). A program owns
 BLOCK_R consecutive output rows inside one block row (so one crow range), BLOCK_M rows of x and a run of that block
@@ -111,11 +108,6 @@ def check_params(p: dict) -> str | None:
                     f" block_cols, got {g!r}")
         if bits == 4 and C % 2:
             return f"bsr int4 needs an even block_cols (two codes per byte), got {C}"
-    layout = p.get("scale_layout")
-    if layout is not None and (bits is None or layout not in ("group", "block")):
-        return f"bsr 'scale_layout' must be absent, 'group' or 'block' (quantized values only), got {layout!r}"
-    if layout == "group" and g < C:
-        return f"bsr 'scale_layout' 'group' needs group_size >= block_cols ({C}), got {g}"
     return None
 
 
@@ -129,23 +121,14 @@ def tensor_specs(params: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int,
     else:
         specs["qvalues"] = ((B, R, C if bits == 8 else C // 2), torch.uint8)
         g = params["group_size"]
-        S = scale_segments(params)
-        specs["scales"] = ((math.ceil(K / g), N), dtype) if S == 0 else ((B, R, S), dtype)
+        specs["scales"] = ((math.ceil(K / g), N), dtype) if block_scales(params) is False else ((B, R, C // g), dtype)
     return specs
 
 
 def block_scales(params: dict) -> bool:
-    """Whether the scales are stored per block ([B, R, S]: g < C, or `scale_layout` "block") rather than per
-    group ([ceil(K/g), N])."""
+    """Whether the scales are stored per block ([B, R, C/g], g < C) rather than per group ([ceil(K/g), N])."""
     g, C = params["group_size"], params["block_cols"]
-    return params.get("scale_layout") == "block" or (g < C and g < params["in_features"])
-
-
-def scale_segments(params: dict) -> int:
-    """S of the per-block scales [B, R, S] (C / g, or 1 where g >= C); 0 for the group layout."""
-    if not block_scales(params):
-        return 0
-    return max(1, params["block_cols"] // params["group_size"])
+    return g < C and g < params["in_features"]
 
 
 def block_mask(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -199,17 +182,12 @@ def unpack_codes4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def from_gwint(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int,
-               in_features: int, block: tuple[int, int], mask: torch.Tensor | None = None,
-               scale_layout: str | None = None) -> tuple[dict, dict]:
+               in_features: int, block: tuple[int, int], mask: torch.Tensor | None = None) -> tuple[dict, dict]:
     """A gwint-packed weight (symmetric, bits 4 or 8) -> bsr (params, tensors) with the same dequantized values.
 
     `mask` [NB, KB] defaults to the blocks whose codes are not all the zero code; the dropped blocks must
     dequantize to zero (they do when the weight was pruned before quantizing: symmetric codes keep zero exact).
-    `scale_layout` "block": the scales per stored block ([B, R, max(1, C / g)]) even where g >= C (copies of
-    the group scales, exact); None / "group": per group where g >= C (g < C is always per block).
     """
-    if scale_layout not in (None, "group", "block"):
-        raise ValueError(f"bsr scale_layout must be None, 'group' or 'block', got {scale_layout!r}")
     from . import gwint
 
     if zeros is not None:
@@ -233,13 +211,10 @@ def from_gwint(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     blocks = _blocks(codes, block)[mask]  # [B, R, C] codes
     params = {"in_features": K, "out_features": N, "block_rows": R, "block_cols": C,
               "nnz_blocks": int(blocks.shape[0]), "bits": bits, "group_size": group_size}
-    if scale_layout == "block":
-        params["scale_layout"] = "block"
-    S = scale_segments(params)
-    if S:  # the scales of each block row segment (C / S columns), taken per stored block
-        seg_cols = torch.arange(0, K, C // S, device=qweight.device)  # [K * S / C]: first column of each segment
-        s_full = scales.t()[:, seg_cols // group_size]  # [N, K * S / C]
-        s_out = s_full.reshape(N // R, R, K // C, S).permute(0, 2, 1, 3)[mask].contiguous()  # [B, R, S]
+    if block_scales(params):  # g < C: the scales of each block row segment, taken per stored block
+        seg_cols = torch.arange(0, K, group_size, device=qweight.device)  # [K / g]
+        s_full = scales.t()[:, seg_cols // group_size]  # [N, K / g]
+        s_out = s_full.reshape(N // R, R, K // C, C // group_size).permute(0, 2, 1, 3)[mask].contiguous()
     else:  # g >= C: the group scales as they are
         s_out = scales.contiguous()
     qv = blocks if bits == 8 else pack_codes4(blocks)
@@ -257,7 +232,7 @@ def block_values(tensors: dict, params: dict, dtype: torch.dtype | None = None) 
     g, R, C = params["group_size"], params["block_rows"], params["block_cols"]
     s = tensors["scales"]
     if block_scales(params):
-        per = s.to(torch.float32).repeat_interleave(C // s.shape[-1], dim=-1)  # [B, R, C]
+        per = s.to(torch.float32).repeat_interleave(g, dim=-1)  # [B, R, C]
     else:  # scales[k0 // g, rows of the block] for every stored block
         crow = tensors["crow_indices"].to(torch.int64)
         rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=s.device), crow[1:] - crow[:-1])
@@ -741,27 +716,23 @@ def configs(M: int, params: dict, sms: int = 132, split: bool | None = None,
         # (`_bsr_gemv_pk_ell_kernel`); on other weights both run the tile as before (unrolled: its clamp form)
         # (H100, sixth pass, s80-b32-w4-row: r16 n32 w8 unrolled the pick at 8192x8192, 5.6-5.7 us with r16 n64
         # w16 / r8 n64 w8 unrolled and r16 n32 w8 loop, against 6.0-6.1 for the crow tiles; r16 n16 w4 unrolled
-        # at 28672x8192. Measured and dropped: the other 32-row and 8-block-step tiles, n64 / 16-warp / clamp loop
-        # tiles, `pfcol` (column indexes only a step ahead) and `pfscale` (an L2 prefetch of the scales in the
-        # unrolled kernel): docs/results/blocksparse.md, sixth pass)
-        # Seventh pass, unrolled only: `bar` (a CTA barrier after each step's column index, code and scale loads,
-        # so that ptxas issues all of them before the step's arithmetic: on one-step (n64) tiles every load but
-        # x's up front), `pair` (one thread holds two rows of a block: its x loaded once for both) and `maxnreg`
-        # 32 on the tiles that fit one wave at 8192 rows only with at most 32 registers (512 programs of 16 warps,
-        # 1024 of 8): ptxas gave them 36-37 after a neutral edit (H100, seventh pass call 1: 6.8-7.0 us against
-        # 5.6-5.7 at 32)
-        U = "unrolled"
-        for br, nblk, warps, kind, *opt in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True),
-                                             (16, 32, 8, U), (16, 64, 16, U, "r32"), (8, 64, 8, U, "r32"),
-                                             (16, 32, 16, U, "r32"), (8, 32, 4, U), (16, 16, 4, U), (32, 16, 8, U),
-                                             (16, 64, 16, U, "bar", "r32"), (16, 32, 8, U, "pair"),
-                                             (16, 64, 8, U, "pair")) if ell else ()):
-            if kind == U and not clamp:
+        # at 28672x8192; seventh pass: r16 n32 w8 loop the pick, 5.47-5.52 us. Measured and dropped: the other
+        # 32-row and 8-block-step tiles, n64 / 16-warp / clamp loop tiles, `pfcol` (column indexes only a step
+        # ahead), `pfscale` (an L2 prefetch of the scales in the unrolled kernel), and in the seventh pass `bar`
+        # (a barrier after each step's loads) and `pair` (two rows of a block per thread): docs/results/
+        # blocksparse.md). maxnreg 32: the 512-thread tiles and r8 n64 w8 fit one wave at 8192 rows only with at
+        # most 32 registers; ptxas gave them 36-37 after a neutral edit once (6.8-7.0 us instead of 5.7)
+        for br, nblk, warps, kind in (((8, 32, 4, None), (16, 32, 8, None), (16, 16, 4, True),
+                                       (16, 32, 8, "unrolled"), (16, 64, 16, "unrolled"), (8, 64, 8, "unrolled"),
+                                       (16, 32, 16, "unrolled"), (8, 32, 4, "unrolled"), (16, 16, 4, "unrolled"),
+                                       (32, 16, 8, "unrolled")) if ell else ()):
+            if kind == "unrolled" and not clamp:
                 continue
             c = dict(block_m=1, block_r=min(br, R), nblk=nblk, num_warps=warps, num_stages=1, packed=True,
-                     prefetch=kind is True, ell=U if kind == U else "loop",
-                     **{("maxnreg" if k == "r32" else k): 32 if k == "r32" else True for k in opt})
-            add(dict(c, clamp=True) if kind == U else c, False)
+                     prefetch=kind is True, ell="unrolled" if kind == "unrolled" else "loop")
+            if kind == "unrolled" and (warps == 16 or (nblk, warps) == (64, 8)):
+                c["maxnreg"] = 32
+            add(dict(c, clamp=True) if kind == "unrolled" else c, False)
     if M == 1:
         # jmajor=False: the row-major tile order; the block-major one (jmajor=True, a kernel option) measured the
         # same or slower on the H100 for fp16 and int4 (docs/results/blocksparse.md), so it is not a candidate.
@@ -968,7 +939,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | N
         v, s, gb = tensors["values"], tensors["values"], 1
     else:
         v, s = tensors["qvalues"], tensors["scales"]
-        gb = scale_segments(params)
+        gb = C // params["group_size"] if block_scales(params) else 0
     b = bias if bias is not None else s
     from . import bsr_pk  # (imports this module)
 
@@ -1079,8 +1050,7 @@ def tune_key(M: int, params: dict, dtype: torch.dtype, has_bias: bool, device, e
     need: a pick tuned on equal rows is not reused for unequal ones (H100, sixth pass: 7.0 us against 6.5)."""
     N, K = params["out_features"], params["in_features"]
     return (_m_bucket(M), N, K, params["block_rows"], params["block_cols"], params.get("bits"),
-            params.get("group_size"), round(density(params), 1), dtype, has_bias, str(device), equal_rows,
-            scale_segments(params) if params.get("bits") else 0)
+            params.get("group_size"), round(density(params), 1), dtype, has_bias, str(device), equal_rows)
 
 
 def triton_linear(x: torch.Tensor, tensors: dict, params: dict, bias: torch.Tensor | None = None,

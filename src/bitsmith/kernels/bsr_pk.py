@@ -118,32 +118,25 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _scale_offset(cb, blk, srow, N, R: tl.constexpr, GPB: tl.constexpr, BS: tl.constexpr,
-                      UNSIGNED: tl.constexpr = True):
-        """[T] offsets of the slots' scales. BS: scales [B, R, 1], srow the row inside the block (the address
-        follows from the block's position: no wait on its column index); else scales [ceil(K / g), N], g = GPB
-        blocks (GPB 0: one group), srow the row of the matrix. UNSIGNED: the group as an unsigned division (a
-        shift for power-of-two GPB: column indexes are >= 0) rather than the masked loop's signed one."""
-        if BS:
-            off = blk * R + srow
+    def _scale_offset(cb, srow, N, GPB: tl.constexpr, UNSIGNED: tl.constexpr = True):
+        """[T] offsets of the slots' scales in [ceil(K / g), N], g = GPB blocks (GPB 0: one group), srow the row
+        of the matrix. UNSIGNED: the group as an unsigned division (a shift for power-of-two GPB: column indexes
+        are >= 0) rather than the masked loop's signed one."""
+        if GPB == 0:
+            grp = cb * 0
+        elif UNSIGNED:
+            grp = (cb.to(tl.uint32) // GPB).to(tl.int32)
         else:
-            if GPB == 0:
-                grp = cb * 0
-            elif UNSIGNED:
-                grp = (cb.to(tl.uint32) // GPB).to(tl.int32)
-            else:
-                grp = cb // GPB
-            off = grp * N + srow
-        return off
+            grp = cb // GPB
+        return grp * N + srow
 
     @triton.jit
     def _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, valid, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
-                   NW: tl.constexpr, GPB: tl.constexpr, VOL: tl.constexpr = False, BS: tl.constexpr = False):
+                   NW: tl.constexpr, GPB: tl.constexpr, VOL: tl.constexpr = False):
         """One step's operands for the T slots, each row as P = NW / 2 word pairs, all of a row in one thread:
         codes int32 [T, P, 2] (8-byte loads), x int64 [T, P, 2] (16-byte loads) of the low columns (x word
         (p, i): columns 4 (2p + i) .. +3 of the block) and of the high ones (the same + C/2), scales fp32 [T].
-        cb [T]: the blocks' column indexes (loaded a step earlier by the caller). BS: scales [B, R, 1] (srow is
-        then the row inside the block)."""
+        cb [T]: the blocks' column indexes (loaded a step earlier by the caller)."""
         P: tl.constexpr = NW // 2
         qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
         m3 = valid[:, None, None]
@@ -151,7 +144,7 @@ if triton is not None:
         xb = (cb * (C // 4))[:, None, None] + qq  # int64 index of the word's four low columns
         xl = tl.load(x_ptr + xb, mask=m3, other=0)
         xh = tl.load(x_ptr + xb + C // 8, mask=m3, other=0)
-        sc = tl.load(s_ptr + _scale_offset(cb, blk, srow, N, R, GPB, BS, False), mask=valid, other=0.0)
+        sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB, False), mask=valid, other=0.0)
         return w, xl, xh, sc.to(tl.float32)
 
     @triton.jit
@@ -168,7 +161,7 @@ if triton is not None:
                             NBLK: tl.constexpr, GPB: tl.constexpr, HAS_BIAS: tl.constexpr,
                             FENCE: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr, order_ptr=None,
                             ORDER: tl.constexpr = False, VOL: tl.constexpr = False, CLAMP: tl.constexpr = False,
-                            cnt=0, UNIFORM: tl.constexpr = False, BS: tl.constexpr = False):
+                            cnt=0, UNIFORM: tl.constexpr = False):
         # x_ptr: x [K] as int64 (four fp16 each); v_ptr: codes as int32 words [B, R, NW]; out [N]. Program (pid, s)
         # owns BLOCK_R rows of one block row and split s of its stored blocks (`bsr._split_range`); slot
         # t = j * BLOCK_R + i of a step is block j of the step, row i.
@@ -189,8 +182,7 @@ if triton is not None:
         jb = slot // BLOCK_R
         tt = slot % BLOCK_R
         rr = sub + tt
-        # the scales' column in [G, N], or (BS) the row inside the block of [B, R, 1]
-        srow = (sub if BS else row0) + _opaque(tt, ASM)
+        srow = row0 + _opaque(tt, ASM)  # the scales' column in [G, N]
         acc = tl.zeros((T,), dtype=tl.float32)
         if PREFETCH:
             # step i+1's codes, x and scales are issued before step i's arithmetic, and step i+2's column indexes
@@ -201,13 +193,12 @@ if triton is not None:
             blk = lo + jb
             cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
             cb1 = tl.load(col_ptr + blk + NBLK, mask=blk + NBLK < hi, other=0)
-            w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB,
-                                       BS=BS)
+            w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
             for i in range(lo, hi, NBLK):
                 blk1 = blk + NBLK
                 cb2 = tl.load(col_ptr + blk1 + NBLK, mask=blk1 + NBLK < hi, other=0)
                 w1, xl1, xh1, sc1 = _pkb_loads(v_ptr, x_ptr, s_ptr, cb1, blk1, blk1 < hi, rr, srow, N, R, C, NW,
-                                               GPB, VOL, BS)
+                                               GPB, VOL)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
                 w, xl, xh, sc, blk, cb1 = w1, xl1, xh1, sc1, blk1, cb2
         elif CLAMP:
@@ -225,7 +216,7 @@ if triton is not None:
                 xb = (cb * (C // 4))[:, None, None] + qq
                 xl = tl.load(x_ptr + xb)
                 xh = tl.load(x_ptr + xb + C // 8)
-                sc = tl.load(s_ptr + _scale_offset(cb, bc, srow, N, R, GPB, BS)).to(tl.float32)
+                sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB)).to(tl.float32)
                 wa, wb = tl.split(w)
                 xla, xlb = tl.split(xl)
                 xha, xhb = tl.split(xh)
@@ -235,8 +226,7 @@ if triton is not None:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
                 cb = tl.load(col_ptr + blk, mask=blk < hi, other=0)
-                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB,
-                                           BS=BS)
+                w, xl, xh, sc = _pkb_loads(v_ptr, x_ptr, s_ptr, cb, blk, blk < hi, rr, srow, N, R, C, NW, GPB)
                 acc = _pkb_step(acc, w, xl, xh, sc, ASM)
         res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
         if tl.program_id(1) < parts:
@@ -247,55 +237,38 @@ if triton is not None:
     @triton.jit
     def _bsr_gemv_pk_ell_kernel(x_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, N, R: tl.constexpr, C: tl.constexpr,
                                 BLOCK_R: tl.constexpr, NBLK: tl.constexpr, CNT: tl.constexpr, GPB: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BS: tl.constexpr = False,
-                                PAIR: tl.constexpr = False, BAR: tl.constexpr = False):
+                                HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
         # Every block row holds CNT stored blocks (row-balanced masks: crow[r] = r * CNT, never read), so a
         # program's blocks follow from its id: no crow load, and every step's column indexes and codes can be
         # issued at once (the steps are unrolled: STEPS is a constant), leaving only column index -> x / scale
-        # as a dependent load (BS, scales [B, R, 1]: column index -> x only). Program pid owns rows
-        # pid * BLOCK_R .. + BLOCK_R of one block row and all its blocks; slot t = j * H + i of a step is block j,
-        # row i (H = BLOCK_R), or with PAIR rows i and i + H (H = BLOCK_R / 2: one thread holds both rows of a
-        # block, so their x is loaded once); the last step's slots past CNT re-read block CNT - 1 (no masked
-        # loads, as `CLAMP`) and add nothing. No split-K: the rows are equal. Without BAR
-        # ptxas interleaves the loads with the arithmetic and sinks the scale loads below most of it, even
-        # volatile ones or ones that do not depend on the column index (BS) (SASS, Triton 3.6). BAR: a
-        # CTA barrier after each step's column index, code and scale loads, which ptxas does not move loads across:
-        # every such load of the step is issued before any of its arithmetic (the x loads follow the barrier).
+        # as a dependent load. Program pid owns rows pid * BLOCK_R .. + BLOCK_R of one block row and all its
+        # blocks; slot t = j * BLOCK_R + i as in `_bsr_gemv_pk_kernel`; the last step's slots past CNT re-read
+        # block CNT - 1 (no masked loads, as `CLAMP`) and add nothing. No split-K: the rows are equal.
         NW: tl.constexpr = C // 8
         P: tl.constexpr = NW // 2
-        H: tl.constexpr = BLOCK_R // 2 if PAIR else BLOCK_R
-        T: tl.constexpr = NBLK * H
+        T: tl.constexpr = NBLK * BLOCK_R
         STEPS: tl.constexpr = (CNT + NBLK - 1) // NBLK
         row0 = tl.program_id(0) * BLOCK_R
         brow = row0 // R
         slot = tl.arange(0, T)
-        jb = slot // H
-        tt = slot % H
+        jb = slot // BLOCK_R
+        tt = slot % BLOCK_R
         rr = row0 - brow * R + tt  # row inside the block
-        # the scales' column in [G, N], or (BS) the row inside the block of [B, R, 1]
-        srow = (row0 - brow * R if BS else row0) + _opaque(tt, ASM)
+        srow = row0 + _opaque(tt, ASM)  # the scales' column in [G, N]
         qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
         base = brow * CNT
         acc = tl.zeros((T,), dtype=tl.float32)
-        acc2 = tl.zeros((T,), dtype=tl.float32)  # PAIR: rows i + H
         for st in tl.static_range(STEPS):
             j = st * NBLK + jb  # [T] block of the block row
             # the last step's slots past CNT re-read block CNT - 1 and are dropped below
             blk = base + tl.minimum(j, CNT - 1) if (st + 1) * NBLK > CNT else base + j
             cb = tl.load(col_ptr + blk)
-            vrow = (blk * (R * NW) + rr * NW)[:, None, None] + qq
-            w = tl.load(v_ptr + vrow)  # int32 [T, P, 2]
+            w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
             xb = (cb * (C // 4))[:, None, None] + qq
-            if BS:
-                soff = blk * R + srow
-            else:
-                soff = (cb.to(tl.uint32) // GPB).to(tl.int32) * N + srow if GPB > 0 else srow
+            # (this form compiles to the SASS the seventh pass timed; ptxas schedules the scale loads after most
+            # of the arithmetic whatever their form: volatile, or per-block scales without the column index)
+            soff = (cb.to(tl.uint32) // GPB).to(tl.int32) * N + srow if GPB > 0 else srow
             sc = tl.load(s_ptr + soff).to(tl.float32)
-            if PAIR:
-                w2 = tl.load(v_ptr + vrow + H * NW)  # row i + H of the same block
-                sc2 = tl.load(s_ptr + soff + H).to(tl.float32)
-            if BAR:
-                tl.debug_barrier()
             xl = tl.load(x_ptr + xb)
             xh = tl.load(x_ptr + xb + C // 8)
             wa, wb = tl.split(w)
@@ -305,22 +278,11 @@ if triton is not None:
             if (st + 1) * NBLK > CNT:
                 d = tl.where(j < CNT, d, 0.0)
             acc += d
-            if PAIR:
-                wa2, wb2 = tl.split(w2)
-                d2 = tl.sum(_pkb_dot(wa2, wb2, xla, xha, xlb, xhb, ASM), axis=1) * sc2
-                if (st + 1) * NBLK > CNT:
-                    d2 = tl.where(j < CNT, d2, 0.0)
-                acc2 += d2
-        res = tl.sum(tl.reshape(acc, (NBLK, H)), axis=0)  # [H]
-        offs = row0 + tl.arange(0, H)
+        res = tl.sum(tl.reshape(acc, (NBLK, BLOCK_R)), axis=0)  # [BLOCK_R]
+        offs = row0 + tl.arange(0, BLOCK_R)
         if HAS_BIAS:
             res += tl.load(b_ptr + offs).to(tl.float32)
         tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty))
-        if PAIR:
-            res2 = tl.sum(tl.reshape(acc2, (NBLK, H)), axis=0)  # [H]: rows H .. BLOCK_R - 1 of the tile
-            if HAS_BIAS:
-                res2 += tl.load(b_ptr + offs + H).to(tl.float32)
-            tl.store(out_ptr + offs + H, res2.to(out_ptr.dtype.element_ty))
 
 
 def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tensor, cfg: dict, ws, cnt, chunk: int,
@@ -339,9 +301,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     N, C, g = params["out_features"], params["block_cols"], params["group_size"]
     s = tensors["scales"]
     gpb = g // C if g < params["in_features"] else 0  # blocks per scale group (0: one group per row)
-    from .bsr import block_scales, uniform_row_blocks
-
-    bs = block_scales(params)  # scales [B, R, 1] (`ok`: one per (block, row))
+    from .bsr import uniform_row_blocks
 
     ell = cfg.get("ell")
     cnt_ell = uniform_row_blocks(tensors["crow_indices"]) if ell else None
@@ -349,8 +309,7 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         _bsr_gemv_pk_ell_kernel[(N // cfg["block_r"],)](
             xw, tensors["col_indices"], vw, s, bias if bias is not None else s, out, N, R=params["block_rows"], C=C,
             BLOCK_R=cfg["block_r"], NBLK=cfg["nblk"], CNT=cnt_ell, GPB=gpb, HAS_BIAS=bias is not None, ASM=fence,
-            BS=bs, PAIR=bool(cfg.get("pair")) and cfg["block_r"] >= 2,
-            BAR=bool(cfg.get("bar")), **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and fence else {}),
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and fence else {}),
             num_warps=cfg.get("num_warps", 4),
             num_stages=1)
         return True
@@ -361,5 +320,5 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
         HAS_BIAS=bias is not None, FENCE=fence, PREFETCH=bool(cfg.get("prefetch", True)), ASM=fence,
         VOL=bool(cfg.get("volatile")) and fence, CLAMP=bool(cfg.get("clamp") or ell == "unrolled"),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), cnt=cnt_ell or 0,
-        UNIFORM=cnt_ell is not None, BS=bs, **order)
+        UNIFORM=cnt_ell is not None, **order)
     return True
