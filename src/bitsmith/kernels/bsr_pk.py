@@ -292,7 +292,8 @@ def launch(x2: torch.Tensor, tensors: dict, params: dict, bias, out: torch.Tenso
     Where every block row holds the same number of blocks (`bsr.uniform_row_blocks`), `ell: "unrolled"` tiles run
     `_bsr_gemv_pk_ell_kernel` (whole rows, one split) and `ell: "loop"` tiles the crow kernel without its crow
     load (`UNIFORM`); elsewhere both run the crow kernel of the same tile ("unrolled": its `clamp` form), so an
-    `ell` config is correct for any weight."""
+    `ell` config is correct for any weight. `maxnreg` (config) caps the unrolled kernel's registers (ptxas's
+    .maxnreg): tiles that fit one wave only at <= 32 registers carry it (`bsr.configs`)."""
     try:
         xw = x2.view(torch.int64)
         vw = tensors["qvalues"].view(torch.int32)
