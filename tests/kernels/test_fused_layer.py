@@ -41,15 +41,20 @@ def test_fused_layers_same_logits_dense():
         fuse_decoder_layers(bench_generate.build_model("tiny", torch.device("cpu"), dtype=torch.float32))
 
 
-@needs_kernels
-def test_fused_layers_packed_one_token(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
+def _packed_fused_tiny(seed: int):
+    """The tiny Llama with random norms, fused projections and decoder layers, w4 g128 packed; one random token."""
+    gen = torch.Generator().manual_seed(seed)
     model = bench_generate.build_model("tiny", torch.device(DEVICE))
     _randomise_norms(model, gen)
     bench_generate.fuse_projections(model)
     fuse_decoder_layers(model)
     bench_generate.pack_linears(model, 4, 128)
-    ids = torch.randint(0, 256, (1, 1), generator=gen).to(DEVICE)
+    return model, torch.randint(0, 256, (1, 1), generator=gen).to(DEVICE)
+
+
+@needs_kernels
+def test_fused_layers_packed_one_token(monkeypatch):
+    model, ids = _packed_fused_tiny(seed=1)
     with torch.no_grad():
         monkeypatch.setenv("BITSMITH_TRITON", "0")  # every Linear through the exact dequantized weight, unfused
         ref = model(input_ids=ids).logits.float()
@@ -88,13 +93,7 @@ def test_fused_layers_compile_to_one_op_per_linear(monkeypatch):
     (4 a layer), and the compiled forward gives the eager numbers."""
     monkeypatch.setenv("BITSMITH_TRITON", "1")
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(2)
-    model = bench_generate.build_model("tiny", torch.device(DEVICE))
-    _randomise_norms(model, gen)
-    bench_generate.fuse_projections(model)
-    fuse_decoder_layers(model)
-    bench_generate.pack_linears(model, 4, 128)
-    ids = torch.randint(0, 256, (1, 1), generator=gen).to(DEVICE)
+    model, ids = _packed_fused_tiny(seed=2)
     op = torch.ops.bitsmith.gwint_fused_linear
     calls = []
 
