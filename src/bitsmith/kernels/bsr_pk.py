@@ -265,10 +265,9 @@ if triton is not None:
             cb = tl.load(col_ptr + blk)
             w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
             xb = (cb * (C // 4))[:, None, None] + qq
-            # (this form compiles to the SASS the seventh pass timed; ptxas schedules the scale loads after most
-            # of the arithmetic whatever their form: volatile, or per-block scales without the column index)
-            soff = (cb.to(tl.uint32) // GPB).to(tl.int32) * N + srow if GPB > 0 else srow
-            sc = tl.load(s_ptr + soff).to(tl.float32)
+            # (ptxas schedules the scale loads after most of the arithmetic whatever their form: volatile, or
+            # per-block scales without the column index: the seventh pass)
+            sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB)).to(tl.float32)
             xl = tl.load(x_ptr + xb)
             xh = tl.load(x_ptr + xb + C // 8)
             wa, wb = tl.split(w)
