@@ -1128,6 +1128,316 @@ if triton is not None:
         _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
                   HAS_BIAS)
 
+    # ----------------------------------------------------------------------------------------------------------
+    # M == 1, "deep" f16x2 GEMV: threads and warps along K as well as N, a program owns BLOCK_N columns and (with
+    # split 1) the whole K, so no split-K epilogue; a run-time loop over tiles of ROWS word rows whose next DEPTH
+    # tiles' words are loaded before the current one is consumed (register double buffering)
+
+    @triton.constexpr_function
+    def _h2_class_mask(bits, k):
+        """Bit positions p with (p % 16) % bits == k (the same in both fp16 halves), as a signed int32 value."""
+        bits, k = int(bits), int(k)
+        v = sum(1 << p for p in range(32) if (p % 16) % bits == k)
+        return v - (1 << 32) if v >= 1 << 31 else v
+
+    @triton.constexpr_function
+    def _h2_bsel_asm(k):
+        return f"lop3.b32 $0, $1, $2, {int(k) & 0xFFFFFFFF:#x}, 0xE4;"
+
+    @triton.jit
+    def _h2_bsel(k: tl.constexpr, a, b, MODE: tl.constexpr):
+        """Bits of a where k is set, of b elsewhere (one LOP3)."""
+        if MODE == 2:
+            return tl.inline_asm_elementwise(_h2_bsel_asm(k), "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return b ^ ((a ^ b) & k)
+
+    @triton.jit
+    def _h2_merged(c0, c1, c2, c3, cls: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+        """One word with the codes of every slot pair jj of class cls ((jj - start) % BITS == cls) of a window: the
+        window's shifted plane words put plane i's bit of slot jj at q + i (q = jj - start + 1), i.e. at positions
+        = cls + 1 + i (mod BITS), so the planes interleave without overlap (BITS - 1 bit selects; 2..4 bits)."""
+        m = c0
+        if BITS > 1:
+            m = _h2_bsel(_h2_class_mask(BITS, (cls + 2) % BITS), c1, m, MODE)
+        if BITS > 2:
+            m = _h2_bsel(_h2_class_mask(BITS, (cls + 3) % BITS), c2, m, MODE)
+        if BITS > 3:
+            m = _h2_bsel(_h2_class_mask(BITS, (cls + 4) % BITS), c3, m, MODE)
+        return m
+
+    @triton.constexpr_function
+    def _gemv_merged_pair_asm(bits, q):
+        """PTX: h += (u_j - L/2, u_(j+16) - L/2) * (x_j, x_(j+16)) from a merged word ($1: the slot pair's codes at
+        bits q.. and q + 16..): one LOP3 (mask, fp16 exponent of 2^(10 - q)), the exact HSUB2, one HFMA2 ($2: x pair,
+        $3: the f16x2 partial sum). Same arithmetic as `_gemv_pair_asm` after its LOP3s."""
+        bits, q = int(bits), int(q)
+        mask = (((1 << bits) - 1) << q) * 0x10001
+        magic = ((25 - q) << 10) * 0x10001
+        c = _h2_sub_const(bits, q)
+        return "\n".join(["{", ".reg .b32 t, c;", f"lop3.b32 t, $1, {mask:#x}, {magic:#x}, 0xEA;",
+                          f"mov.b32 c, {c:#x};", "sub.rn.f16x2 t, t, c;", "fma.rn.f16x2 $0, t, $2, $3;", "}"])
+
+    @triton.jit
+    def _merged_twin(m, q: tl.constexpr, BITS: tl.constexpr):
+        """Plain-Triton twin of the merged pair's LOP3 and HSUB2 -> (u_j - L/2, u_(j+16) - L/2) as two fp16."""
+        L: tl.constexpr = (1 << BITS) - 1
+        MASK: tl.constexpr = (((1 << BITS) - 1) << q) * 0x10001
+        lo, hi = _halves((m & MASK) | (((25 - q) << 10) * 0x10001))
+        cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
+        return lo - cst, hi - cst
+
+    @triton.jit
+    def _x_pair_of(xl, xh, MODE: tl.constexpr):
+        """Two fp16 tensors -> int32 holding the f16x2 (xl, xh)."""
+        if MODE == 2:
+            return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [xl, xh], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return (xl.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+                (xh.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _x_prmt(a, b, ODD: tl.constexpr, MODE: tl.constexpr):
+        """f16x2 (a.lo, b.lo) (ODD 0) or (a.hi, b.hi) (ODD 1) of two int32 words holding x pairs: one PRMT."""
+        if MODE == 2:
+            sel: tl.constexpr = 0x7632 if ODD else 0x5410
+            return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {sel:#x};", "=r,r,r", [a, b], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        elif ODD:
+            return ((a >> 16) & 0xFFFF) | (b & -65536)
+        else:
+            return (a & 0xFFFF) | (b << 16)
+
+    @triton.jit
+    def _deep_x(x_ptr, xw_ptr, kb, K, jj: tl.constexpr, XPAIR: tl.constexpr, EVEN: tl.constexpr,
+                MODE: tl.constexpr):
+        """The x pair (x_(kb+jj), x_(kb+jj+16)) of each row as an f16x2 in an int32 [ROWS, 1]. XPAIR: from two int32
+        loads of x viewed as pairs (x_2a, x_2a+1) and one PRMT (K even); else two fp16 loads and one pack."""
+        if XPAIR:
+            ia = kb // 2 + jj // 2
+            a = _ld(xw_ptr + ia, ia < K // 2, EVEN)
+            b = _ld(xw_ptr + ia + 8, ia + 8 < K // 2, EVEN)
+            v = _x_prmt(a, b, jj % 2, MODE)
+        else:
+            xl = _ld(x_ptr + kb + jj, kb + jj < K, EVEN)
+            xh = _ld(x_ptr + kb + jj + 16, kb + jj + 16 < K, EVEN)
+            v = _x_pair_of(xl, xh, MODE)
+        return v[:, None]
+
+    @triton.jit
+    def _deep_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K,
+                   N, G, group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                   CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                   MERGE: tl.constexpr, XPAIR: tl.constexpr):
+        """acc [ROWS, BN] fp32 += this tile's products; every word row has its own group (per-row scales), so a
+        tile may span groups. The pair arithmetic is `_h2_tile`'s; MERGE (2..4 bits, CHUNK > 0): per window the
+        planes are interleaved into BITS merged words (`_h2_merged`), then one LOP3 per slot pair whatever BITS."""
+        kw = kw0 + rw
+        kb = kw * 32
+        WIN: tl.constexpr = 10 - BITS
+        t = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        h = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)  # MODE 2: f16x2 (0, 0)
+        hl = tl.zeros([ROWS, BLOCK_N], dtype=tl.float16)  # MODE 1: its two halves
+        hh = tl.zeros([ROWS, BLOCK_N], dtype=tl.float16)
+        c0, c1, c2, c3, c4, c5, c6, c7 = w0, w1, w2, w3, w4, w5, w6, w7
+        m0, m1, m2, m3 = w0, w0, w0, w0
+        for jj in tl.static_range(16):
+            # window start (jj // WIN) * WIN, slot position q = 1 + jj % WIN (no constexpr assignments inside a
+            # static loop: Triton 3.6 rejects redefining them)
+            if jj % WIN == 0:  # a new window: pre-shift every plane once (bit jj of plane i -> q + i)
+                c0 = _shift_to(w0, (jj // WIN) * WIN - 1, 0)
+                c1 = _shift_to(w1, (jj // WIN) * WIN - 1, 1)
+                c2 = _shift_to(w2, (jj // WIN) * WIN - 1, 2)
+                c3 = _shift_to(w3, (jj // WIN) * WIN - 1, 3)
+                c4 = _shift_to(w4, (jj // WIN) * WIN - 1, 4)
+                c5 = _shift_to(w5, (jj // WIN) * WIN - 1, 5)
+                c6 = _shift_to(w6, (jj // WIN) * WIN - 1, 6)
+                c7 = _shift_to(w7, (jj // WIN) * WIN - 1, 7)
+                if MERGE:
+                    m0 = _h2_merged(c0, c1, c2, c3, 0, BITS, MODE)
+                    if BITS > 1:
+                        m1 = _h2_merged(c0, c1, c2, c3, 1, BITS, MODE)
+                    if BITS > 2:
+                        m2 = _h2_merged(c0, c1, c2, c3, 2, BITS, MODE)
+                    if BITS > 3:
+                        m3 = _h2_merged(c0, c1, c2, c3, 3, BITS, MODE)
+            x2 = _deep_x(x_ptr, xw_ptr, kb, K, jj, XPAIR, EVEN, MODE)
+            if CHUNK == 0:  # exact fp32 products, fp32 sums (any bits; no bound on x)
+                xl, xh = _halves(x2)
+                if MODE == 2:
+                    dl, dh = tl.inline_asm_elementwise(
+                        _gemv_pair_f32_asm(BITS, 1 + jj % WIN), "=r,=r" + ",r" * 8, [c0, c1, c2, c3, c4, c5, c6, c7],
+                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                else:
+                    dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS)
+                    dl, dh = dl.to(tl.float32), dh.to(tl.float32)
+                t = t + dl * xl.to(tl.float32)
+                t = t + dh * xh.to(tl.float32)
+            else:
+                if MERGE:
+                    m = m0  # the slot pair's class (jj - start) % BITS
+                    if (jj % WIN) % BITS == 1:
+                        m = m1
+                    if (jj % WIN) % BITS == 2:
+                        m = m2
+                    if (jj % WIN) % BITS == 3:
+                        m = m3
+                    if MODE == 2:
+                        h = tl.inline_asm_elementwise(_gemv_merged_pair_asm(BITS, 1 + jj % WIN), "=r,r,r,r", [m, x2, h],
+                                                      dtype=tl.int32, is_pure=True, pack=1)
+                    else:
+                        dl, dh = _merged_twin(m, 1 + jj % WIN, BITS)
+                        xl, xh = _halves(x2)
+                        hl = _fma16(dl, xl, hl)
+                        hh = _fma16(dh, xh, hh)
+                else:
+                    if MODE == 2:
+                        h = tl.inline_asm_elementwise(_gemv_pair_asm(BITS, 1 + jj % WIN), "=r" + ",r" * 10,
+                                                      [c0, c1, c2, c3, c4, c5, c6, c7, x2, h], dtype=tl.int32,
+                                                      is_pure=True, pack=1)
+                    else:
+                        dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS)
+                        xl, xh = _halves(x2)
+                        hl = _fma16(dl, xl, hl)
+                        hh = _fma16(dh, xh, hh)
+                if jj % CHUNK == CHUNK - 1:  # the f16x2 partial into fp32: t += (low + high)
+                    if MODE == 2:
+                        fl, fh = tl.inline_asm_elementwise(
+                            "{.reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h;}",
+                            "=r,=r,r", [h], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                        t += fl + fh
+                        h = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)
+                    else:
+                        t += hl.to(tl.float32) + hh.to(tl.float32)
+                        hl = tl.zeros([ROWS, BLOCK_N], dtype=tl.float16)
+                        hh = tl.zeros([ROWS, BLOCK_N], dtype=tl.float16)
+        g = tl.minimum(kb // group_size, G - 1)  # [ROWS]: each word lies inside one group
+        cmask = (kw < (K + 31) // 32)[:, None] & n_mask[None, :]
+        s = tl.load(c_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0).to(tl.float32)
+        acc += 2.0 * t * s  # (2u - L) s = 2 s (u - L/2)
+        if HAS_OFFSET:
+            kk = kb[:, None] + tl.arange(0, 32)[None, :]
+            xsum = tl.sum(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), axis=1)
+            o = tl.load(o_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0).to(tl.float32)
+            acc += xsum[:, None] * o
+        return acc
+
+    @triton.jit
+    def _deep_words(pl_ptr, kw0, kw_end, rw, offs_n, n_mask, KW, N, BITS: tl.constexpr):
+        """Plane words of the tile at kw0: 8 tensors [ROWS, BN] int32, rows at or past kw_end read as 0 (not loaded);
+        planes >= BITS repeat plane 0, never read."""
+        kw = kw0 + rw
+        wmask = (kw < kw_end)[:, None] & n_mask[None, :]
+        wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
+        plane_stride = KW * N
+        w0 = tl.load(wp, mask=wmask, other=0)
+        w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
+        if BITS > 1:
+            w1 = tl.load(wp + plane_stride, mask=wmask, other=0)
+        if BITS > 2:
+            w2 = tl.load(wp + 2 * plane_stride, mask=wmask, other=0)
+        if BITS > 3:
+            w3 = tl.load(wp + 3 * plane_stride, mask=wmask, other=0)
+        if BITS > 4:
+            w4 = tl.load(wp + 4 * plane_stride, mask=wmask, other=0)
+        if BITS > 5:
+            w5 = tl.load(wp + 5 * plane_stride, mask=wmask, other=0)
+        if BITS > 6:
+            w6 = tl.load(wp + 6 * plane_stride, mask=wmask, other=0)
+        if BITS > 7:
+            w7 = tl.load(wp + 7 * plane_stride, mask=wmask, other=0)
+        return w0, w1, w2, w3, w4, w5, w6, w7
+
+    @triton.jit
+    def _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K,
+                     N, G, group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
+                     CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                     MERGE: tl.constexpr, XPAIR: tl.constexpr, BCQ: tl.constexpr):
+        """One tile: bipolar as one BITS-bit tile; BCQ as BITS 1-bit tiles, plane i scaled by alphas[i]."""
+        if BCQ:
+            cs = G * N
+            acc = _deep_tile(acc, w0, w0, w0, w0, w0, w0, w0, w0, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
+                             n_mask, K, N, G, group_size, 1, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, False,
+                             XPAIR)
+            if BITS > 1:
+                acc = _deep_tile(acc, w1, w1, w1, w1, w1, w1, w1, w1, x_ptr, xw_ptr, c_ptr + cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 2:
+                acc = _deep_tile(acc, w2, w2, w2, w2, w2, w2, w2, w2, x_ptr, xw_ptr, c_ptr + 2 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 3:
+                acc = _deep_tile(acc, w3, w3, w3, w3, w3, w3, w3, w3, x_ptr, xw_ptr, c_ptr + 3 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 4:
+                acc = _deep_tile(acc, w4, w4, w4, w4, w4, w4, w4, w4, x_ptr, xw_ptr, c_ptr + 4 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 5:
+                acc = _deep_tile(acc, w5, w5, w5, w5, w5, w5, w5, w5, x_ptr, xw_ptr, c_ptr + 5 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 6:
+                acc = _deep_tile(acc, w6, w6, w6, w6, w6, w6, w6, w6, x_ptr, xw_ptr, c_ptr + 6 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+            if BITS > 7:
+                acc = _deep_tile(acc, w7, w7, w7, w7, w7, w7, w7, w7, x_ptr, xw_ptr, c_ptr + 7 * cs, o_ptr, kw0, rw,
+                                 offs_n, n_mask, K, N, G, group_size, 1, False, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                 False, XPAIR)
+        else:
+            acc = _deep_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
+                             n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, MERGE,
+                             XPAIR)
+        return acc
+
+    @triton.jit
+    def _gemv_deep_h2_kernel(x_ptr, xw_ptr, pl_ptr, c_ptr, o_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                             N, K, KW, G, group_size, k_iters, split_k,
+                             BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             MODE: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                             ROWS: tl.constexpr, DEPTH: tl.constexpr, MERGE: tl.constexpr, XPAIR: tl.constexpr,
+                             BCQ: tl.constexpr):
+        # x: [K] fp16 (xw: the same bytes as int32 pairs when XPAIR); planes [BITS, KW, N] int32; scales [G, N]
+        # (BCQ: alphas [BITS, G, N]); out [N]. Program (pid_n, pid_k): BLOCK_N columns x k_iters tiles of ROWS word
+        # rows (split 1: the whole K, no workspace, no atomics). Tile [ROWS, BN]: Triton gives each thread 4
+        # columns (one 16-byte load per plane and row), the other threads and the warps other rows, so a narrow
+        # column block still has every thread busy; one reduction over rows at the end. A run-time loop: the
+        # words of the next DEPTH (1 or 2) tiles are loaded before the current tile is consumed, carried in
+        # registers, so each thread keeps DEPTH tiles of loads in flight.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rw = tl.arange(0, ROWS)
+        kw_begin = pid_k * k_iters * ROWS
+        kw_end = tl.minimum(kw_begin + k_iters * ROWS, KW)
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _deep_words(pl_ptr, kw_begin, kw_end, rw, offs_n, n_mask, KW, N, BITS)
+        v0, v1, v2, v3, v4, v5, v6, v7 = w0, w1, w2, w3, w4, w5, w6, w7
+        if DEPTH > 1:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _deep_words(pl_ptr, kw_begin + ROWS, kw_end, rw, offs_n, n_mask, KW, N,
+                                                         BITS)
+        for it in range(k_iters):
+            kw0 = kw_begin + it * ROWS
+            u0, u1, u2, u3, u4, u5, u6, u7 = _deep_words(pl_ptr, kw0 + DEPTH * ROWS, kw_end, rw, offs_n, n_mask, KW,
+                                                         N, BITS)
+            acc = _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
+                               n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, MERGE,
+                               XPAIR, BCQ)
+            if DEPTH > 1:
+                w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
+                v0, v1, v2, v3, v4, v5, v6, v7 = u0, u1, u2, u3, u4, u5, u6, u7
+            else:
+                w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
+        res = tl.sum(acc, axis=0)  # [BN]: in-thread, across the warp's rows (shuffles), across warps (shared memory)
+        _epilogue(res[None, :], tl.arange(0, 1), offs_n, 1, N, out_ptr, N, b_ptr, ws_ptr, cnt_ptr, pid_n, split_k,
+                  HAS_BIAS)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # launchers
 
@@ -1295,6 +1605,63 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
     return out
 
 
+def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
+    """x2 [1, K] fp16 -> out [1, N] by `_gemv_deep_h2_kernel` (both kinds). cfg: block_n, rows (word rows per
+    tile), split_k (default 1: the whole K per program, no split-K epilogue), depth (tiles loaded ahead, 1 or 2),
+    merge (merged plane words, bipolar 2..4 bits), xpair (x read as int32 pairs, K even; default on), chunk,
+    num_warps, optional mode (2 PTX, 1 its plain-Triton twin)."""
+    bits, KW, N, G, o, b, bcq = _common(planes, coef, offset, bias, kind)
+    if x2.dtype != torch.float16:
+        raise ValueError("the f16x2 GEMV takes fp16 activations")
+    rows, bn = cfg["rows"], cfg["block_n"]
+    k_iters, split = _split(-(-KW // rows), cfg.get("split_k", 1))
+    chunk = cfg.get("chunk", h2_chunk(1 if bcq else bits))
+    merge = bool(cfg.get("merge", False)) and not bcq and 2 <= bits <= 4 and chunk > 0
+    xw = x2
+    xpair = bool(cfg.get("xpair", True)) and chunk > 0 and K % 2 == 0 and x2.is_contiguous()
+    if xpair:
+        try:
+            xw = x2.view(torch.int32)
+        except RuntimeError:  # storage offset not 4-byte aligned: fp16 loads
+            xpair = False
+    n_blocks = -(-N // bn)
+    ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
+    return _gemv_deep_h2_kernel[(n_blocks, split)](
+        x2, xw, planes, coef, o, b, out, ws, cnt, N, K, KW, G, group_size, k_iters, split,
+        BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
+        CHUNK=chunk, EVEN=K % 32 == 0 and N % bn == 0 and KW % (rows * k_iters) == 0, BLOCK_N=bn, ROWS=rows,
+        DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+
+
+def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype,
+                      sms: int) -> list[dict]:
+    """Candidates for `launch_gemv_deep` ([] for bf16): (columns, word rows per tile, warps, tiles ahead, merged
+    words). Split 1 (whole K per program) where the column blocks alone give two programs per SM, else the fewest
+    splits that do (their partial sums go through the split-K epilogue, few per column)."""
+    if dtype != torch.float16 or bits > H2_MAX_BITS:
+        return []
+    KW = num_words(K)
+    merge = int(kind == "bipolar" and 2 <= bits <= 4)
+    if bits <= 4:
+        shapes = ((64, 16, 4, 1), (32, 32, 4, 1), (64, 16, 4, 2), (128, 8, 4, 1), (64, 32, 8, 1), (16, 64, 4, 1))
+    else:  # more words per thread and row: fewer rows per tile
+        shapes = ((64, 8, 4, 1), (32, 16, 4, 1), (64, 16, 4, 1), (128, 8, 4, 1))
+    out = []
+    for bn, rows, warps, depth in shapes:
+        n_blocks = -(-N // bn)
+        cfg = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=depth,
+                   split_k=_split_for(n_blocks, -(-KW // rows), sms, 2.0) if n_blocks < 2 * sms else 1,
+                   chunk=h2_chunk(1 if kind == "bcq" else bits))
+        if merge:
+            cfg["merge"] = 1
+        if cfg not in out:
+            out.append(cfg)
+    if merge:  # the unmerged pair arithmetic of the first shape, for comparison
+        out.append({k: v for k, v in out[0].items() if k != "merge"})
+    return out
+
+
 def dequantize_t(planes, coef, offset, kind, group_size, K, dtype, block_n=64, block_kw=4):
     """W^T [K, N] in `dtype`, by the Triton kernel."""
     bits, KW, N, G, o, _, bcq = _common(planes, coef, offset, None, kind)
@@ -1416,7 +1783,8 @@ def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype
     bipolar fp16 without offset the tensor-core GEMV (`bitplane_mma`)."""
     from . import bitplane_mma
 
-    h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms)
+    h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms) + gemv_deep_configs(N, K, bits, group_size, kind,
+                                                                                      dtype, sms)
     off = True if offset else None
     mma = bitplane_mma.gemv_mma_configs(N, K, bits, group_size, kind, off, dtype, sms)
     if h2 and kind == "bipolar":  # the H100 run measured the f16x2 GEMV 1.35-1.75x faster than the fp32 GEMV at
@@ -1472,7 +1840,8 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
             raise ValueError("the gemv regime takes exactly one row")
 
         def go(c):
-            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, **MMA_LAUNCH}.get(c.get("kernel"), launch_gemv)
+            launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, "deep": launch_gemv_deep,
+                      **MMA_LAUNCH}.get(c.get("kernel"), launch_gemv)
             launch(x2, *args, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or gemv_candidates(N, K, bits, group_size, kind,

@@ -1,0 +1,397 @@
+"""Short H100 call for the bit-plane M = 1 GEMVs: the "deep" f16x2 GEMV (`launch_gemv_deep`: a program owns a
+narrow column block and the whole K, no split-K epilogue where N allows) against the split-K f16x2 GEMV, in
+phases each in its own process under a time limit (`bitsmith.kernels.bench_phases`):
+
+  compile  every timed variant and tuner candidate, in worker processes (fills Triton's on-disk cache)
+  time     fp16 cuBLAS, then each pinned variant timed as the harness times (`bench.graph_time_us`: CUDA graph over
+           rotated weight sets > 3x L2, median replay), checked against the reference; then the public op tuned
+           over the f16x2 and deep candidates (`gemv_candidates`' h2 part), and which one the tuner picked
+  check    the deep kernel's PTX on awkward shapes, bits 1..8, bipolar and BCQ, against the fp32 dequantized
+           reference, and bit for bit against its plain-Triton twin (mode 1) at one split; split-K workspaces
+           left zeroed. One worker task per (kind, bits); last, so that a slow check cannot cost the timings
+
+    PYTHONPATH=src timeout -s TERM 570 python3 benchmarks/bitplane_deep_bench.py --out $OUT --workers 15 \
+        --budget 555 2>&1 | tee $OUT/log.txt
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bitplane_deep_bench.py --smoke --out /tmp/x   # CPU flow
+
+Weights are synthetic (random planes and scales of the real shapes, g = 128, fp16 activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K)
+TIME_BITS = (2, 3, 4)
+CURVE = False  # --curve: bits 1..8 at 8192x8192 with the variants named in --curve-variants
+SMOKE = False
+T0 = float(os.environ.get("BITSMITH_BENCH_T0", time.time()))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:5.0f} s] {msg}", flush=True)
+
+
+def _device():
+    return "cpu" if SMOKE else "cuda"
+
+
+def _h2(bn, unroll=0, warps=4, split=0):
+    c = dict(kernel="h2", block_n=bn, block_kw=1, num_warps=warps)
+    c.update(dict(unroll=unroll) if unroll else dict(split_k=split))
+    return c
+
+
+def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1):
+    c = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=depth, split_k=split)
+    if merge:
+        c["merge"] = 1
+    if not xpair:
+        c["xpair"] = 0
+    return c
+
+
+# (name, config, shapes it runs at (None: all)); split-K f16x2 rows are the tuner's earlier choices
+DEEP = [("deep 64x16", lambda N: _deep(64, 16, split=2 if N == 8192 else 1), None),
+        ("deep 32x32", lambda N: _deep(32, 32), None),
+        ("deep 64x16 d2", lambda N: _deep(64, 16, depth=2, split=2 if N == 8192 else 1), None),
+        ("deep 64x16 s1", lambda N: _deep(64, 16), (8192,)),
+        ("deep 128x8", lambda N: _deep(128, 8, split=4 if N == 8192 else 1), None),
+        ("deep 64x32 w8", lambda N: _deep(64, 32, warps=8, split=2 if N == 8192 else 1), None),
+        ("deep 16x64", lambda N: _deep(16, 64), (8192,)),
+        ("deep 32x32 d2", lambda N: _deep(32, 32, depth=2), None),
+        ("deep 32x32 unmerged", lambda N: _deep(32, 32, merge=0), None),
+        ("deep 32x32 x16", lambda N: _deep(32, 32, xpair=0), None)]
+OLD = {2: [("h2 1024 u4", _h2(1024, 4), None), ("h2 512 u4", _h2(512, 4), (28672,))],
+       3: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))],
+       4: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))]}
+CURVE_VARIANTS = ("deep 32x32", "deep 64x16")
+FEW = ("h2 1024 u2", "h2 1024 s66", "deep 64x16", "deep 32x32", "deep 128x8", "deep 32x32 unmerged")  # 4 bits
+
+
+def time_plans(shapes):
+    """[(N, K, bits, name, cfg)] in timing order."""
+    from bitsmith.kernels import bitplane as bp
+
+    out = []
+    for N, K in shapes:
+        for bits in TIME_BITS[:1] if SMOKE else TIME_BITS:
+            for name, cfg, only in OLD[bits] + DEEP:
+                if SMOKE and name not in ("h2 1024 u4", "deep 32x32"):
+                    continue
+                if bits > 3 and name not in FEW:
+                    continue
+                if only is None or N in only or SMOKE:
+                    cfg = cfg(N) if callable(cfg) else cfg
+                    out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
+    if CURVE:
+        N, K = shapes[0]
+        for bits in range(1, 9):
+            if bits in TIME_BITS:
+                continue
+            for name, cfg, _ in DEEP + OLD[2][:1]:
+                if name in CURVE_VARIANTS or name.startswith("h2"):
+                    cfg = cfg(N) if callable(cfg) else cfg
+                    out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
+    return out
+
+
+def _shapes():
+    return [(256, 512)] if SMOKE else SHAPES
+
+
+def _write(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _pool_init(smoke):
+    global SMOKE
+    SMOKE = smoke
+    import bitplane_kernels
+
+    bitplane_kernels.DEVICE = _device()
+
+
+def _pool(workers):
+    return mp.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(SMOKE,))
+
+
+# ------------------------------------------------------------------------------------------------ compile phase
+
+def _tuned_candidates(N, K, bits, kind="bipolar"):
+    """The f16x2 part of `gemv_candidates` (split-K f16x2 GEMV and deep GEMV configurations)."""
+    import torch
+
+    from bitsmith.kernels import bitplane as bp
+
+    sms = 132
+    return (bp.gemv_h2_configs(N, K, bits, 128, kind, torch.float16, sms)
+            + bp.gemv_deep_configs(N, K, bits, 128, kind, torch.float16, sms))
+
+
+def _compile_task(plan):
+    import torch
+
+    from bitplane_kernels import call, make
+
+    N, K, bits, name, cfg = plan
+    t = time.time()
+    try:
+        gen = torch.Generator(device=_device()).manual_seed(0)
+        w = make("bipolar", N, K, bits, torch.float16, gen)
+        x = torch.randn(1, K, device=_device(), dtype=torch.float16, generator=gen)
+        call(x, w, config=cfg, regime="gemv")
+        if not SMOKE:
+            torch.cuda.synchronize()
+        return plan, None, time.time() - t
+    except Exception as e:
+        return plan, f"{type(e).__name__}: {str(e)[:300]}", time.time() - t
+
+
+def phase_compile(args):
+    shapes = _shapes()
+    seen, tasks = set(), []
+    plans = time_plans(shapes)
+    if not SMOKE:  # the tuner's candidates too (the tuned row)
+        for N, K in shapes:
+            for bits in TIME_BITS:
+                plans += [(N, K, bits, "tuner", c) for c in _tuned_candidates(N, K, bits)]
+    for N, K, bits, name, cfg in plans:
+        key = (bits, json.dumps(cfg, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            tasks.append((shapes[0][0], shapes[0][1], bits, name, cfg))
+    log(f"compile: {len(tasks)} variants in {args.workers} processes")
+    res = []
+    with _pool(args.workers) as pool:
+        for i, (plan, err, dt) in enumerate(pool.imap_unordered(_compile_task, tasks)):
+            N, K, bits, name, _ = plan
+            res.append(dict(bits=bits, kernel=name, config=plan[4], error=err, seconds=round(dt, 1)))
+            if err or i % 10 == 0 or i + 1 == len(tasks):
+                log(f"compile {i + 1}/{len(tasks)}: {name} b{bits} {dt:.0f} s" + (f" FAILED {err}" if err else ""))
+            _write(os.path.join(args.out, "compile.json"), res)
+    log(f"compile: {sum(r['error'] is None for r in res)} of {len(tasks)} ok")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ check phase
+
+CHECK = [(4099, 576, 128), (37, 200, 64), (1000, 608, 32)]  # odd N + partial last group; K % 32 != 0; g32
+CHECK_CFGS = [dict(kernel="deep", block_n=64, rows=16, num_warps=4, depth=1, split_k=1, merge=1),
+              dict(kernel="deep", block_n=32, rows=8, num_warps=4, depth=2, split_k=3, merge=1, xpair=0)]
+
+
+def _check_task(task):
+    """Worker: the deep GEMV for one (kind, bits) on every check shape -> rows."""
+    import faulthandler
+
+    import torch
+
+    from bitplane_kernels import call, make, reference, rel
+    from bitsmith.kernels import bitplane as bp
+    from bitsmith.kernels import gwint_triton
+
+    kind, bits = task
+    faulthandler.dump_traceback_later(120, exit=False)
+    rows = []
+    chunk = bp.h2_chunk(1 if kind == "bcq" else bits)
+    try:
+        gen = torch.Generator(device=_device()).manual_seed(300 + 10 * bits + (kind == "bcq"))
+        with_bias, with_off = bits % 2 == 1, kind == "bipolar" and bits % 3 == 0
+        for N, K, gs in ([(40, 200, 64)] if SMOKE else CHECK):
+            w = make(kind, N, K, bits, torch.float16, gen, offset=with_off, gs=gs)
+            bias = torch.randn(N, device=_device(), generator=gen).half() if with_bias else None
+            x = torch.randn(1, K, device=_device(), dtype=torch.float16, generator=gen)
+            ref = reference(x, w, bias)
+            outs = {}
+            for ci, cfg in enumerate(CHECK_CFGS):
+                for mode in ((2, 1) if ci == 0 and not SMOKE else (1,) if SMOKE else (2,)):
+                    c = dict(cfg, chunk=chunk, mode=mode)
+                    out = call(x, w, bias=bias, config=c, regime="gemv")
+                    e = rel(out, ref)
+                    rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, config=c, bias=with_bias, offset=with_off,
+                                     rel_err=e, ok=bool(e < 3e-3)))
+                    if ci == 0:
+                        outs[mode] = out
+            if len(outs) == 2:
+                same = torch.equal(outs[1], outs[2])
+                rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, check="PTX == twin", ok=bool(same),
+                                 max_diff=(outs[1].float() - outs[2].float()).abs().max().item()))
+        for ws, cnt in gwint_triton._WORKSPACES.values():
+            if ws.any() or cnt.any():
+                rows.append(dict(kind=kind, bits=bits, ok=False, error="workspace not left zeroed"))
+    except Exception as e:
+        rows.append(dict(kind=kind, bits=bits, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return task, rows
+
+
+def phase_check(args):
+    tasks = [(k, b) for b in ((2, 3) if SMOKE else range(8, 0, -1)) for k in ("bipolar", "bcq")]
+    log(f"check: {len(tasks)} tasks (kind, bits) in {args.workers} processes")
+    rows, bad = [], 0
+    with _pool(args.workers) as pool:
+        for i, (task, trows) in enumerate(pool.imap_unordered(_check_task, tasks)):
+            fails = [r for r in trows if not r["ok"]]
+            bad += len(fails)
+            rows += trows
+            worst = max((r["rel_err"] for r in trows if "rel_err" in r), default=float("nan"))
+            log(f"check {i + 1}/{len(tasks)}: {task[0]} b{task[1]}: {len(trows)} runs, worst rel err {worst:.1e}"
+                + "".join(f"\n    FAIL {r}" for r in fails))
+            _write(os.path.join(args.out, "check.json"), rows)
+    log(f"check: {len(rows)} runs, {bad} failures")
+    return 1 if bad else 0
+
+
+# ------------------------------------------------------------------------------------------------ time phase
+
+def phase_time(args):
+    import torch
+
+    from bitplane_kernels import call, make, nbytes, reference, rel
+    from bitsmith.kernels import gwint_triton
+
+    rows = []
+    path = os.path.join(args.out, "time.json")
+    shapes = _shapes()
+    dev = _device()
+    gen = torch.Generator(device=dev).manual_seed(1)
+    base = {}
+    plans = time_plans(shapes)
+    if not SMOKE:
+        plans += [(N, K, bits, "tuned", None) for N, K in shapes for bits in TIME_BITS]
+    for N, K, bits, name, cfg in plans:
+        if (N, K) not in base:
+            if SMOKE:
+                base[(N, K)] = 1.0
+            else:
+                from bitsmith.kernels import bench as hb
+
+                base[(N, K)] = hb.cublas_baseline(N, K, (1,), torch.float16, gen, rows, log)[1]
+            _write(path, rows)
+        try:
+            w0 = make("bipolar", N, K, bits, torch.float16, gen)
+            xc = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
+            kw = dict(config=cfg, regime="gemv") if cfg is not None else dict(candidates=_tuned_candidates(N, K, bits))
+            err = rel(call(xc, w0, **kw), reference(xc, w0))
+            picked = None
+            if cfg is None:
+                picked = gwint_triton._TUNED.get(("gemv", "bitplane", "bipolar", bits, 128, False, False,
+                                                  torch.float16, N, K))
+            if SMOKE:
+                t = time.time()
+                call(xc, w0, **kw)
+                us = (time.time() - t) * 1e6
+            else:
+                from bitsmith.kernels import bench as hb
+
+                R = hb.rotations(nbytes(w0))
+                ws = [w0] + [make("bipolar", N, K, bits, torch.float16, gen) for _ in range(R - 1)]
+                xs = [torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen) for _ in range(R)]
+                us = hb.graph_time_us([lambda x=x, w=w: call(x, w, **kw) for x, w in zip(xs, ws)])
+                del ws, xs
+                torch.cuda.empty_cache()
+            nb = nbytes(w0) + 2 * (K + N)
+            rows.append(dict(kind="time", kernel=name, config=cfg or picked, N=N, K=K, M=1, bits=bits, us=us,
+                             speedup=base[(N, K)] / us, GBs=nb / us / 1e3, rel_err=err))
+            log(f"{N}x{K} b{bits} {name}: {us:.1f} us ({base[(N, K)] / us:.2f}x cuBLAS, {nb / us / 1e3:.0f} GB/s) "
+                f"err {err:.1e}" + (f" picked {picked}" if cfg is None else ""))
+        except Exception as e:
+            rows.append(dict(kind="time", kernel=name, N=N, K=K, M=1, bits=bits, failed=f"{type(e).__name__}: {e}"))
+            log(f"{N}x{K} b{bits} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+        _write(path, rows)
+    if not SMOKE:
+        rows.append(dict(kind="tune-log", log=[dict(r, key=[str(k) for k in r["key"]]) for r in gwint_triton.TUNE_LOG
+                                               if "bitplane" in r["key"]]))
+        _write(path, rows)
+    log("time: done")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ supervisor
+
+def summary(out_dir) -> str:
+    def load(name):
+        try:
+            with open(os.path.join(out_dir, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return []
+
+    lines = ["| N x K | bits | kernel | us | x cuBLAS | GB/s | rel err |", "|---|---|---|---|---|---|---|"]
+    for r in load("time.json"):
+        if r.get("kind") == "time" and "us" in r:
+            lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['kernel']} | {r['us']:.1f} | {r['speedup']:.2f}"
+                         f" | {r['GBs']:.0f} | {r['rel_err']:.1e} |")
+        elif r.get("kernel") == "cublas-fp16":
+            lines.append(f"| {r['N']}x{r['K']} | 16 | cuBLAS fp16 | {r['us']:.1f} | 1.00 | | |")
+    c = load("check.json")
+    if c:
+        fails = [r for r in c if not r["ok"]]
+        worst = max((r["rel_err"] for r in c if "rel_err" in r), default=float("nan"))
+        lines.append(f"check: {len(c)} runs, {len(fails)} failures, worst rel err {worst:.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    global SMOKE, TIME_BITS, CURVE, SHAPES
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/bitplane-deep")
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=550, help="seconds for all phases together")
+    ap.add_argument("--limits", default="compile=200,time=230,check=110", help="per-phase seconds")
+    ap.add_argument("--phases", default="compile,time,check")
+    ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument("--shapes", default="")
+    ap.add_argument("--curve", action="store_true", help="also bits 1..8 at the first shape (two deep variants)")
+    ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
+    args = ap.parse_args(argv)
+    SMOKE = args.smoke
+    TIME_BITS = tuple(int(b) for b in args.bits.split(","))
+    CURVE = args.curve
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if SMOKE:
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.makedirs(args.out, exist_ok=True)
+    if args.phase:
+        from bitsmith.kernels import bench_phases
+
+        bench_phases.arm()
+        import bitplane_kernels
+
+        bitplane_kernels.DEVICE = _device()
+        return {"compile": phase_compile, "time": phase_time, "check": phase_check}[args.phase](args)
+    from bitsmith.kernels import bench_phases
+
+    os.environ["BITSMITH_BENCH_T0"] = str(T0)
+    limits = {k: float(v) for k, v in (kv.split("=") for kv in args.limits.split(","))}
+    own = list(argv if argv is not None else sys.argv[1:])
+    phases = [(p, bench_phases.python_argv(os.path.abspath(__file__), *own, "--phase", p), limits[p])
+              for p in args.phases.split(",")]
+    res = bench_phases.run_phases(phases, args.budget, log)
+    _write(os.path.join(args.out, "phases.json"), res)
+    s = summary(args.out)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(s + "\n")
+    print(s)
+    log("phases: " + ", ".join(f"{r['phase']} {'TIMEOUT' if r['timed_out'] else r['rc']} {r['seconds']:.0f} s"
+                               for r in res))
+    return 0 if all(r["rc"] == 0 for r in res) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
