@@ -155,6 +155,28 @@ if triton is not None:
         xha, xhb = tl.split(xh)
         return acc + tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
 
+    @triton.jit
+    def _pkb_clamped_dot(col_ptr, v_ptr, x_ptr, s_ptr, blk, rr, srow, N, R: tl.constexpr, C: tl.constexpr,
+                         GPB: tl.constexpr, ASM: tl.constexpr):
+        """[T] scale x the dot of each slot's row of block `blk` [T] with its x, all loads unmasked: the callers
+        clamp `blk` to a stored block and drop the clamped slots' results. The unmasked twin of `_pkb_loads` +
+        `_pkb_step`, shared by the crow kernel's `CLAMP` loop and the equal-rows kernel."""
+        NW: tl.constexpr = C // 8
+        P: tl.constexpr = NW // 2
+        qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
+        cb = tl.load(col_ptr + blk)
+        w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
+        xb = (cb * (C // 4))[:, None, None] + qq  # int64 index of the word's four low columns
+        # (ptxas schedules the scale loads after most of the arithmetic whatever their form: volatile, or
+        # per-block scales without the column index: the seventh pass)
+        sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB)).to(tl.float32)
+        xl = tl.load(x_ptr + xb)
+        xh = tl.load(x_ptr + xb + C // 8)
+        wa, wb = tl.split(w)
+        xla, xlb = tl.split(xl)
+        xha, xhb = tl.split(xh)
+        return tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
+
     @triton.jit(do_not_specialize=["chunk", "n_split"])
     def _bsr_gemv_pk_kernel(x_ptr, crow_ptr, col_ptr, v_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, chunk,
                             n_split, R: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -207,21 +229,9 @@ if triton is not None:
             # (SASS, Triton 3.6: the loop is instruction-heavy, ~3.3 per weight, and every SM runs ~8 programs)
             for i in range(lo, hi, NBLK):
                 blk = i + jb
-                valid = blk < hi
-                bc = tl.minimum(blk, hi - 1)
-                cb = tl.load(col_ptr + bc)
-                P: tl.constexpr = NW // 2
-                qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]
-                w = tl.load(v_ptr + (bc * (R * NW) + rr * NW)[:, None, None] + qq)
-                xb = (cb * (C // 4))[:, None, None] + qq
-                xl = tl.load(x_ptr + xb)
-                xh = tl.load(x_ptr + xb + C // 8)
-                sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB)).to(tl.float32)
-                wa, wb = tl.split(w)
-                xla, xlb = tl.split(xl)
-                xha, xhb = tl.split(xh)
-                d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
-                acc += tl.where(valid, d, 0.0)
+                d = _pkb_clamped_dot(col_ptr, v_ptr, x_ptr, s_ptr, tl.minimum(blk, hi - 1), rr, srow, N, R, C, GPB,
+                                     ASM)
+                acc += tl.where(blk < hi, d, 0.0)
         else:
             for i in range(lo, hi, NBLK):
                 blk = i + jb
@@ -244,8 +254,6 @@ if triton is not None:
         # as a dependent load. Program pid owns rows pid * BLOCK_R .. + BLOCK_R of one block row and all its
         # blocks; slot t = j * BLOCK_R + i as in `_bsr_gemv_pk_kernel`; the last step's slots past CNT re-read
         # block CNT - 1 (no masked loads, as `CLAMP`) and add nothing. No split-K: the rows are equal.
-        NW: tl.constexpr = C // 8
-        P: tl.constexpr = NW // 2
         T: tl.constexpr = NBLK * BLOCK_R
         STEPS: tl.constexpr = (CNT + NBLK - 1) // NBLK
         row0 = tl.program_id(0) * BLOCK_R
@@ -255,25 +263,13 @@ if triton is not None:
         tt = slot % BLOCK_R
         rr = row0 - brow * R + tt  # row inside the block
         srow = row0 + _opaque(tt, ASM)  # the scales' column in [G, N]
-        qq = (2 * tl.arange(0, P))[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, P, 2]: word in the row
         base = brow * CNT
         acc = tl.zeros((T,), dtype=tl.float32)
         for st in tl.static_range(STEPS):
             j = st * NBLK + jb  # [T] block of the block row
             # the last step's slots past CNT re-read block CNT - 1 and are dropped below
             blk = base + tl.minimum(j, CNT - 1) if (st + 1) * NBLK > CNT else base + j
-            cb = tl.load(col_ptr + blk)
-            w = tl.load(v_ptr + (blk * (R * NW) + rr * NW)[:, None, None] + qq)  # int32 [T, P, 2]
-            xb = (cb * (C // 4))[:, None, None] + qq
-            # (ptxas schedules the scale loads after most of the arithmetic whatever their form: volatile, or
-            # per-block scales without the column index: the seventh pass)
-            sc = tl.load(s_ptr + _scale_offset(cb, srow, N, GPB)).to(tl.float32)
-            xl = tl.load(x_ptr + xb)
-            xh = tl.load(x_ptr + xb + C // 8)
-            wa, wb = tl.split(w)
-            xla, xlb = tl.split(xl)
-            xha, xhb = tl.split(xh)
-            d = tl.sum(_pkb_dot(wa, wb, xla, xha, xlb, xhb, ASM), axis=1) * sc
+            d = _pkb_clamped_dot(col_ptr, v_ptr, x_ptr, s_ptr, blk, rr, srow, N, R, C, GPB, ASM)
             if (st + 1) * NBLK > CNT:
                 d = tl.where(j < CNT, d, 0.0)
             acc += d
