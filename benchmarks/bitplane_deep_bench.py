@@ -59,22 +59,27 @@ def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1):
     return c
 
 
-# (name, config, shapes it runs at (None: all)); split-K f16x2 rows are the tuner's earlier choices
-DEEP = [("deep 64x16", lambda N: _deep(64, 16, split=2 if N == 8192 else 1), None),
+# (name, config, shapes it runs at (None: all)); split-K f16x2 rows are the tuner's earlier choices. Call 1
+# (e439995) timed 64x16, 32x32 (+ d2, unmerged, x16), 64x16 d2 / s1, 128x8, 64x32 w8, 16x64; call 2 the rest
+DEEP = [("deep 16x64", lambda N: _deep(16, 64), None),
         ("deep 32x32", lambda N: _deep(32, 32), None),
-        ("deep 64x16 d2", lambda N: _deep(64, 16, depth=2, split=2 if N == 8192 else 1), None),
-        ("deep 64x16 s1", lambda N: _deep(64, 16), (8192,)),
-        ("deep 128x8", lambda N: _deep(128, 8, split=4 if N == 8192 else 1), None),
-        ("deep 64x32 w8", lambda N: _deep(64, 32, warps=8, split=2 if N == 8192 else 1), None),
-        ("deep 16x64", lambda N: _deep(16, 64), (8192,)),
-        ("deep 32x32 d2", lambda N: _deep(32, 32, depth=2), None),
-        ("deep 32x32 unmerged", lambda N: _deep(32, 32, merge=0), None),
-        ("deep 32x32 x16", lambda N: _deep(32, 32, xpair=0), None)]
-OLD = {2: [("h2 1024 u4", _h2(1024, 4), None), ("h2 512 u4", _h2(512, 4), (28672,))],
-       3: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))],
+        ("deep 16x32", lambda N: _deep(16, 32), None),
+        ("deep 32x16", lambda N: _deep(32, 16), None),
+        ("deep 32x32 w8", lambda N: _deep(32, 32, warps=8), None),
+        ("deep 16x64 w8", lambda N: _deep(16, 64, warps=8), None),
+        ("deep 8x64", lambda N: _deep(8, 64), None),
+        ("deep 8x128", lambda N: _deep(8, 128), None),
+        ("deep 64x16", lambda N: _deep(64, 16, split=2 if N == 8192 else 1), (28672,)),
+        ("deep 16x64 x16", lambda N: _deep(16, 64, xpair=0), None),
+        ("deep 16x32 x16", lambda N: _deep(16, 32, xpair=0), None),
+        ("deep 16x64 unmerged", lambda N: _deep(16, 64, merge=0), None)]
+OLD = {2: [("h2 1024 u4", _h2(1024, 4), None)],
+       3: [("h2 1024 u2", _h2(1024, 2), None)],
        4: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))]}
-CURVE_VARIANTS = ("deep 32x32", "deep 64x16")
-FEW = ("h2 1024 u2", "h2 1024 s66", "deep 64x16", "deep 32x32", "deep 128x8", "deep 32x32 unmerged")  # 4 bits
+CURVE_VARIANTS = ("deep 16x32", "deep 32x16", "deep 8x64")
+FEW = ("h2 1024 u2", "h2 1024 s66", "deep 16x64", "deep 32x32", "deep 16x32", "deep 32x16", "deep 32x32 w8",
+       "deep 16x64 unmerged")  # 4 bits
+READ = [(16, 64, 4), (32, 32, 4), (16, 32, 4), (64, 16, 4)]  # read-only probes of the deep grid: (cols, rows, warps)
 
 
 def time_plans(shapes):
@@ -97,11 +102,15 @@ def time_plans(shapes):
         for bits in range(1, 9):
             if bits in TIME_BITS:
                 continue
-            for name, cfg, _ in DEEP + OLD[2][:1]:
-                if name in CURVE_VARIANTS or name.startswith("h2"):
+            for name, cfg, _ in DEEP:
+                if name in CURVE_VARIANTS:
                     cfg = cfg(N) if callable(cfg) else cfg
                     out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
     return out
+
+
+def _tuned_bits(N):
+    return tuple(range(1, 9)) if CURVE and N == _shapes()[0][0] else TIME_BITS
 
 
 def _shapes():
@@ -165,7 +174,7 @@ def phase_compile(args):
     plans = time_plans(shapes)
     if not SMOKE:  # the tuner's candidates too (the tuned row)
         for N, K in shapes:
-            for bits in TIME_BITS:
+            for bits in _tuned_bits(N):
                 plans += [(N, K, bits, "tuner", c) for c in _tuned_candidates(N, K, bits)]
     for N, K, bits, name, cfg in plans:
         key = (bits, json.dumps(cfg, sort_keys=True))
@@ -224,6 +233,12 @@ def _check_task(task):
                                      rel_err=e, ok=bool(e < 3e-3)))
                     if ci == 0:
                         outs[mode] = out
+            if kind == "bcq" and bits >= 5 and not SMOKE:  # call 1: the twin (mode 1) failed here on the GPU
+                for extra in (dict(CHECK_CFGS[0], block_n=16, rows=32), dict(CHECK_CFGS[0], num_warps=8)):
+                    c = dict(extra, chunk=chunk, mode=1)
+                    e = rel(call(x, w, bias=bias, config=c, regime="gemv"), ref)
+                    rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, config=c, bias=with_bias, offset=with_off,
+                                     rel_err=e, ok=bool(e < 3e-3)))
             if len(outs) == 2:
                 same = torch.equal(outs[1], outs[2])
                 rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, check="PTX == twin", ok=bool(same),
@@ -255,6 +270,73 @@ def phase_check(args):
     return 1 if bad else 0
 
 
+# ------------------------------------------------------------------------------------------------ read probe
+
+_READ_KERNEL = None
+
+
+def _read_kernel():
+    """A read-only kernel with the deep GEMV's grid, loads and loop (its `_deep_words`, the next tile loaded before
+    the current one is consumed), xoring the words instead of the arithmetic; one int32 per column and split out."""
+    global _READ_KERNEL, _bp
+    if _READ_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        from bitsmith.kernels import bitplane as _bp  # a module global: the jit function below resolves it there
+
+        @triton.jit
+        def _deep_read_kernel(pl_ptr, out_ptr, N, KW, k_iters, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                              ROWS: tl.constexpr):
+            pid_n = tl.program_id(0)
+            pid_k = tl.program_id(1)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            rw = tl.arange(0, ROWS)
+            kw_begin = pid_k * k_iters * ROWS
+            kw_end = tl.minimum(kw_begin + k_iters * ROWS, KW)
+            acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _bp._deep_words(pl_ptr, kw_begin, kw_end, rw, offs_n, n_mask, KW, N,
+                                                             BITS)
+            for it in range(k_iters):
+                u0, u1, u2, u3, u4, u5, u6, u7 = _bp._deep_words(pl_ptr, kw_begin + (it + 1) * ROWS, kw_end, rw,
+                                                                 offs_n, n_mask, KW, N, BITS)
+                acc = acc ^ w0 ^ w1 ^ w2 ^ w3 ^ w4 ^ w5 ^ w6 ^ w7
+                w0, w1, w2, w3, w4, w5, w6, w7 = u0, u1, u2, u3, u4, u5, u6, u7
+            tl.store(out_ptr + pid_k * N + offs_n, tl.sum(acc, axis=0), mask=n_mask)
+
+        _READ_KERNEL = _deep_read_kernel
+    return _READ_KERNEL
+
+
+def read_probe_us(N, K, bits, bn, rows, warps, split, gen):
+    """Graph-timed read of `bits` plane-word tensors [bits, KW, N] with the deep grid (rotated sets > 3x L2)."""
+    import torch
+
+    from bitsmith.kernels import bench as hb
+    from bitsmith.kernels import bitplane as bp
+
+    KW = bp.num_words(K)
+    k_tiles = -(-KW // rows)
+    k_iters = -(-k_tiles // split)
+    nb = bits * KW * N * 4
+    sets = [torch.randint(-2**31, 2**31 - 1, (bits, KW, N), dtype=torch.int32, device="cuda", generator=gen)
+            for _ in range(hb.rotations(nb))]
+    out = torch.empty((split, N), dtype=torch.int32, device="cuda")
+    k = _read_kernel()
+    grid = (-(-N // bn), split)
+
+    def go(p):
+        k[grid](p, out, N, KW, k_iters, BITS=bits, BLOCK_N=bn, ROWS=rows, num_warps=warps, num_stages=1)
+
+    go(sets[0])
+    torch.cuda.synchronize()
+    us = hb.graph_time_us([lambda p=p: go(p) for p in sets])
+    del sets
+    torch.cuda.empty_cache()
+    return us, nb
+
+
 # ------------------------------------------------------------------------------------------------ time phase
 
 def phase_time(args):
@@ -271,7 +353,7 @@ def phase_time(args):
     base = {}
     plans = time_plans(shapes)
     if not SMOKE:
-        plans += [(N, K, bits, "tuned", None) for N, K in shapes for bits in TIME_BITS]
+        plans += [(N, K, bits, "tuned", None) for N, K in shapes for bits in _tuned_bits(N)]
     for N, K, bits, name, cfg in plans:
         if (N, K) not in base:
             if SMOKE:
@@ -312,7 +394,20 @@ def phase_time(args):
             rows.append(dict(kind="time", kernel=name, N=N, K=K, M=1, bits=bits, failed=f"{type(e).__name__}: {e}"))
             log(f"{N}x{K} b{bits} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
         _write(path, rows)
-    if not SMOKE:
+    if not SMOKE:  # the read-only probes of the deep grid (bytes = plane words only)
+        for N, K in shapes:
+            for bits in TIME_BITS:
+                for bn, rws, warps in READ:
+                    try:
+                        split = 2 if (N, bn) == (8192, 64) else 1
+                        us, nb = read_probe_us(N, K, bits, bn, rws, warps, split, gen)
+                        rows.append(dict(kind="read", N=N, K=K, bits=bits, block_n=bn, rows=rws, num_warps=warps,
+                                         split_k=split, us=us, bytes=nb, GBs=nb / us / 1e3))
+                        log(f"{N}x{K} b{bits} read {bn}x{rws} w{warps} s{split}: {us:.1f} us ({nb / us / 1e3:.0f} GB/s"
+                            f" of plane words)")
+                    except Exception as e:
+                        log(f"{N}x{K} b{bits} read {bn}x{rws}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                    _write(path, rows)
         rows.append(dict(kind="tune-log", log=[dict(r, key=[str(k) for k in r["key"]]) for r in gwint_triton.TUNE_LOG
                                                if "bitplane" in r["key"]]))
         _write(path, rows)
@@ -335,6 +430,9 @@ def summary(out_dir) -> str:
         if r.get("kind") == "time" and "us" in r:
             lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | {r['kernel']} | {r['us']:.1f} | {r['speedup']:.2f}"
                          f" | {r['GBs']:.0f} | {r['rel_err']:.1e} |")
+        elif r.get("kind") == "read":
+            lines.append(f"| {r['N']}x{r['K']} | {r['bits']} | read {r['block_n']}x{r['rows']} w{r['num_warps']}"
+                         f" s{r['split_k']} | {r['us']:.1f} | | {r['GBs']:.0f} | |")
         elif r.get("kernel") == "cublas-fp16":
             lines.append(f"| {r['N']}x{r['K']} | 16 | cuBLAS fp16 | {r['us']:.1f} | 1.00 | | |")
     c = load("check.json")
@@ -351,7 +449,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/bitplane-deep")
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--budget", type=float, default=550, help="seconds for all phases together")
-    ap.add_argument("--limits", default="compile=200,time=230,check=110", help="per-phase seconds")
+    ap.add_argument("--limits", default="compile=220,time=240,check=120", help="per-phase seconds")
     ap.add_argument("--phases", default="compile,time,check")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--shapes", default="")

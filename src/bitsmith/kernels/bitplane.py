@@ -1643,10 +1643,13 @@ def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dty
         return []
     KW = num_words(K)
     merge = int(kind == "bipolar" and 2 <= bits <= 4)
+    # Triton's layout of a [rows, columns] tile at 4 warps: 4 columns per thread, columns / 4 threads per row,
+    # so rows / (512 / columns) word rows per thread (R): 16x64, 32x32 and 64x16 give R = 2, 16x32 and 32x16 R = 1
     if bits <= 4:
-        shapes = ((64, 16, 4, 1), (32, 32, 4, 1), (64, 16, 4, 2), (128, 8, 4, 1), (64, 32, 8, 1), (16, 64, 4, 1))
-    else:  # more words per thread and row: fewer rows per tile
-        shapes = ((64, 8, 4, 1), (32, 16, 4, 1), (64, 16, 4, 1), (128, 8, 4, 1))
+        shapes = ((16, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1), (8, 64, 4, 1),
+                  (64, 16, 4, 1))
+    else:  # more words per thread and row: one word row per thread (R = 1)
+        shapes = ((16, 32, 4, 1), (32, 16, 4, 1), (8, 64, 4, 1), (64, 8, 4, 1))
     out = []
     for bn, rows, warps, depth in shapes:
         n_blocks = -(-N // bn)
@@ -1839,14 +1842,18 @@ def triton_linear(x, planes, coef, offset, kind, group_size, in_features, bias=N
         if M != 1:
             raise ValueError("the gemv regime takes exactly one row")
 
-        def go(c):
+        def go(c, t=None):  # t: the weight tensors by name (the tuner's rotated copies), else this call's
             launch = {"swapped": launch_gemm_t, "h2": launch_gemv_h2, "deep": launch_gemv_deep,
                       **MMA_LAUNCH}.get(c.get("kernel"), launch_gemv)
-            launch(x2, *args, out, kind, group_size, K, c)
+            a = args if t is None else (t["planes"], t["coef"], t.get("offset"), t.get("bias"))
+            return launch(x2, *a, out, kind, group_size, K, c)
 
         cands = [config] if config is not None else candidates or gemv_candidates(N, K, bits, group_size, kind,
                                                                                    x.dtype, sms, offset is not None)
-        cfg = config or _tune(("gemv",) + key, cands, go)
+        # timed like the benchmark table (CUDA graph over rotated weight copies > 3x L2; `_tune`): the cold-L2
+        # timing it used before ranked the deep GEMV's tiles differently from the table on the H100
+        weights = {k: v for k, v in zip(("planes", "coef", "offset", "bias"), args) if v is not None}
+        cfg = config or _tune(("gemv",) + key, cands, go, weights)
     else:
         def go(c):
             launch = {"swapped": launch_gemm_t, **MMA_LAUNCH}.get(c.get("kernel"), launch_gemm)
