@@ -358,3 +358,85 @@ def test_swapped_configs_offer_the_plain_triton_arithmetic_for_bipolar_fp16_only
         assert any(c.get("mode") == 1 for c in fp16) and "mode" not in fp16[0]
         for kind, dt in (("bipolar", torch.bfloat16), ("bipolar", None), ("bcq", torch.float16)):
             assert not any("mode" in c for c in bp.gemm_t_configs(M, 8192, 8192, 3, kind, 132, dt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bipolar", "bcq"])
+@pytest.mark.parametrize("bits", range(1, bp.H2_MAX_BITS + 1))
+def test_gemv_deep_matches_reference(bits, kind):
+    """The deep f16x2 GEMV (`launch_gemv_deep`; plain-Triton twin under the interpreter), bits 1..8, M = 1: odd N,
+    K not a multiple of the group size (partial last group and word), K odd (x read as fp16, not as int32 pairs),
+    tiles spanning groups (per-row scales), the whole K per program or split-K, 1 or 2 tiles loaded ahead, merged
+    plane words (bipolar 2..4 bits) or not, bias, offset on some."""
+    rnd = random.Random(3000 + bits + 100 * (kind == "bcq"))
+    for gs, K, N, rows in ((64, 200, 37, 4), (32, 161, 23, 8), (128, 128 + 40, 9, 2)):
+        with_offset = rnd.random() < 0.5
+        _, planes, coef, off = _make(N, K, bits, gs, kind, with_offset, torch.float16, seed=gs + 7 * bits)
+        x, bias = torch.randn(1, K).half(), torch.randn(N).half()
+        ref = bp.linear_reference(x.float(), planes, coef.float(), None if off is None else off.float(), kind,
+                                  gs, K, bias.float())
+        dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+        out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)  # poison
+        cfg = dict(kernel="deep", block_n=16, rows=rows, num_warps=4, depth=rnd.choice([1, 2]),
+                   split_k=rnd.choice([1, 1, 2, 3]), merge=rnd.choice([0, 1]),
+                   chunk=bp.h2_chunk(1 if kind == "bcq" else bits))
+        bp.launch_gemv_deep(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, kind, gs, K, cfg)
+        err = rel_error(out.cpu(), ref)
+        assert err < TOL[torch.float16], f"relative error {err:.2e} (N={N} K={K} g={gs} {cfg})"
+        for ws, cnt in gwint_triton._WORKSPACES.values():  # split-K leaves the workspace zeroed
+            assert not ws.any() and not cnt.any()
+
+
+@needs_kernels
+def test_gemv_deep_is_a_tuning_candidate_and_runs_by_config():
+    """The deep GEMV's configurations are among the M = 1 candidates (fp16 only), and a pinned config runs it
+    through the public op."""
+    cands = bp.gemv_candidates(8192, 8192, 2, 128, "bipolar", torch.float16, 132)
+    deep = [c for c in cands if c.get("kernel") == "deep"]
+    assert deep and all(c["split_k"] == 1 for c in deep if c["block_n"] <= 32)  # 256+ column blocks: whole K
+    assert any(c.get("merge") for c in deep) and any(not c.get("merge") for c in deep)
+    assert not bp.gemv_deep_configs(8192, 8192, 2, 128, "bipolar", torch.bfloat16, 132)
+    assert not any(c.get("merge") for c in bp.gemv_deep_configs(8192, 8192, 3, 128, "bcq", torch.float16, 132))
+    N, K, gs = 21, 96, 32
+    _, planes, coef, _ = _make(N, K, 3, gs, "bipolar", False, torch.float16, seed=5)
+    x = torch.randn(1, K).half()
+    ref = bp.linear_reference(x.float(), planes, coef.float(), None, "bipolar", gs, K)
+    out = bp.triton_linear(x.to(DEVICE), planes.to(DEVICE), coef.to(DEVICE), None, "bipolar", gs, K,
+                           config=dict(deep[0], block_n=16, rows=2), regime="gemv")
+    assert rel_error(out.cpu(), ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_merged_words_and_pair_ptx(bits):
+    """Merged plane words: per window the shifted planes are bit-selected into BITS class words (`_h2_class_mask`,
+    LOP3 0xE4 = a where k else b), after which `_gemv_merged_pair_asm` (one LOP3, the exact HSUB2, one HFMA2) gives
+    h + (u - L/2) x for both slots of every pair, as the unmerged `_gemv_pair_asm` does."""
+    import numpy as np
+
+    rnd = random.Random(90 + bits)
+    L, WIN = (1 << bits) - 1, 10 - bits
+    pair2 = lambda a, b: int(np.array([a, b], dtype=np.float16).view(np.uint32)[0])  # noqa: E731
+    lop3 = lambda a, b, c, lut: sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1)  # noqa: E731
+                                    << i for i in range(32))
+    asm = bp._h2_bsel_asm(0x12345678)
+    assert asm.endswith("0x12345678, 0xE4;")
+    for trial in range(3):
+        w = [rnd.getrandbits(32) for _ in range(bits)]
+        for jj in range(16):
+            start = (jj // WIN) * WIN
+            R = start - 1
+            c = [((wi >> (R - i)) if R >= i else (wi << (i - R))) & 0xFFFFFFFF for i, wi in enumerate(w)]
+            cls = (jj - start) % bits
+            m = c[0]
+            for i in range(1, bits):  # `_h2_merged`: plane i where the class mask of (cls + 1 + i) % bits is set
+                k = bp._h2_class_mask(bits, (cls + 1 + i) % bits) & 0xFFFFFFFF
+                sel = lop3(c[i], m, k, 0xE4)
+                assert sel == (c[i] & k) | (m & ~k & 0xFFFFFFFF)  # the LUT is "a where k, else b"
+                m = sel
+            xs = [np.float16(rnd.gauss(0, 2)) for _ in range(2)]
+            hs = [np.float16(rnd.gauss(0, 20)) for _ in range(2)]
+            got = _run_ptx(bp._gemv_merged_pair_asm(bits, 1 + jj % WIN), [m, pair2(*xs), pair2(*hs)], outputs=1)
+            for h, j in ((0, jj), (1, jj + 16)):
+                u = sum(((w[i] >> j) & 1) << i for i in range(bits))
+                want = np.float16((u - L / 2) * float(xs[h]) + float(hs[h]))
+                assert got[h] == float(want), (bits, jj, h)
