@@ -77,6 +77,11 @@ def test_fuse_layer_option_decodes(tmp_path):
     assert all("error" not in r and r["fuse_layer"] and r["tokens_per_s"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         bench_generate.main(["--shape", "tiny", "--device", "cpu", "--fuse-layer"])
+    # the default: fused layers with --fuse, stock ones without it or with --fuse-layer off
+    for extra, fused in (["--fuse"], True), ([], False), (["--fuse", "--fuse-layer", "off"], False):
+        assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu",
+                                    "--variant", "w4", "--out", str(out)] + extra) == 0
+        assert [r["fuse_layer"] for r in json.loads(out.read_text())] == [fused]
     # 'both': each variant with the stock layers, then fused; ratios against the fp16 row of the same kind
     assert bench_generate.main(["--shape", "tiny", "--batch", "1", "--steps", "2", "--device", "cpu", "--fuse",
                                 "--fuse-layer", "both", "--variant", "fp16", "--variant", "w4", "--out",
