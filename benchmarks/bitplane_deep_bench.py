@@ -33,6 +33,8 @@ SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K)
 TIME_BITS = (2, 3, 4)
 CURVE = False  # --curve: bits 1..8 at 8192x8192 with the variants named in --curve-variants
 SMOKE = False
+PINNED = None  # --pinned: the pinned variants timed (None: all)
+CHECK_TASKS = None  # --check-tasks: [(kind, bits)] (None: all 16)
 T0 = float(os.environ.get("BITSMITH_BENCH_T0", time.time()))
 
 
@@ -100,7 +102,7 @@ def time_plans(shapes):
             for name, cfg, only in OLD[bits] + DEEP:
                 if SMOKE and name not in ("h2 1024 u4", "deep 32x32"):
                     continue
-                if bits > 3 and name not in FEW:
+                if bits > 3 and name not in FEW or PINNED is not None and name not in PINNED:
                     continue
                 if only is None or N in only or SMOKE:
                     cfg = cfg(N) if callable(cfg) else cfg
@@ -111,7 +113,7 @@ def time_plans(shapes):
             if bits in TIME_BITS:
                 continue
             for name, cfg, _ in DEEP:
-                if name in CURVE_VARIANTS:
+                if name in CURVE_VARIANTS and (PINNED is None or name in PINNED):
                     cfg = cfg(N) if callable(cfg) else cfg
                     out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
     return out
@@ -262,7 +264,7 @@ def _check_task(task):
 
 
 def phase_check(args):
-    tasks = [(k, b) for b in ((2, 3) if SMOKE else range(8, 0, -1)) for k in ("bipolar", "bcq")]
+    tasks = CHECK_TASKS or [(k, b) for b in ((2, 3) if SMOKE else range(8, 0, -1)) for k in ("bipolar", "bcq")]
     log(f"check: {len(tasks)} tasks (kind, bits) in {args.workers} processes")
     rows, bad = [], 0
     with _pool(args.workers) as pool:
@@ -452,7 +454,7 @@ def summary(out_dir) -> str:
 
 
 def main(argv=None) -> int:
-    global SMOKE, TIME_BITS, CURVE, SHAPES
+    global SMOKE, TIME_BITS, CURVE, SHAPES, PINNED, CHECK_TASKS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bitplane-deep")
     ap.add_argument("--workers", type=int, default=15)
@@ -462,12 +464,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--curve", action="store_true", help="also bits 1..8 at the first shape (two deep variants)")
+    ap.add_argument("--pinned", default="", help="comma list of the pinned variants to time (default: all)")
+    ap.add_argument("--check-tasks", default="", help="comma list of kind:bits check tasks (default: all 16)")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
     args = ap.parse_args(argv)
     SMOKE = args.smoke
     TIME_BITS = tuple(int(b) for b in args.bits.split(","))
     CURVE = args.curve
+    PINNED = tuple(p for p in args.pinned.split(",") if p) or None
+    CHECK_TASKS = [(t.split(":")[0], int(t.split(":")[1])) for t in args.check_tasks.split(",") if t] or None
     if args.shapes:
         SHAPES = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     if SMOKE:

@@ -1324,50 +1324,30 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _deep_words(pl_ptr, kw0, kw_end, rw, offs_n, n_mask, KW, N, BITS: tl.constexpr,
-                    VOL: tl.constexpr = False):
+    def _deep_words(pl_ptr, kw0, kw_end, rw, offs_n, n_mask, KW, N, BITS: tl.constexpr):
         """Plane words of the tile at kw0: 8 tensors [ROWS, BN] int32, rows at or past kw_end read as 0 (not loaded);
         planes >= BITS repeat plane 0, never read."""
         kw = kw0 + rw
         wmask = (kw < kw_end)[:, None] & n_mask[None, :]
         wp = pl_ptr + kw[:, None] * N + offs_n[None, :]
         plane_stride = KW * N
-        w0 = tl.load(wp, mask=wmask, other=0, volatile=VOL)
+        w0 = tl.load(wp, mask=wmask, other=0)
         w1, w2, w3, w4, w5, w6, w7 = w0, w0, w0, w0, w0, w0, w0
         if BITS > 1:
-            w1 = tl.load(wp + plane_stride, mask=wmask, other=0, volatile=VOL)
+            w1 = tl.load(wp + plane_stride, mask=wmask, other=0)
         if BITS > 2:
-            w2 = tl.load(wp + 2 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w2 = tl.load(wp + 2 * plane_stride, mask=wmask, other=0)
         if BITS > 3:
-            w3 = tl.load(wp + 3 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w3 = tl.load(wp + 3 * plane_stride, mask=wmask, other=0)
         if BITS > 4:
-            w4 = tl.load(wp + 4 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w4 = tl.load(wp + 4 * plane_stride, mask=wmask, other=0)
         if BITS > 5:
-            w5 = tl.load(wp + 5 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w5 = tl.load(wp + 5 * plane_stride, mask=wmask, other=0)
         if BITS > 6:
-            w6 = tl.load(wp + 6 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w6 = tl.load(wp + 6 * plane_stride, mask=wmask, other=0)
         if BITS > 7:
-            w7 = tl.load(wp + 7 * plane_stride, mask=wmask, other=0, volatile=VOL)
+            w7 = tl.load(wp + 7 * plane_stride, mask=wmask, other=0)
         return w0, w1, w2, w3, w4, w5, w6, w7
-
-    _PF_L2 = tl.constexpr("{\n.reg .pred p;\nsetp.ne.s32 p, $2, 0;\n@p prefetch.global.L2 [$1];\nmov.b32 $0, 0;\n}")
-
-    @triton.jit
-    def _deep_prefetch(pl_ptr, kw0, kw_end, pid_n, N, KW, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ROWS: tl.constexpr):
-        """prefetch.global.L2 of the tile at kw0: one per 128-byte line of each plane row (rows at or past kw_end
-        skipped), the lines spread over the program's threads. A memory op without a result, so ptxas leaves it
-        where it is written; it sinks the tile's own loads towards the end of the previous iteration (offline SASS,
-        Triton 3.6), where their HBM latency is exposed."""
-        LPR: tl.constexpr = (BLOCK_N + 31) // 32  # 128-byte lines per plane row
-        NL: tl.constexpr = BITS * ROWS * LPR
-        e = tl.arange(0, _pow2_at_least(NL))
-        plane = e // (ROWS * LPR)
-        row = (e // LPR) % ROWS
-        col = pid_n * BLOCK_N + (e % LPR) * 32
-        ok = ((e < NL) & (kw0 + row < kw_end) & (col < N)).to(tl.int32)
-        addr = pl_ptr + ((plane * KW + kw0 + row) * N + col)
-        tl.inline_asm_elementwise(_PF_L2, "=r,l,r", [addr, ok], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K,
@@ -1420,7 +1400,7 @@ if triton is not None:
                              BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                              MODE: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                              ROWS: tl.constexpr, DEPTH: tl.constexpr, MERGE: tl.constexpr, XPAIR: tl.constexpr,
-                             BCQ: tl.constexpr, VOL: tl.constexpr = False, PF: tl.constexpr = 0):
+                             BCQ: tl.constexpr):
         # x: [K] fp16 (xw: the same bytes as int32 pairs when XPAIR); planes [BITS, KW, N] int32; scales [G, N]
         # (BCQ: alphas [BITS, G, N]); out [N]. Program (pid_n, pid_k): BLOCK_N columns x k_iters tiles of ROWS word
         # rows (split 1: the whole K, no workspace, no atomics). Tile [ROWS, BN]: Triton gives each thread 4
@@ -1443,10 +1423,8 @@ if triton is not None:
                                                          BITS)
         for it in range(k_iters):
             kw0 = kw_begin + it * ROWS
-            if PF > 0:  # L2 prefetch PF tiles ahead (GPU only: inline PTX)
-                _deep_prefetch(pl_ptr, kw0 + PF * ROWS, kw_end, pid_n, N, KW, BITS, BLOCK_N, ROWS)
             u0, u1, u2, u3, u4, u5, u6, u7 = _deep_words(pl_ptr, kw0 + DEPTH * ROWS, kw_end, rw, offs_n, n_mask, KW,
-                                                         N, BITS, VOL)
+                                                         N, BITS)
             acc = _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
                                n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, MERGE,
                                XPAIR, BCQ)
@@ -1653,7 +1631,6 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
         CHUNK=chunk, EVEN=K % 32 == 0 and N % bn == 0 and KW % (rows * k_iters) == 0, BLOCK_N=bn, ROWS=rows,
         DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq,
-        PF=0 if _interpreting() else cfg.get("pf", 0),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
 
 
@@ -1667,12 +1644,14 @@ def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dty
     KW = num_words(K)
     merge = int(kind == "bipolar" and 2 <= bits <= 4)
     # Triton's layout of a [rows, columns] tile at 4 warps: 4 columns per thread, columns / 4 threads per row,
-    # so rows / (512 / columns) word rows per thread (R): 16x64, 32x32 and 64x16 give R = 2, 16x32 and 32x16 R = 1
+    # so rows / (512 / columns) word rows per thread (R): 16x64, 32x32 and 64x16 give R = 2, 16x32 and 32x16 R = 1.
+    # H100 (docs/results/bitplane.md, fifth session): 16x64 best at 8192x8192 (1..3 bits), 32x32 (4 or 8 warps)
+    # or 32x16 at 28672x8192; 8x64, 64x16, 128x8, 64x32 (8 warps), 2 tiles ahead, plane words not merged, and an
+    # L2 prefetch of the tile 1-3 tiles ahead all lost (not offered)
     if bits <= 4:
-        shapes = ((16, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1), (8, 64, 4, 1),
-                  (64, 16, 4, 1))
-    else:  # more words per thread and row: one word row per thread (R = 1)
-        shapes = ((16, 32, 4, 1), (32, 16, 4, 1), (8, 64, 4, 1), (64, 8, 4, 1))
+        shapes = ((16, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1))
+    else:  # more words per thread and row: one word row per thread (R = 1); h2 512 u2 won at 5..7 bits
+        shapes = ((16, 32, 4, 1), (32, 16, 4, 1))
     out = []
     for bn, rows, warps, depth in shapes:
         n_blocks = -(-N // bn)
@@ -1683,8 +1662,6 @@ def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dty
             cfg["merge"] = 1
         if cfg not in out:
             out.append(cfg)
-    if merge:  # the unmerged pair arithmetic of the first shape, for comparison
-        out.append({k: v for k, v in out[0].items() if k != "merge"})
     return out
 
 
