@@ -52,10 +52,12 @@ def _h2(bn, unroll=0, warps=4, split=0):
     return c
 
 
-def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pf=0):
+def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pair=0, maxnreg=0):
     c = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=depth, split_k=split)
-    if pf:
-        c["pf"] = pf
+    if pair:
+        c["pair"] = 1
+    if maxnreg:
+        c["maxnreg"] = maxnreg
     if merge:
         c["merge"] = 1
     if not xpair:
@@ -65,30 +67,30 @@ def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pf=0):
 
 # (name, config, shapes it runs at (None: all)); split-K f16x2 rows are the tuner's earlier choices. Call 1
 # (e439995) timed 64x16, 32x32 (+ d2, unmerged, x16), 64x16 d2 / s1, 128x8, 64x32 w8, 16x64; call 2 the rest
-# (pf: an L2 prefetch of the tile that many tiles ahead, `_deep_prefetch`)
+# (call 2, 86fb383: pf = an L2 prefetch that many tiles ahead, removed since; call 4: pair, maxnreg, splits)
 DEEP = [("deep 16x64", lambda N: _deep(16, 64), None),
         ("deep 32x32", lambda N: _deep(32, 32), None),
-        ("deep 16x64 pf1", lambda N: _deep(16, 64, pf=1), None),
-        ("deep 16x64 pf2", lambda N: _deep(16, 64, pf=2), None),
-        ("deep 16x64 pf3", lambda N: _deep(16, 64, pf=3), None),
-        ("deep 32x32 pf1", lambda N: _deep(32, 32, pf=1), None),
-        ("deep 32x32 pf2", lambda N: _deep(32, 32, pf=2), None),
-        ("deep 16x32", lambda N: _deep(16, 32), None),
-        ("deep 16x32 pf2", lambda N: _deep(16, 32, pf=2), None),
         ("deep 32x16", lambda N: _deep(32, 16), None),
-        ("deep 32x16 pf2", lambda N: _deep(32, 16, pf=2), None),
-        ("deep 8x64", lambda N: _deep(8, 64), None),
-        ("deep 8x64 pf2", lambda N: _deep(8, 64, pf=2), None),
+        ("deep 16x32", lambda N: _deep(16, 32), None),
         ("deep 32x32 w8", lambda N: _deep(32, 32, warps=8), None),
-        ("deep 32x32 w8 pf2", lambda N: _deep(32, 32, warps=8, pf=2), None),
-        ("deep 16x64 d2 pf3", lambda N: _deep(16, 64, depth=2, pf=3), None),
-        ("deep 64x16 pf2", lambda N: _deep(64, 16, split=2 if N == 8192 else 1, pf=2), (28672,))]
+        ("deep 16x64 pair", lambda N: _deep(16, 64, pair=1), None),
+        ("deep 32x32 pair", lambda N: _deep(32, 32, pair=1), None),
+        ("deep 32x16 pair", lambda N: _deep(32, 16, pair=1), None),
+        ("deep 32x32 w8 pair", lambda N: _deep(32, 32, warps=8, pair=1), None),
+        ("deep 16x64 mr64", lambda N: _deep(16, 64, maxnreg=64), None),
+        ("deep 32x32 mr64", lambda N: _deep(32, 32, maxnreg=64), None),
+        ("deep 32x32 mr56", lambda N: _deep(32, 32, maxnreg=56), (28672,)),
+        ("deep 16x64 s2", lambda N: _deep(16, 64, split=2), (8192,)),
+        ("deep 16x32 s2", lambda N: _deep(16, 32, split=2), (8192,)),
+        ("deep 32x32 s2", lambda N: _deep(32, 32, split=2), (8192,)),
+        ("deep 16x128 w8", lambda N: _deep(16, 128, warps=8), None),
+        ("deep 32x64 w8", lambda N: _deep(32, 64, warps=8), (28672,))]
 OLD = {2: [("h2 1024 u4", _h2(1024, 4), None)],
        3: [("h2 1024 u2", _h2(1024, 2), None)],
        4: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))]}
-CURVE_VARIANTS = ("deep 16x32", "deep 32x16", "deep 16x32 pf2", "deep 32x16 pf2")
-FEW = ("h2 1024 u2", "h2 1024 s66", "deep 16x64", "deep 32x32", "deep 16x32", "deep 32x16", "deep 32x32 pf2",
-       "deep 16x64 pf2", "deep 16x32 pf2", "deep 32x16 pf2")  # 4 bits
+CURVE_VARIANTS = ("deep 16x32", "deep 32x16")
+FEW = ("h2 1024 u2", "h2 1024 s66", "deep 16x64", "deep 32x32", "deep 16x32", "deep 32x16", "deep 32x32 w8",
+       "deep 32x32 w8 pair", "deep 32x32 pair", "deep 16x32 s2", "deep 32x32 mr64")  # 4 bits
 READ = [(16, 64, 4), (32, 32, 4), (16, 32, 4), (64, 16, 4)]  # read-only probes of the deep grid: (cols, rows, warps)
 
 
@@ -208,7 +210,8 @@ def phase_compile(args):
 
 CHECK = [(4099, 576, 128), (37, 200, 64), (1000, 608, 32)]  # odd N + partial last group; K % 32 != 0; g32
 CHECK_CFGS = [dict(kernel="deep", block_n=64, rows=16, num_warps=4, depth=1, split_k=1, merge=1),
-              dict(kernel="deep", block_n=32, rows=8, num_warps=4, depth=2, split_k=3, merge=1, xpair=0)]
+              dict(kernel="deep", block_n=32, rows=8, num_warps=4, depth=2, split_k=3, merge=1, xpair=0),
+              dict(kernel="deep", block_n=32, rows=4, num_warps=4, depth=1, split_k=1, merge=1, pair=1)]
 
 
 def _check_task(task):

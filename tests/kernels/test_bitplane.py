@@ -366,8 +366,8 @@ def test_swapped_configs_offer_the_plain_triton_arithmetic_for_bipolar_fp16_only
 def test_gemv_deep_matches_reference(bits, kind):
     """The deep f16x2 GEMV (`launch_gemv_deep`; plain-Triton twin under the interpreter), bits 1..8, M = 1: odd N,
     K not a multiple of the group size (partial last group and word), K odd (x read as fp16, not as int32 pairs),
-    tiles spanning groups (per-row scales), the whole K per program or split-K, 1 or 2 tiles loaded ahead, merged
-    plane words (bipolar 2..4 bits) or not, bias, offset on some."""
+    tiles spanning groups (per-row scales), the whole K per program or split-K, 1 or 2 tiles loaded ahead, two
+    tiles per loop iteration or one, merged plane words (bipolar 2..4 bits) or not, bias, offset on some."""
     rnd = random.Random(3000 + bits + 100 * (kind == "bcq"))
     for gs, K, N, rows in ((64, 200, 37, 4), (32, 161, 23, 8), (128, 128 + 40, 9, 2)):
         with_offset = rnd.random() < 0.5
@@ -378,7 +378,7 @@ def test_gemv_deep_matches_reference(bits, kind):
         dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
         out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)  # poison
         cfg = dict(kernel="deep", block_n=16, rows=rows, num_warps=4, depth=rnd.choice([1, 2]),
-                   split_k=rnd.choice([1, 1, 2, 3]), merge=rnd.choice([0, 1]),
+                   split_k=rnd.choice([1, 1, 2, 3]), merge=rnd.choice([0, 1]), pair=rnd.choice([0, 1]),
                    chunk=bp.h2_chunk(1 if kind == "bcq" else bits))
         bp.launch_gemv_deep(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, kind, gs, K, cfg)
         err = rel_error(out.cpu(), ref)

@@ -1400,14 +1400,15 @@ if triton is not None:
                              BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                              MODE: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                              ROWS: tl.constexpr, DEPTH: tl.constexpr, MERGE: tl.constexpr, XPAIR: tl.constexpr,
-                             BCQ: tl.constexpr):
+                             BCQ: tl.constexpr, PAIR: tl.constexpr = False):
         # x: [K] fp16 (xw: the same bytes as int32 pairs when XPAIR); planes [BITS, KW, N] int32; scales [G, N]
         # (BCQ: alphas [BITS, G, N]); out [N]. Program (pid_n, pid_k): BLOCK_N columns x k_iters tiles of ROWS word
         # rows (split 1: the whole K, no workspace, no atomics). Tile [ROWS, BN]: Triton gives each thread 4
         # columns (one 16-byte load per plane and row), the other threads and the warps other rows, so a narrow
         # column block still has every thread busy; one reduction over rows at the end. A run-time loop: the
         # words of the next DEPTH (1 or 2) tiles are loaded before the current tile is consumed, carried in
-        # registers, so each thread keeps DEPTH tiles of loads in flight.
+        # registers, so each thread keeps DEPTH tiles of loads in flight. PAIR (DEPTH 1, k_iters even): two tiles per
+        # iteration, so the loop's own instructions and the register rotation come once per two tiles.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1421,6 +1422,20 @@ if triton is not None:
         if DEPTH > 1:
             v0, v1, v2, v3, v4, v5, v6, v7 = _deep_words(pl_ptr, kw_begin + ROWS, kw_end, rw, offs_n, n_mask, KW, N,
                                                          BITS)
+        if PAIR:
+            for it in range(0, k_iters, 2):
+                kw0 = kw_begin + it * ROWS
+                v0, v1, v2, v3, v4, v5, v6, v7 = _deep_words(pl_ptr, kw0 + ROWS, kw_end, rw, offs_n, n_mask, KW, N,
+                                                             BITS)
+                acc = _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
+                                   n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
+                                   MERGE, XPAIR, BCQ)
+                w0, w1, w2, w3, w4, w5, w6, w7 = _deep_words(pl_ptr, kw0 + 2 * ROWS, kw_end, rw, offs_n, n_mask, KW,
+                                                             N, BITS)
+                acc = _deep_planes(acc, v0, v1, v2, v3, v4, v5, v6, v7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0 + ROWS, rw,
+                                   offs_n, n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N,
+                                   ROWS, MERGE, XPAIR, BCQ)
+            k_iters = 0  # the loop below is skipped
         for it in range(k_iters):
             kw0 = kw_begin + it * ROWS
             u0, u1, u2, u3, u4, u5, u6, u7 = _deep_words(pl_ptr, kw0 + DEPTH * ROWS, kw_end, rw, offs_n, n_mask, KW,
@@ -1608,8 +1623,9 @@ def gemv_h2_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype
 def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, cfg):
     """x2 [1, K] fp16 -> out [1, N] by `_gemv_deep_h2_kernel` (both kinds). cfg: block_n, rows (word rows per
     tile), split_k (default 1: the whole K per program, no split-K epilogue), depth (tiles loaded ahead, 1 or 2),
-    merge (merged plane words, bipolar 2..4 bits), xpair (x read as int32 pairs, K even; default on), chunk,
-    num_warps, optional mode (2 PTX, 1 its plain-Triton twin)."""
+    merge (merged plane words, bipolar 2..4 bits), xpair (x read as int32 pairs, K even; default on), pair (two
+    tiles per loop iteration), chunk, num_warps, maxnreg (ptxas register cap), optional mode (2 PTX, 1 its
+    plain-Triton twin)."""
     bits, KW, N, G, o, b, bcq = _common(planes, coef, offset, bias, kind)
     if x2.dtype != torch.float16:
         raise ValueError("the f16x2 GEMV takes fp16 activations")
@@ -1626,12 +1642,17 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
             xpair = False
     n_blocks = -(-N // bn)
     ws, cnt = _workspace(x2.device, N if split > 1 else 0, n_blocks if split > 1 else 0)
+    # pair: two tiles per loop iteration; with an odd number of tiles per split only at split 1 (the extra tile
+    # lies past KW: zero words, x masked, zero scales), else it would add a tile of the next split's rows
+    pair = bool(cfg.get("pair", False)) and (k_iters % 2 == 0 or split == 1) and cfg.get("depth", 1) == 1
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and not _interpreting() else {}
     return _gemv_deep_h2_kernel[(n_blocks, split)](
         x2, xw, planes, coef, o, b, out, ws, cnt, N, K, KW, G, group_size, k_iters, split,
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
-        CHUNK=chunk, EVEN=K % 32 == 0 and N % bn == 0 and KW % (rows * k_iters) == 0, BLOCK_N=bn, ROWS=rows,
-        DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        CHUNK=chunk, EVEN=K % 32 == 0 and N % bn == 0 and KW % (rows * k_iters) == 0 and not (pair and k_iters % 2),
+        BLOCK_N=bn, ROWS=rows,
+        DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq, PAIR=pair,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **extra)
 
 
 def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype,
