@@ -33,6 +33,7 @@ SHAPES = [(8192, 8192), (28672, 8192)]  # (N, K)
 TIME_BITS = (2, 3, 4)
 CURVE = False  # --curve: bits 1..8 at 8192x8192 with the variants named in --curve-variants
 SMOKE = False
+BCQ_ROWS = False  # --bcq: BCQ 3-bit rows tuned over the f16x2 and deep candidates
 PINNED = None  # --pinned: the pinned variants timed (None: all)
 CHECK_TASKS = None  # --check-tasks: [(kind, bits)] (None: all 16)
 T0 = float(os.environ.get("BITSMITH_BENCH_T0", time.time()))
@@ -170,7 +171,7 @@ def _compile_task(plan):
     t = time.time()
     try:
         gen = torch.Generator(device=_device()).manual_seed(0)
-        w = make("bipolar", N, K, bits, torch.float16, gen)
+        w = make("bcq" if name.endswith("bcq") else "bipolar", N, K, bits, torch.float16, gen)
         x = torch.randn(1, K, device=_device(), dtype=torch.float16, generator=gen)
         call(x, w, config=cfg, regime="gemv")
         if not SMOKE:
@@ -188,8 +189,10 @@ def phase_compile(args):
         for N, K in shapes:
             for bits in _tuned_bits(N):
                 plans += [(N, K, bits, "tuner", c) for c in _tuned_candidates(N, K, bits)]
+            if BCQ_ROWS:
+                plans += [(N, K, 3, "tuner bcq", c) for c in _tuned_candidates(N, K, 3, "bcq")]
     for N, K, bits, name, cfg in plans:
-        key = (bits, json.dumps(cfg, sort_keys=True))
+        key = (bits, name.endswith("bcq"), json.dumps(cfg, sort_keys=True))
         if key not in seen:
             seen.add(key)
             tasks.append((shapes[0][0], shapes[0][1], bits, name, cfg))
@@ -367,6 +370,7 @@ def phase_time(args):
     plans = time_plans(shapes)
     if not SMOKE:
         plans += [(N, K, bits, "tuned", None) for N, K in shapes for bits in _tuned_bits(N)]
+        plans += [(N, K, 3, "tuned bcq", None) for N, K in shapes] if BCQ_ROWS else []
     for N, K, bits, name, cfg in plans:
         if (N, K) not in base:
             if SMOKE:
@@ -377,13 +381,15 @@ def phase_time(args):
                 base[(N, K)] = hb.cublas_baseline(N, K, (1,), torch.float16, gen, rows, log)[1]
             _write(path, rows)
         try:
-            w0 = make("bipolar", N, K, bits, torch.float16, gen)
+            kind = "bcq" if name.endswith("bcq") else "bipolar"
+            w0 = make(kind, N, K, bits, torch.float16, gen)
             xc = torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen)
-            kw = dict(config=cfg, regime="gemv") if cfg is not None else dict(candidates=_tuned_candidates(N, K, bits))
+            kw = (dict(config=cfg, regime="gemv") if cfg is not None
+                  else dict(candidates=_tuned_candidates(N, K, bits, kind)))
             err = rel(call(xc, w0, **kw), reference(xc, w0))
             picked = None
             if cfg is None:
-                picked = gwint_triton._TUNED.get(("gemv", "bitplane", "bipolar", bits, 128, False, False,
+                picked = gwint_triton._TUNED.get(("gemv", "bitplane", kind, bits, 128, False, False,
                                                   torch.float16, N, K))
             if SMOKE:
                 t = time.time()
@@ -393,7 +399,7 @@ def phase_time(args):
                 from bitsmith.kernels import bench as hb
 
                 R = hb.rotations(nbytes(w0))
-                ws = [w0] + [make("bipolar", N, K, bits, torch.float16, gen) for _ in range(R - 1)]
+                ws = [w0] + [make(kind, N, K, bits, torch.float16, gen) for _ in range(R - 1)]
                 xs = [torch.randn(1, K, device=dev, dtype=torch.float16, generator=gen) for _ in range(R)]
                 us = hb.graph_time_us([lambda x=x, w=w: call(x, w, **kw) for x, w in zip(xs, ws)])
                 del ws, xs
@@ -457,7 +463,7 @@ def summary(out_dir) -> str:
 
 
 def main(argv=None) -> int:
-    global SMOKE, TIME_BITS, CURVE, SHAPES, PINNED, CHECK_TASKS
+    global SMOKE, TIME_BITS, CURVE, SHAPES, PINNED, CHECK_TASKS, BCQ_ROWS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bitplane-deep")
     ap.add_argument("--workers", type=int, default=15)
@@ -467,6 +473,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--curve", action="store_true", help="also bits 1..8 at the first shape (two deep variants)")
+    ap.add_argument("--bcq", action="store_true", help="also BCQ 3-bit, tuned over the f16x2 and deep candidates")
     ap.add_argument("--pinned", default="", help="comma list of the pinned variants to time (default: all)")
     ap.add_argument("--check-tasks", default="", help="comma list of kind:bits check tasks (default: all 16)")
     ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
@@ -475,6 +482,7 @@ def main(argv=None) -> int:
     SMOKE = args.smoke
     TIME_BITS = tuple(int(b) for b in args.bits.split(","))
     CURVE = args.curve
+    BCQ_ROWS = args.bcq
     PINNED = tuple(p for p in args.pinned.split(",") if p) or None
     CHECK_TASKS = [(t.split(":")[0], int(t.split(":")[1])) for t in args.check_tasks.split(",") if t] or None
     if args.shapes:

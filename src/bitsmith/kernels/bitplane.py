@@ -1657,28 +1657,32 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
 
 def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype,
                       sms: int) -> list[dict]:
-    """Candidates for `launch_gemv_deep` ([] for bf16): (columns, word rows per tile, warps, tiles ahead, merged
-    words). Split 1 (whole K per program) where the column blocks alone give two programs per SM, else the fewest
-    splits that do (their partial sums go through the split-K epilogue, few per column)."""
+    """Candidates for `launch_gemv_deep` ([] for bf16): (columns, word rows per tile, warps, two tiles per
+    iteration), merged words for bipolar 2..4 bits. Split 1 (whole K per program) where the column blocks alone
+    give two programs per SM, else the fewest splits that do (their partial sums go through the split-K epilogue,
+    few per column)."""
     if dtype != torch.float16 or bits > H2_MAX_BITS:
         return []
     KW = num_words(K)
     merge = int(kind == "bipolar" and 2 <= bits <= 4)
     # Triton's layout of a [rows, columns] tile at 4 warps: 4 columns per thread, columns / 4 threads per row,
     # so rows / (512 / columns) word rows per thread (R): 16x64, 32x32 and 64x16 give R = 2, 16x32 and 32x16 R = 1.
-    # H100 (docs/results/bitplane.md, fifth session): 16x64 best at 8192x8192 (1..3 bits), 32x32 (4 or 8 warps)
-    # or 32x16 at 28672x8192; 8x64, 64x16, 128x8, 64x32 (8 warps), 2 tiles ahead, plane words not merged, and an
-    # L2 prefetch of the tile 1-3 tiles ahead all lost (not offered)
+    # H100 (docs/results/bitplane.md, fifth session): 16x64 best at 8192x8192 (1..3 bits), 32x32 (4 or 8 warps,
+    # two tiles per iteration at 8 warps) or 32x16 at 28672x8192; 8x64, 64x16, 128x8, 16x128 and 64x32 (8 warps),
+    # split 2, 2 tiles ahead, plane words not merged, a ptxas register cap (spills) and an L2 prefetch of the tile
+    # 1-3 tiles ahead all lost (not offered)
     if bits <= 4:
-        shapes = ((16, 64, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1), (32, 32, 8, 1))
+        shapes = ((16, 64, 4, 0), (32, 32, 4, 0), (16, 32, 4, 0), (32, 16, 4, 0), (32, 32, 8, 0), (32, 32, 8, 1))
     else:  # more words per thread and row: one word row per thread (R = 1); h2 512 u2 won at 5..7 bits
-        shapes = ((16, 32, 4, 1), (32, 16, 4, 1))
+        shapes = ((16, 32, 4, 0), (32, 16, 4, 0))
     out = []
-    for bn, rows, warps, depth in shapes:
+    for bn, rows, warps, pair in shapes:
         n_blocks = -(-N // bn)
-        cfg = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=depth,
+        cfg = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=1,
                    split_k=_split_for(n_blocks, -(-KW // rows), sms, 2.0) if n_blocks < 2 * sms else 1,
                    chunk=h2_chunk(1 if kind == "bcq" else bits))
+        if pair:
+            cfg["pair"] = 1
         if merge:
             cfg["merge"] = 1
         if cfg not in out:
