@@ -61,6 +61,12 @@ def test_prune_finequant_pack_gives_quantized_bsr(tiny_lm, calib_text, tmp_path)
     assert q.dtype == torch.uint8 and q.shape == (3, 16, 16)
     # 25% of the blocks at 4 bits plus scales and indexes: about a tenth of bf16
     assert summary.linear_bytes_after < 0.12 * summary.linear_bytes_before
+    # `bitsmith inspect` reports each module's stored share (the [64, 96] one: 3 of 4 x 3 blocks, 75 % sparse)
+    from bitsmith.compress.inspect import inspect_checkpoint
+
+    rows = {r["module"]: r for r in inspect_checkpoint(out)["modules"]}
+    assert rows["model.layers.1.mlp.down_proj"]["sparsity"] == pytest.approx(0.75)
+    assert rows["lm_head"]["sparsity"] == 0.0
 
 
 def test_pack_bsr_matches_finequant_alone(tiny_lm, tmp_path):

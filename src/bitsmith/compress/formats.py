@@ -57,6 +57,10 @@ class PackedFormat:
                bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def sparsity(self, params: dict) -> float:
+        """Share of the logical weights the format does not store (0 for dense layouts; sparse ones override)."""
+        return float(params.get("sparsity", 0.0))
+
     def bits_per_weight(self, params: dict, dtype: torch.dtype) -> float:
         """Stored bits per logical weight, everything (scales, indexes) counted."""
         total = 0

@@ -22,7 +22,7 @@ def inspect_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
         nbytes = sum(reader.tensors[n].nbytes for n in names)
         rows.append({
             "module": module, "format": entry["format"], "bits": params.get("bits"),
-            "group_size": params.get("group_size"), "sparsity": params.get("sparsity", 0.0),
+            "group_size": params.get("group_size"), "sparsity": get_format(entry["format"]).sparsity(params),
             "shape": [params["out_features"], params["in_features"]], "bytes": nbytes,
             "bits_per_weight": round(8 * nbytes / (params["out_features"] * params["in_features"]), 3),
         })

@@ -1095,6 +1095,9 @@ class BsrFormat(PackedFormat):
     def linear(self, x, tensors, params, bias):
         return linear(x, tensors, params, bias)
 
+    def sparsity(self, params):
+        return 1.0 - density(params)
+
 
 def density(params: dict) -> float:
     """Stored blocks over all blocks."""
