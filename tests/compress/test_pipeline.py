@@ -189,3 +189,15 @@ def test_unusable_device_is_refused_before_anything_is_written(tiny_llama, tmp_p
     with pytest.raises(PlanError, match="--device"):
         bitsmith.compress("int8", tiny_llama, out, progress=False, device=device)
     assert not out.exists() and not list(tmp_path.glob(".*bitsmith-partial"))
+
+
+def test_summary_names_model_passes_instead_of_a_tensor_count():
+    from pathlib import Path
+
+    from bitsmith.compress.pipeline import Summary
+
+    passes = [{"index": 0, "type": "block_sparse", "changed": None, "skipped": 0},
+              {"index": 1, "type": "pack_bsr", "changed": 210, "skipped": 1}]
+    text = Summary(Path("out"), 1.0, 10, 5, 4, 2, 3, passes).render()
+    assert "passes[0] block_sparse: model pass\n" in text and "None" not in text
+    assert "passes[1] pack_bsr: 210 tensors changed, 1 skipped" in text

@@ -146,7 +146,8 @@ class Summary:
         lines = [f"wrote {self.output}"]
         for p in self.per_pass:
             extra = f", {p['skipped']} skipped" if p.get("skipped") else ""
-            lines.append(f"  passes[{p['index']}] {p['type']}: {p['changed']} tensors changed{extra}")
+            what = "model pass" if p["changed"] is None else f"{p['changed']} tensors changed"  # model passes
+            lines.append(f"  passes[{p['index']}] {p['type']}: {what}{extra}")  # report no per-tensor count
         gb = 1e9
         lines.append(f"  weights: {self.input_bytes / gb:.3f} GB -> {self.output_bytes / gb:.3f} GB;"
                      f" packed layers {self.linear_bytes_before / gb:.3f} GB -> {self.linear_bytes_after / gb:.3f} GB")
