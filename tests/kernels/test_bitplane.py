@@ -417,8 +417,11 @@ def test_merged_words_and_pair_ptx(bits):
     rnd = random.Random(90 + bits)
     L, WIN = (1 << bits) - 1, 10 - bits
     pair2 = lambda a, b: int(np.array([a, b], dtype=np.float16).view(np.uint32)[0])  # noqa: E731
-    lop3 = lambda a, b, c, lut: sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1)  # noqa: E731
-                                    << i for i in range(32))
+
+    def lop3(a, b, c, lut):  # bit i of the result: bit (a_i b_i c_i) of the LUT
+        return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
     asm = bp._h2_bsel_asm(0x12345678)
     assert asm.endswith("0x12345678, 0xE4;")
     for trial in range(3):

@@ -48,6 +48,13 @@ the CPU for tests):
                per thread (bits LOP3, or one on merged plane words) and one constant mma for the level offset.
     M <= 16    `bitplane_mma_gemm`: the same with x rows as the mma columns; opt-in (BITSMITH_MMA_GEMM=1): on the
                H100 it ran 12-26 % slower than the swapped kernel at M = 16.
+    M == 1     `_gemv_deep_h2_kernel` ("deep", fp16 x, both kinds): the f16x2 arithmetic with threads and warps
+               along K as well as N, so a program owns a narrow column block (16-32 columns) and the whole K: no
+               split-K epilogue. Run-time loop over tiles of word rows, the next tile's words loaded before the
+               current one is consumed; per-row scales (a tile may span groups); at 2..4 bits the planes of each
+               window are merged into BITS class words (bit selects), so every slot pair costs one LOP3 whatever
+               the width; x read as int32 pairs + one PRMT per slot pair. The fastest M = 1 kernel at 1..4 bits on
+               the H100 (fifth session).
     Unrolled f16x2 splits and both mma kernels can issue an L2 bulk prefetch of each program's working set
     (`prefetch=1` in a pinned config; no longer a tuning candidate: slower on the H100 at every M = 1 row).
 The tuner (`triton_linear`) picks among all of these per shape; the H100 results are in docs/results/bitplane.md.
@@ -1807,8 +1814,8 @@ MMA_LAUNCH = {"mma": launch_gemv_mma, "mma_k": launch_gemm_mma}
 def gemv_candidates(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype, sms: int,
                     offset: bool = False) -> list[dict]:
     """Everything the tuner tries at M == 1: the fp32 GEMV's two first configurations, for BCQ also the swapped
-    kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), the f16x2 GEMV (fp16 activations) and for
-    bipolar fp16 without offset the tensor-core GEMV (`bitplane_mma`)."""
+    kernel's two first (it tied BCQ's fp32 GEMV at M = 1 on the H100), the f16x2 GEMV and the deep f16x2 GEMV
+    (fp16 activations) and for bipolar fp16 without offset the tensor-core GEMV (`bitplane_mma`)."""
     from . import bitplane_mma
 
     h2 = gemv_h2_configs(N, K, bits, group_size, kind, dtype, sms) + gemv_deep_configs(N, K, bits, group_size, kind,
