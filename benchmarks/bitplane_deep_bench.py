@@ -53,8 +53,10 @@ def _h2(bn, unroll=0, warps=4, split=0):
     return c
 
 
-def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pair=0, maxnreg=0):
+def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pair=0, maxnreg=0, wide=0):
     c = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=depth, split_k=split)
+    if wide:  # chunk and xs of `bitplane.H2_WIDE` (set per width in `_with_chunk`)
+        c["wide"] = 1
     if pair:
         c["pair"] = 1
     if maxnreg:
@@ -68,31 +70,35 @@ def _deep(bn, rows, warps=4, depth=1, merge=1, xpair=1, split=1, pair=0, maxnreg
 
 # (name, config, shapes it runs at (None: all)); split-K f16x2 rows are the tuner's earlier choices. Call 1
 # (e439995) timed 64x16, 32x32 (+ d2, unmerged, x16), 64x16 d2 / s1, 128x8, 64x32 w8, 16x64; call 2 the rest
-# (call 2, 86fb383: pf = an L2 prefetch that many tiles ahead, removed since; call 4: pair, maxnreg, splits)
+# (call 2, 86fb383: pf = an L2 prefetch that many tiles ahead, removed since; call 4, 91296ed: pair, maxnreg,
+# splits; call 6: wide chunks, 2^-xs weights)
 DEEP = [("deep 16x64", lambda N: _deep(16, 64), None),
         ("deep 32x32", lambda N: _deep(32, 32), None),
         ("deep 32x16", lambda N: _deep(32, 16), None),
         ("deep 16x32", lambda N: _deep(16, 32), None),
         ("deep 32x32 w8", lambda N: _deep(32, 32, warps=8), None),
-        ("deep 16x64 pair", lambda N: _deep(16, 64, pair=1), None),
-        ("deep 32x32 pair", lambda N: _deep(32, 32, pair=1), None),
-        ("deep 32x16 pair", lambda N: _deep(32, 16, pair=1), None),
         ("deep 32x32 w8 pair", lambda N: _deep(32, 32, warps=8, pair=1), None),
-        ("deep 16x64 mr64", lambda N: _deep(16, 64, maxnreg=64), None),
-        ("deep 32x32 mr64", lambda N: _deep(32, 32, maxnreg=64), None),
-        ("deep 32x32 mr56", lambda N: _deep(32, 32, maxnreg=56), (28672,)),
-        ("deep 16x64 s2", lambda N: _deep(16, 64, split=2), (8192,)),
-        ("deep 16x32 s2", lambda N: _deep(16, 32, split=2), (8192,)),
-        ("deep 32x32 s2", lambda N: _deep(32, 32, split=2), (8192,)),
-        ("deep 16x128 w8", lambda N: _deep(16, 128, warps=8), None),
-        ("deep 32x64 w8", lambda N: _deep(32, 64, warps=8), (28672,))]
+        ("deep 16x64 wide", lambda N: _deep(16, 64, wide=1), None),
+        ("deep 32x32 wide", lambda N: _deep(32, 32, wide=1), None),
+        ("deep 32x16 wide", lambda N: _deep(32, 16, wide=1), None),
+        ("deep 16x32 wide", lambda N: _deep(16, 32, wide=1), None),
+        ("deep 32x32 w8 wide", lambda N: _deep(32, 32, warps=8, wide=1), None),
+        ("deep 32x32 w8 pair wide", lambda N: _deep(32, 32, warps=8, pair=1, wide=1), None)]
 OLD = {2: [("h2 1024 u4", _h2(1024, 4), None)],
        3: [("h2 1024 u2", _h2(1024, 2), None)],
        4: [("h2 1024 u2", _h2(1024, 2), None), ("h2 1024 s66", _h2(1024, split=66), (8192,))]}
 CURVE_VARIANTS = ("deep 16x32", "deep 32x16")
-FEW = ("h2 1024 u2", "h2 1024 s66", "deep 16x64", "deep 32x32", "deep 16x32", "deep 32x16", "deep 32x32 w8",
-       "deep 32x32 w8 pair", "deep 32x32 pair", "deep 16x32 s2", "deep 32x32 mr64")  # 4 bits
+FEW = None  # 4 bits: every variant
 READ = [(16, 64, 4), (32, 32, 4), (16, 32, 4), (64, 16, 4)]  # read-only probes of the deep grid: (cols, rows, warps)
+
+
+def _with_chunk(cfg, bits):
+    from bitsmith.kernels import bitplane as bp
+
+    c = dict(cfg, chunk=bp.h2_chunk(bits)) if cfg["kernel"] in ("h2", "deep") else dict(cfg)
+    if c.pop("wide", 0) and bits in bp.H2_WIDE:
+        c["chunk"], c["xs"] = bp.H2_WIDE[bits]
+    return c
 
 
 def time_plans(shapes):
@@ -105,11 +111,11 @@ def time_plans(shapes):
             for name, cfg, only in OLD[bits] + DEEP:
                 if SMOKE and name not in ("h2 1024 u4", "deep 32x32"):
                     continue
-                if bits > 3 and name not in FEW or PINNED is not None and name not in PINNED:
+                if bits > 3 and FEW is not None and name not in FEW or PINNED is not None and name not in PINNED:
                     continue
                 if only is None or N in only or SMOKE:
                     cfg = cfg(N) if callable(cfg) else cfg
-                    out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
+                    out.append((N, K, bits, name, _with_chunk(cfg, bits)))
     if CURVE:
         N, K = shapes[0]
         for bits in range(1, 9):
@@ -118,7 +124,7 @@ def time_plans(shapes):
             for name, cfg, _ in DEEP:
                 if name in CURVE_VARIANTS and (PINNED is None or name in PINNED):
                     cfg = cfg(N) if callable(cfg) else cfg
-                    out.append((N, K, bits, name, dict(cfg, chunk=bp.h2_chunk(bits))))
+                    out.append((N, K, bits, name, _with_chunk(cfg, bits)))
     return out
 
 
@@ -214,7 +220,9 @@ def phase_compile(args):
 CHECK = [(4099, 576, 128), (37, 200, 64), (1000, 608, 32)]  # odd N + partial last group; K % 32 != 0; g32
 CHECK_CFGS = [dict(kernel="deep", block_n=64, rows=16, num_warps=4, depth=1, split_k=1, merge=1),
               dict(kernel="deep", block_n=32, rows=8, num_warps=4, depth=2, split_k=3, merge=1, xpair=0),
-              dict(kernel="deep", block_n=32, rows=4, num_warps=4, depth=1, split_k=1, merge=1, pair=1)]
+              dict(kernel="deep", block_n=32, rows=4, num_warps=4, depth=1, split_k=1, merge=1, pair=1),
+              dict(kernel="deep", block_n=32, rows=8, num_warps=4, depth=1, split_k=1, merge=1, wide=1)]
+TWIN_CFGS = (0, 3)  # check configs also run as the plain-Triton twin (bit for bit against the PTX)
 
 
 def _check_task(task):
@@ -241,24 +249,27 @@ def _check_task(task):
             ref = reference(x, w, bias)
             outs = {}
             for ci, cfg in enumerate(CHECK_CFGS):
-                for mode in ((2, 1) if ci == 0 and not SMOKE else (1,) if SMOKE else (2,)):
-                    c = dict(cfg, chunk=chunk, mode=mode)
+                if ci == 3 and kind == "bcq":  # wide chunks are bipolar only
+                    continue
+                for mode in ((2, 1) if ci in TWIN_CFGS and not SMOKE else (1,) if SMOKE else (2,)):
+                    c = _with_chunk(dict(cfg, mode=mode), 1 if kind == "bcq" else bits)
                     out = call(x, w, bias=bias, config=c, regime="gemv")
                     e = rel(out, ref)
                     rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, config=c, bias=with_bias, offset=with_off,
                                      rel_err=e, ok=bool(e < 3e-3)))
-                    if ci == 0:
-                        outs[mode] = out
+                    if ci in TWIN_CFGS:
+                        outs[(ci, mode)] = out
             if kind == "bcq" and bits >= 5 and not SMOKE:  # call 1: the twin (mode 1) failed here on the GPU
                 for extra in (dict(CHECK_CFGS[0], block_n=16, rows=32), dict(CHECK_CFGS[0], num_warps=8)):
                     c = dict(extra, chunk=chunk, mode=1)
                     e = rel(call(x, w, bias=bias, config=c, regime="gemv"), ref)
                     rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, config=c, bias=with_bias, offset=with_off,
                                      rel_err=e, ok=bool(e < 3e-3)))
-            if len(outs) == 2:
-                same = torch.equal(outs[1], outs[2])
-                rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, check="PTX == twin", ok=bool(same),
-                                 max_diff=(outs[1].float() - outs[2].float()).abs().max().item()))
+            for ci in TWIN_CFGS:
+                if (ci, 1) in outs and (ci, 2) in outs:
+                    a, b = outs[(ci, 1)], outs[(ci, 2)]
+                    rows.append(dict(kind=kind, bits=bits, N=N, K=K, g=gs, check="PTX == twin", config_index=ci,
+                                     ok=bool(torch.equal(a, b)), max_diff=(a.float() - b.float()).abs().max().item()))
         for ws, cnt in gwint_triton._WORKSPACES.values():
             if ws.any() or cnt.any():
                 rows.append(dict(kind=kind, bits=bits, ok=False, error="workspace not left zeroed"))

@@ -367,7 +367,8 @@ def test_gemv_deep_matches_reference(bits, kind):
     """The deep f16x2 GEMV (`launch_gemv_deep`; plain-Triton twin under the interpreter), bits 1..8, M = 1: odd N,
     K not a multiple of the group size (partial last group and word), K odd (x read as fp16, not as int32 pairs),
     tiles spanning groups (per-row scales), the whole K per program or split-K, 1 or 2 tiles loaded ahead, two
-    tiles per loop iteration or one, merged plane words (bipolar 2..4 bits) or not, bias, offset on some."""
+    tiles per loop iteration or one, merged plane words (bipolar 2..4 bits) or not, wide chunks with 2^-xs weights
+    or not, bias, offset on some."""
     rnd = random.Random(3000 + bits + 100 * (kind == "bcq"))
     for gs, K, N, rows in ((64, 200, 37, 4), (32, 161, 23, 8), (128, 128 + 40, 9, 2)):
         with_offset = rnd.random() < 0.5
@@ -380,6 +381,8 @@ def test_gemv_deep_matches_reference(bits, kind):
         cfg = dict(kernel="deep", block_n=16, rows=rows, num_warps=4, depth=rnd.choice([1, 2]),
                    split_k=rnd.choice([1, 1, 2, 3]), merge=rnd.choice([0, 1]), pair=rnd.choice([0, 1]),
                    chunk=bp.h2_chunk(1 if kind == "bcq" else bits))
+        if bits in bp.H2_WIDE and rnd.random() < 0.5:  # wide chunks: 2^-xs weights (ignored for BCQ)
+            cfg["chunk"], cfg["xs"] = bp.H2_WIDE[bits]
         bp.launch_gemv_deep(dev(x), dev(planes), dev(coef), dev(off), dev(bias), out, kind, gs, K, cfg)
         err = rel_error(out.cpu(), ref)
         assert err < TOL[torch.float16], f"relative error {err:.2e} (N={N} K={K} g={gs} {cfg})"
@@ -439,8 +442,12 @@ def test_merged_words_and_pair_ptx(bits):
                 m = sel
             xs = [np.float16(rnd.gauss(0, 2)) for _ in range(2)]
             hs = [np.float16(rnd.gauss(0, 20)) for _ in range(2)]
-            got = _run_ptx(bp._gemv_merged_pair_asm(bits, 1 + jj % WIN), [m, pair2(*xs), pair2(*hs)], outputs=1)
-            for h, j in ((0, jj), (1, jj + 16)):
-                u = sum(((w[i] >> j) & 1) << i for i in range(bits))
-                want = np.float16((u - L / 2) * float(xs[h]) + float(hs[h]))
-                assert got[h] == float(want), (bits, jj, h)
+            for s in (0, bp.H2_WIDE[bits][1]):  # s > 0: the deep GEMV's wide chunks, weights (u - L/2) 2^-s
+                got = _run_ptx(bp._gemv_merged_pair_asm(bits, 1 + jj % WIN, s), [m, pair2(*xs), pair2(*hs)], outputs=1)
+                unmerged = _run_ptx(bp._gemv_pair_asm(bits, 1 + jj % WIN, s), c + [0] * (8 - bits)
+                                    + [pair2(*xs), pair2(*hs)], outputs=1)
+                for h, j in ((0, jj), (1, jj + 16)):
+                    u = sum(((w[i] >> j) & 1) << i for i in range(bits))
+                    want = np.float16((u - L / 2) / 2**s * float(xs[h]) + float(hs[h]))
+                    assert got[h] == float(want) and unmerged[h] == float(want), (bits, jj, h, s)
+    assert bp._gemv_pair_asm(3, 2) == bp._gemv_pair_asm(3, 2, 0)  # s = 0: the split-K GEMV's PTX as before

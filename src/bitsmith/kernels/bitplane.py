@@ -864,13 +864,15 @@ if triton is not None:
         return (((e + 15) << 10) | int((v / 2.0 ** e - 1.0) * 1024)) * 0x10001
 
     @triton.constexpr_function
-    def _gemv_pair_asm(bits, q):
+    def _gemv_pair_asm(bits, q, s=0):
         """PTX: h += (w_j - L/2, w_(j+16) - L/2) * (x_j, x_(j+16)) as one HFMA2, after the LOP3s and the exact HSUB2
-        of `_bipolar_pair_asm` (same inputs $1..$8 as its $2..$9; $9: x pair, $10: the f16x2 partial sum)."""
-        bits, q = int(bits), int(q)
+        of `_bipolar_pair_asm` (same inputs $1..$8 as its $2..$9; $9: x pair, $10: the f16x2 partial sum). s > 0
+        (the deep GEMV's wide chunks): the fp16 exponent and the subtracted constant are 2^-s smaller, so the
+        exact HSUB2 leaves (w - L/2) 2^-s and each product is 2^-s smaller (s = 0: the string as before)."""
+        bits, q, s = int(bits), int(q), int(s)
         mask = (1 << q) | (1 << (q + 16))
-        magic = ((25 - q) << 10) * 0x10001
-        c = _h2_sub_const(bits, q)
+        magic = ((25 - q - s) << 10) * 0x10001
+        c = _h2_sub_const(bits, q) - (s << 10) * 0x10001
         lines = ["{", ".reg .b32 t, c;", f"lop3.b32 t, $1, {mask:#x}, {magic:#x}, 0xEA;"]
         for i in range(1, bits):
             lines.append(f"lop3.b32 t, ${1 + i}, {mask << i:#x}, t, 0xEA;")
@@ -907,12 +909,12 @@ if triton is not None:
             return tl.load(p, mask=mask, other=0)
 
     @triton.jit
-    def _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, q: tl.constexpr, BITS: tl.constexpr):
+    def _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, q: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr = 0):
         """Plain-Triton twin of the pair PTX's first steps: the same LOP3 bits, then the exact subtraction ->
-        (u_j - L/2, u_(j+16) - L/2) as two fp16 tensors."""
+        (u_j - L/2, u_(j+16) - L/2) 2^-S as two fp16 tensors."""
         L: tl.constexpr = (1 << BITS) - 1
         M0: tl.constexpr = (1 << q) | (1 << (q + 16))
-        f = (c0 & M0) | (((25 - q) << 10) * 0x10001)
+        f = (c0 & M0) | (((25 - q - S) << 10) * 0x10001)
         if BITS > 1:
             f = f | (c1 & (M0 << 1))
         if BITS > 2:
@@ -927,8 +929,8 @@ if triton is not None:
             f = f | (c6 & (M0 << 6))
         if BITS > 7:
             f = f | (c7 & (M0 << 7))
-        lo, hi = _halves(f)  # 2^(10 - q) + u, exact
-        cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
+        lo, hi = _halves(f)  # (2^(10 - q) + u) 2^-S, exact
+        cst = tl.full([1, 1], ((1 << (10 - q)) + L * 0.5) / (1 << S), tl.float16)
         return lo - cst, hi - cst
 
     @triton.jit
@@ -1174,24 +1176,24 @@ if triton is not None:
         return m
 
     @triton.constexpr_function
-    def _gemv_merged_pair_asm(bits, q):
+    def _gemv_merged_pair_asm(bits, q, s=0):
         """PTX: h += (u_j - L/2, u_(j+16) - L/2) * (x_j, x_(j+16)) from a merged word ($1: the slot pair's codes at
         bits q.. and q + 16..): one LOP3 (mask, fp16 exponent of 2^(10 - q)), the exact HSUB2, one HFMA2 ($2: x pair,
-        $3: the f16x2 partial sum). Same arithmetic as `_gemv_pair_asm` after its LOP3s."""
-        bits, q = int(bits), int(q)
+        $3: the f16x2 partial sum). Same arithmetic as `_gemv_pair_asm` after its LOP3s (s: its 2^-s scaling)."""
+        bits, q, s = int(bits), int(q), int(s)
         mask = (((1 << bits) - 1) << q) * 0x10001
-        magic = ((25 - q) << 10) * 0x10001
-        c = _h2_sub_const(bits, q)
+        magic = ((25 - q - s) << 10) * 0x10001
+        c = _h2_sub_const(bits, q) - (s << 10) * 0x10001
         return "\n".join(["{", ".reg .b32 t, c;", f"lop3.b32 t, $1, {mask:#x}, {magic:#x}, 0xEA;",
                           f"mov.b32 c, {c:#x};", "sub.rn.f16x2 t, t, c;", "fma.rn.f16x2 $0, t, $2, $3;", "}"])
 
     @triton.jit
-    def _merged_twin(m, q: tl.constexpr, BITS: tl.constexpr):
-        """Plain-Triton twin of the merged pair's LOP3 and HSUB2 -> (u_j - L/2, u_(j+16) - L/2) as two fp16."""
+    def _merged_twin(m, q: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr = 0):
+        """Plain-Triton twin of the merged pair's LOP3 and HSUB2 -> (u_j - L/2, u_(j+16) - L/2) 2^-S as two fp16."""
         L: tl.constexpr = (1 << BITS) - 1
         MASK: tl.constexpr = (((1 << BITS) - 1) << q) * 0x10001
-        lo, hi = _halves((m & MASK) | (((25 - q) << 10) * 0x10001))
-        cst = tl.full([1, 1], (1 << (10 - q)) + L * 0.5, tl.float16)
+        lo, hi = _halves((m & MASK) | (((25 - q - S) << 10) * 0x10001))
+        cst = tl.full([1, 1], ((1 << (10 - q)) + L * 0.5) / (1 << S), tl.float16)
         return lo - cst, hi - cst
 
     @triton.jit
@@ -1236,10 +1238,12 @@ if triton is not None:
     def _deep_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K,
                    N, G, group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
                    CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                   MERGE: tl.constexpr, XPAIR: tl.constexpr):
+                   MERGE: tl.constexpr, XPAIR: tl.constexpr, XS: tl.constexpr = 0):
         """acc [ROWS, BN] fp32 += this tile's products; every word row has its own group (per-row scales), so a
         tile may span groups. The pair arithmetic is `_h2_tile`'s; MERGE (2..4 bits, CHUNK > 0): per window the
-        planes are interleaved into BITS merged words (`_h2_merged`), then one LOP3 per slot pair whatever BITS."""
+        planes are interleaved into BITS merged words (`_h2_merged`), then one LOP3 per slot pair whatever BITS.
+        XS > 0 (CHUNK > 0): the fp16 weights are (u - L/2) 2^-XS (a smaller fp16 exponent, free), so CHUNK can be
+        2^XS times longer for the same bound on |x|; the 2^XS comes back in fp32 with the scale."""
         kw = kw0 + rw
         kb = kw * 32
         WIN: tl.constexpr = 10 - BITS
@@ -1291,20 +1295,20 @@ if triton is not None:
                     if (jj % WIN) % BITS == 3:
                         m = m3
                     if MODE == 2:
-                        h = tl.inline_asm_elementwise(_gemv_merged_pair_asm(BITS, 1 + jj % WIN), "=r,r,r,r", [m, x2, h],
-                                                      dtype=tl.int32, is_pure=True, pack=1)
+                        h = tl.inline_asm_elementwise(_gemv_merged_pair_asm(BITS, 1 + jj % WIN, XS), "=r,r,r,r",
+                                                      [m, x2, h], dtype=tl.int32, is_pure=True, pack=1)
                     else:
-                        dl, dh = _merged_twin(m, 1 + jj % WIN, BITS)
+                        dl, dh = _merged_twin(m, 1 + jj % WIN, BITS, XS)
                         xl, xh = _halves(x2)
                         hl = _fma16(dl, xl, hl)
                         hh = _fma16(dh, xh, hh)
                 else:
                     if MODE == 2:
-                        h = tl.inline_asm_elementwise(_gemv_pair_asm(BITS, 1 + jj % WIN), "=r" + ",r" * 10,
+                        h = tl.inline_asm_elementwise(_gemv_pair_asm(BITS, 1 + jj % WIN, XS), "=r" + ",r" * 10,
                                                       [c0, c1, c2, c3, c4, c5, c6, c7, x2, h], dtype=tl.int32,
                                                       is_pure=True, pack=1)
                     else:
-                        dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS)
+                        dl, dh = _h2_pair_twin(c0, c1, c2, c3, c4, c5, c6, c7, 1 + jj % WIN, BITS, XS)
                         xl, xh = _halves(x2)
                         hl = _fma16(dl, xl, hl)
                         hh = _fma16(dh, xh, hh)
@@ -1322,7 +1326,7 @@ if triton is not None:
         g = tl.minimum(kb // group_size, G - 1)  # [ROWS]: each word lies inside one group
         cmask = (kw < (K + 31) // 32)[:, None] & n_mask[None, :]
         s = tl.load(c_ptr + g[:, None] * N + offs_n[None, :], mask=cmask, other=0.0).to(tl.float32)
-        acc += 2.0 * t * s  # (2u - L) s = 2 s (u - L/2)
+        acc += (2.0 * (1 << XS)) * t * s  # (2u - L) s = 2 s (u - L/2), t carried 2^-XS
         if HAS_OFFSET:
             kk = kb[:, None] + tl.arange(0, 32)[None, :]
             xsum = tl.sum(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), axis=1)
@@ -1360,7 +1364,7 @@ if triton is not None:
     def _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n, n_mask, K,
                      N, G, group_size, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, MODE: tl.constexpr,
                      CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                     MERGE: tl.constexpr, XPAIR: tl.constexpr, BCQ: tl.constexpr):
+                     MERGE: tl.constexpr, XPAIR: tl.constexpr, BCQ: tl.constexpr, XS: tl.constexpr = 0):
         """One tile: bipolar as one BITS-bit tile; BCQ as BITS 1-bit tiles, plane i scaled by alphas[i]."""
         if BCQ:
             cs = G * N
@@ -1398,7 +1402,7 @@ if triton is not None:
         else:
             acc = _deep_tile(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
                              n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, MERGE,
-                             XPAIR)
+                             XPAIR, XS)
         return acc
 
     @triton.jit
@@ -1407,7 +1411,7 @@ if triton is not None:
                              BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                              MODE: tl.constexpr, CHUNK: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
                              ROWS: tl.constexpr, DEPTH: tl.constexpr, MERGE: tl.constexpr, XPAIR: tl.constexpr,
-                             BCQ: tl.constexpr, PAIR: tl.constexpr = False):
+                             BCQ: tl.constexpr, PAIR: tl.constexpr = False, XS: tl.constexpr = 0):
         # x: [K] fp16 (xw: the same bytes as int32 pairs when XPAIR); planes [BITS, KW, N] int32; scales [G, N]
         # (BCQ: alphas [BITS, G, N]); out [N]. Program (pid_n, pid_k): BLOCK_N columns x k_iters tiles of ROWS word
         # rows (split 1: the whole K, no workspace, no atomics). Tile [ROWS, BN]: Triton gives each thread 4
@@ -1436,12 +1440,12 @@ if triton is not None:
                                                              BITS)
                 acc = _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
                                    n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS,
-                                   MERGE, XPAIR, BCQ)
+                                   MERGE, XPAIR, BCQ, XS)
                 w0, w1, w2, w3, w4, w5, w6, w7 = _deep_words(pl_ptr, kw0 + 2 * ROWS, kw_end, rw, offs_n, n_mask, KW,
                                                              N, BITS)
                 acc = _deep_planes(acc, v0, v1, v2, v3, v4, v5, v6, v7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0 + ROWS, rw,
                                    offs_n, n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N,
-                                   ROWS, MERGE, XPAIR, BCQ)
+                                   ROWS, MERGE, XPAIR, BCQ, XS)
             k_iters = 0  # the loop below is skipped
         for it in range(k_iters):
             kw0 = kw_begin + it * ROWS
@@ -1449,7 +1453,7 @@ if triton is not None:
                                                          N, BITS)
             acc = _deep_planes(acc, w0, w1, w2, w3, w4, w5, w6, w7, x_ptr, xw_ptr, c_ptr, o_ptr, kw0, rw, offs_n,
                                n_mask, K, N, G, group_size, BITS, HAS_OFFSET, MODE, CHUNK, EVEN, BLOCK_N, ROWS, MERGE,
-                               XPAIR, BCQ)
+                               XPAIR, BCQ, XS)
             if DEPTH > 1:
                 w0, w1, w2, w3, w4, w5, w6, w7 = v0, v1, v2, v3, v4, v5, v6, v7
                 v0, v1, v2, v3, v4, v5, v6, v7 = u0, u1, u2, u3, u4, u5, u6, u7
@@ -1559,6 +1563,11 @@ H2_MAX_BITS = 8  # the f16x2 GEMV takes every width. With chunk c > 0 each fp16 
 # >= 4367 (1 bit: 8188, 2: 5458, 3: 4679, 4: 4367). Chunk 0 (5..8 bits) converts each (u - L/2) to fp32 and
 # accumulates exact products in fp32: no bound on x.
 H2_CHUNKS = {1: 16, 2: 8, 3: 4, 4: 2}
+# The deep GEMV's wide chunks (bipolar 2..4 bits): weights (u - L/2) 2^-xs in fp16 (a smaller exponent in the LOP3
+# magic and the HSUB2 constant: free and exact), so 16 products per fp16 lane keep the same |x| bound as H2_CHUNKS
+# (16 (L/2) 2^-xs = 12 / 14 / 15 = 8 x 1.5 / 4 x 3.5 / 2 x 7.5) with fewer fp32 flushes per word (1 instead of
+# 2 / 4 / 8); products of |x| < 2^(xs - 14) become fp16 subnormals (less precise, and negligible in the sum).
+H2_WIDE = {2: (16, 1), 3: (16, 2), 4: (16, 3)}  # bits: (chunk, xs)
 
 
 def h2_chunk(bits: int) -> int:
@@ -1640,6 +1649,7 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
     k_iters, split = _split(-(-KW // rows), cfg.get("split_k", 1))
     chunk = cfg.get("chunk", h2_chunk(1 if bcq else bits))
     merge = bool(cfg.get("merge", False)) and not bcq and 2 <= bits <= 4 and chunk > 0
+    xs = cfg.get("xs", 0) if not bcq and chunk > 0 else 0  # 2^-xs weights (wide chunks, `H2_WIDE`)
     xw = x2
     xpair = bool(cfg.get("xpair", True)) and chunk > 0 and K % 2 == 0 and x2.is_contiguous()
     if xpair:
@@ -1658,7 +1668,7 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
         BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, MODE=gemm_t_mode(x2.dtype, cfg),
         CHUNK=chunk, EVEN=K % 32 == 0 and N % bn == 0 and KW % (rows * k_iters) == 0 and not (pair and k_iters % 2),
         BLOCK_N=bn, ROWS=rows,
-        DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq, PAIR=pair,
+        DEPTH=cfg.get("depth", 1), MERGE=merge, XPAIR=xpair, BCQ=bcq, PAIR=pair, XS=xs,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1), **extra)
 
 
