@@ -1675,7 +1675,7 @@ def launch_gemv_deep(x2, planes, coef, offset, bias, out, kind, group_size, K, c
 def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dtype: torch.dtype,
                       sms: int) -> list[dict]:
     """Candidates for `launch_gemv_deep` ([] for bf16): (columns, word rows per tile, warps, two tiles per
-    iteration), merged words for bipolar 2..4 bits. Split 1 (whole K per program) where the column blocks alone
+    iteration, wide chunks), merged words for bipolar 2..4 bits. Split 1 (whole K per program) where the column blocks alone
     give two programs per SM, else the fewest splits that do (their partial sums go through the split-K epilogue,
     few per column)."""
     if dtype != torch.float16 or bits > H2_MAX_BITS:
@@ -1688,18 +1688,25 @@ def gemv_deep_configs(N: int, K: int, bits: int, group_size: int, kind: str, dty
     # two tiles per iteration at 8 warps) or 32x16 at 28672x8192; 8x64, 64x16, 128x8, 16x128 and 64x32 (8 warps),
     # split 2, 2 tiles ahead, plane words not merged, a ptxas register cap (spills) and an L2 prefetch of the tile
     # 1-3 tiles ahead all lost (not offered)
+    # Wide chunks (`H2_WIDE`, bipolar 2..4 bits, last three): 16x64 wide best at 2 bits on 8192x8192, 32x16 wide at
+    # 3 / 4 bits on 28672x8192 (52.9 us against 57.9 at 4 bits), 32x32 x 8 warps pair wide at 4 bits on 8192x8192
     if bits <= 4:
-        shapes = ((16, 64, 4, 0), (32, 32, 4, 0), (16, 32, 4, 0), (32, 16, 4, 0), (32, 32, 8, 0), (32, 32, 8, 1))
+        shapes = ((16, 64, 4, 0, 0), (32, 32, 4, 0, 0), (16, 32, 4, 0, 0), (32, 16, 4, 0, 0), (32, 32, 8, 0, 0),
+                  (32, 32, 8, 1, 0), (16, 64, 4, 0, 1), (32, 16, 4, 0, 1), (32, 32, 8, 1, 1))
     else:  # more words per thread and row: one word row per thread (R = 1); h2 512 u2 won at 5..7 bits
-        shapes = ((16, 32, 4, 0), (32, 16, 4, 0))
+        shapes = ((16, 32, 4, 0, 0), (32, 16, 4, 0, 0))
     out = []
-    for bn, rows, warps, pair in shapes:
+    for bn, rows, warps, pair, wide in shapes:
+        if wide and (kind != "bipolar" or bits not in H2_WIDE):
+            continue
         n_blocks = -(-N // bn)
         cfg = dict(kernel="deep", block_n=bn, rows=rows, num_warps=warps, depth=1,
                    split_k=_split_for(n_blocks, -(-KW // rows), sms, 2.0) if n_blocks < 2 * sms else 1,
                    chunk=h2_chunk(1 if kind == "bcq" else bits))
         if pair:
             cfg["pair"] = 1
+        if wide:
+            cfg["chunk"], cfg["xs"] = H2_WIDE[bits]
         if merge:
             cfg["merge"] = 1
         if cfg not in out:
