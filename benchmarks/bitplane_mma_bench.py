@@ -113,10 +113,9 @@ def _checks():
 
 
 def _write(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from bitsmith.kernels.bench_phases import write_json
+
+    write_json(path, obj)
 
 
 # ------------------------------------------------------------------------------------------------ compile phase
@@ -415,19 +414,8 @@ def main(argv=None) -> int:
     from bitsmith.kernels import bench_phases
 
     os.environ["BITSMITH_BENCH_T0"] = str(T0)
-    limits = {k: float(v) for k, v in (kv.split("=") for kv in args.limits.split(","))}
-    own = [a for a in (argv if argv is not None else sys.argv[1:])]
-    phases = [(p, bench_phases.python_argv(os.path.abspath(__file__), *own, "--phase", p), limits[p])
-              for p in args.phases.split(",")]
-    res = bench_phases.run_phases(phases, args.budget, log)
-    _write(os.path.join(args.out, "phases.json"), res)
-    s = summary(args.out)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(s + "\n")
-    print(s)
-    log("phases: " + ", ".join(f"{r['phase']} {'TIMEOUT' if r['timed_out'] else r['rc']} {r['seconds']:.0f} s"
-                               for r in res))
-    return 0 if all(r["rc"] == 0 for r in res) else 1
+    own = list(argv if argv is not None else sys.argv[1:])
+    return bench_phases.supervise(__file__, own, args.phases, args.limits, args.budget, args.out, summary, log)
 
 
 if __name__ == "__main__":

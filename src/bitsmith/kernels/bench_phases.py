@@ -20,6 +20,7 @@ kills the current group on SIGTERM / SIGINT too (e.g. from an outer `timeout`).
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,31 @@ def run_phases(phases: Sequence[tuple[str, Sequence[str], float]], budget_s: flo
 def python_argv(script: str, *args: str) -> list[str]:
     """argv running `script` with this interpreter, unbuffered (progress lines arrive as they are printed)."""
     return [sys.executable, "-u", script, *args]
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as JSON at `path`, atomically (a phase killed mid-write leaves the previous file, never half of one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def supervise(script: str, argv: Sequence[str], phases: str, limits: str, budget_s: float, out: str,
+              summary: Callable[[str], str], log: Callable[[str], None] = print) -> int:
+    """The supervisor side of a phased benchmark: run `script` once per phase of `phases` ("compile,time,check"),
+    each as `script *argv --phase NAME` under its limit from `limits` ("compile=110,time=120,check=60") and the
+    whole `budget_s`; then write out/phases.json and out/table.md (`summary(out)`, also printed). 0 when every
+    phase exited 0. The child side: `arm()`, then the phase's own code."""
+    os.environ.setdefault("BITSMITH_BENCH_T0", str(time.time()))
+    limit = {k: float(v) for k, v in (kv.split("=") for kv in limits.split(","))}
+    runs = [(p, python_argv(os.path.abspath(script), *argv, "--phase", p), limit[p]) for p in phases.split(",")]
+    res = run_phases(runs, budget_s, log)
+    write_json(os.path.join(out, "phases.json"), res)
+    text = summary(out)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    log("phases: " + ", ".join(f"{r['phase']} {'TIMEOUT' if r['timed_out'] else r['rc']} {r['seconds']:.0f} s"
+                               for r in res))
+    return 0 if all(r["rc"] == 0 for r in res) else 1
