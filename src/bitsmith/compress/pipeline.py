@@ -146,8 +146,9 @@ class Summary:
         lines = [f"wrote {self.output}"]
         for p in self.per_pass:
             extra = f", {p['skipped']} skipped" if p.get("skipped") else ""
-            what = "model pass" if p["changed"] is None else f"{p['changed']} tensors changed"  # model passes
-            lines.append(f"  passes[{p['index']}] {p['type']}: {what}{extra}")  # report no per-tensor count
+            # model passes change the model in memory: they have no per-tensor count to report
+            what = "model pass" if p["changed"] is None else f"{p['changed']} tensors changed"
+            lines.append(f"  passes[{p['index']}] {p['type']}: {what}{extra}")
         gb = 1e9
         lines.append(f"  weights: {self.input_bytes / gb:.3f} GB -> {self.output_bytes / gb:.3f} GB;"
                      f" packed layers {self.linear_bytes_before / gb:.3f} GB -> {self.linear_bytes_after / gb:.3f} GB")
