@@ -322,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pdl:
         _enable_pdl()
     rows = []
+    layer_modes = [False, True] if args.fuse_layer == "both" else [args.fuse_layer == "on"]
     for shape in args.shape or ["1b", "8b"]:
-        for variant, fuse_layer in [(v, m) for v in args.variant or DEFAULT_VARIANTS
-                                    for m in ([False, True] if args.fuse_layer == "both" else [args.fuse_layer == "on"])]:
+        for variant, fuse_layer in [(v, m) for v in args.variant or DEFAULT_VARIANTS for m in layer_modes]:
             if args.compile:
                 torch._dynamo.reset()  # a fresh compile per model: guards on the last model's modules would pile up
             model = build_model(shape, device)
