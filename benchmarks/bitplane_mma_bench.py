@@ -403,19 +403,17 @@ def main(argv=None) -> int:
     if SMOKE:
         os.environ["TRITON_INTERPRET"] = "1"
     os.makedirs(args.out, exist_ok=True)
-    if args.phase:
-        from bitsmith.kernels import bench_phases
-
-        bench_phases.arm()
-        import bitplane_kernels
-
-        bitplane_kernels.DEVICE = _device()
-        return {"compile": phase_compile, "time": phase_time, "check": phase_check}[args.phase](args)
     from bitsmith.kernels import bench_phases
 
-    os.environ["BITSMITH_BENCH_T0"] = str(T0)
     own = list(argv if argv is not None else sys.argv[1:])
-    return bench_phases.supervise(__file__, own, args.phases, args.limits, args.budget, args.out, summary, log)
+    phase_fns = {"compile": phase_compile, "time": phase_time, "check": phase_check}
+    return bench_phases.dispatch(__file__, args, own, phase_fns, _set_device, summary, log, T0)
+
+
+def _set_device() -> None:
+    import bitplane_kernels  # after `arm()`: an import that stalls is then dumped too
+
+    bitplane_kernels.DEVICE = _device()
 
 
 if __name__ == "__main__":

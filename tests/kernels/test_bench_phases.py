@@ -97,3 +97,14 @@ def test_supervise_runs_each_phase_as_a_child_and_writes_the_record(tmp_path, ca
     assert (out / "table.md").read_text() == "table of one,phases.json,two\n"
     assert "table of" in capsys.readouterr().out and lines[-1] == "phases: one 0 0 s, two 0 0 s"
     assert bph.supervise(str(script), [str(out)], "bad", "bad=30", 60, str(out), summary=str, log=lines.append) == 1
+
+
+def test_dispatch_runs_the_named_phase_in_a_child_after_setup(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(bph, "arm", lambda: calls.append("arm"))
+    args = SimpleNamespace(phase="time", out=str(tmp_path))
+    fns = {"time": lambda a: calls.append(("time", a.out)) or 7, "check": lambda a: calls.append("check")}
+    assert bph.dispatch("x.py", args, [], fns, lambda: calls.append("setup"), str, print, 0.0) == 7
+    assert calls == ["arm", "setup", ("time", str(tmp_path))]

@@ -130,3 +130,16 @@ def supervise(script: str, argv: Sequence[str], phases: str, limits: str, budget
     log("phases: " + ", ".join(f"{r['phase']} {'TIMEOUT' if r['timed_out'] else r['rc']} {r['seconds']:.0f} s"
                                for r in res))
     return 0 if all(r["rc"] == 0 for r in res) else 1
+
+
+def dispatch(script: str, args, argv: Sequence[str], phase_fns: dict[str, Callable], setup: Callable[[], None],
+             summary: Callable[[str], str], log: Callable[[str], None], t0: float) -> int:
+    """A phased benchmark's main after its arguments are parsed: in a child (`args.phase` set) `arm()`, `setup()`
+    (e.g. pick the device) and run that phase; in the supervisor run every phase as a child (`supervise`), the
+    children's clock starting at `t0` (BITSMITH_BENCH_T0)."""
+    if args.phase:
+        arm()
+        setup()
+        return phase_fns[args.phase](args)
+    os.environ["BITSMITH_BENCH_T0"] = str(t0)
+    return supervise(script, argv, args.phases, args.limits, args.budget, args.out, summary, log)
