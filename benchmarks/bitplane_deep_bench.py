@@ -474,20 +474,16 @@ def summary(out_dir) -> str:
 
 def main(argv=None) -> int:
     global SMOKE, TIME_BITS, CURVE, SHAPES, PINNED, CHECK_TASKS, BCQ_ROWS
+    from bitsmith.kernels import bench_phases
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/bitplane-deep")
-    ap.add_argument("--workers", type=int, default=15)
-    ap.add_argument("--budget", type=float, default=550, help="seconds for all phases together")
-    ap.add_argument("--limits", default="compile=220,time=240,check=120", help="per-phase seconds")
-    ap.add_argument("--phases", default="compile,time,check")
+    bench_phases.add_arguments(ap, "out/bitplane-deep", 550, "compile=220,time=240,check=120")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--shapes", default="")
     ap.add_argument("--curve", action="store_true", help="also bits 1..8 at the first shape (two deep variants)")
     ap.add_argument("--bcq", action="store_true", help="also BCQ 3-bit, tuned over the f16x2 and deep candidates")
     ap.add_argument("--pinned", default="", help="comma list of the pinned variants to time (default: all)")
     ap.add_argument("--check-tasks", default="", help="comma list of kind:bits check tasks (default: all 16)")
-    ap.add_argument("--phase", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
     args = ap.parse_args(argv)
     SMOKE = args.smoke
     TIME_BITS = tuple(int(b) for b in args.bits.split(","))
@@ -500,8 +496,6 @@ def main(argv=None) -> int:
     if SMOKE:
         os.environ["TRITON_INTERPRET"] = "1"
     os.makedirs(args.out, exist_ok=True)
-    from bitsmith.kernels import bench_phases
-
     own = list(argv if argv is not None else sys.argv[1:])
     phase_fns = {"compile": phase_compile, "time": phase_time, "check": phase_check}
     return bench_phases.dispatch(__file__, args, own, phase_fns, _set_device, summary, log, T0)

@@ -389,22 +389,16 @@ def summary(out_dir) -> str:
 
 def main(argv=None) -> int:
     global SMOKE
+    from bitsmith.kernels import bench_phases
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out/bitplane-mma")
-    ap.add_argument("--workers", type=int, default=15)
-    ap.add_argument("--budget", type=float, default=285, help="seconds for all phases together")
-    ap.add_argument("--limits", default="compile=100,time=115,check=70", help="per-phase seconds")
-    ap.add_argument("--phases", default="compile,time,check")
+    bench_phases.add_arguments(ap, "out/bitplane-mma", 285, "compile=100,time=115,check=70")
     ap.add_argument("--check-done", default="", help="JSON rows of an earlier check: skip what passed there")
-    ap.add_argument("--phase", default="", help=argparse.SUPPRESS)  # run one phase (the supervisor's children)
-    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
     args = ap.parse_args(argv)
     SMOKE = args.smoke
     if SMOKE:
         os.environ["TRITON_INTERPRET"] = "1"
     os.makedirs(args.out, exist_ok=True)
-    from bitsmith.kernels import bench_phases
-
     own = list(argv if argv is not None else sys.argv[1:])
     phase_fns = {"compile": phase_compile, "time": phase_time, "check": phase_check}
     return bench_phases.dispatch(__file__, args, own, phase_fns, _set_device, summary, log, T0)

@@ -19,6 +19,7 @@ kills the current group on SIGTERM / SIGINT too (e.g. from an outer `timeout`).
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import json
 import os
@@ -143,3 +144,15 @@ def dispatch(script: str, args, argv: Sequence[str], phase_fns: dict[str, Callab
         return phase_fns[args.phase](args)
     os.environ["BITSMITH_BENCH_T0"] = str(t0)
     return supervise(script, argv, args.phases, args.limits, args.budget, args.out, summary, log)
+
+
+def add_arguments(ap, out: str, budget_s: float, limits: str, phases: str = "compile,time,check") -> None:
+    """The options every phased benchmark takes: --out, --workers, --budget, --limits, --phases, --smoke and the
+    hidden --phase (the supervisor's children)."""
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--workers", type=int, default=15)
+    ap.add_argument("--budget", type=float, default=budget_s, help="seconds for all phases together")
+    ap.add_argument("--limits", default=limits, help="per-phase seconds")
+    ap.add_argument("--phases", default=phases)
+    ap.add_argument("--phase", default="", help=argparse.SUPPRESS)  # run one phase (the supervisor's children)
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: the flow only")
